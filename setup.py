@@ -1,0 +1,45 @@
+"""ds-vicuna: ShareGPT conversations -> DeepSpeed ZeRO-3 fine-tuned chat model -> served -> judged.
+
+Install (CPU box):  pip install torch==2.13.0 && pip install -e .[dev]
+Install (GPU box):  pip install torch && pip install -e .[dev]
+"""
+from setuptools import find_packages, setup
+
+# `serve/` and `eval/` live at the top of the repository (one folder per product stage) but are
+# installed as `ds_vicuna.serve` and `ds_vicuna.eval`, so nothing called `eval` lands in site-packages.
+STAGE_FOLDERS = {"ds_vicuna.serve": "serve", "ds_vicuna.eval": "eval"}
+
+setup(
+    name="ds-vicuna",
+    version="0.1.0",
+    description="Vicuna-style chat fine-tuning with DeepSpeed ZeRO-3: data, training, serving, evaluation",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ds_vicuna", "ds_vicuna.*"]) + list(STAGE_FOLDERS),
+    package_dir=STAGE_FOLDERS,
+    package_data={"ds_vicuna": ["data/*.json", "data/*.jsonl", "data/*.txt"],
+                  "ds_vicuna.serve": ["static/*"], "ds_vicuna.eval": ["questions/*.jsonl"]},
+    install_requires=[
+        "torch>=2.1",
+        "transformers>=4.56",
+        "deepspeed>=0.15",
+        "sentencepiece",
+        "protobuf",
+        "jsonlines",
+        "flask>=3.0",
+        "requests",
+        "markdownify>=0.13",
+        "langdetect",
+        "tqdm",
+        "pyyaml",
+        "safetensors",
+        "accelerate",
+        "gguf",
+        "matplotlib",
+        "waitress",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "openai", "selenium"],
+        "flash": ["flash-attn>=2.5"],
+    },
+    entry_points={"console_scripts": ["ds-vicuna=ds_vicuna.cli:main"]},
+)
