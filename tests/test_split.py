@@ -38,6 +38,7 @@ def test_pieces_fit_start_with_user_and_keep_every_exchange(tokenizer, template)
     pieces = splitter.split(conv, events)
     assert len(pieces) > 2 and events[SplitEvent.SPLIT] == 1
     assert [p.id for p in pieces] == [f"long_{k}" for k in range(len(pieces))]
+    assert [length for _, length in splitter.split_measured(conv)] == [splitter.length(p.messages) for p in pieces]
     for piece in pieces:
         assert piece.messages[0] == conv.messages[0]  # the system message opens every piece
         assert piece.messages[1].role is U
@@ -97,3 +98,15 @@ def test_split_file_reports_and_writes(tokenizer, tmp_path):
     assert report.pieces == len(pieces) and report.conversations == 2
     assert report.events[SplitEvent.DROPPED_UNANSWERED] == 1 and report.longest_piece <= 130
     assert pieces[-1].id == "u_0" and all(p.messages[0].role is U for p in pieces)
+
+
+def test_token_stats_of_split_pieces(tokenizer, tmp_path):
+    from ds_vicuna.stats import stats_file
+
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_conversations(source, [long_conversation(n) for n in (1, 3, 12)])
+    split_file(source, out, tokenizer, "vicuna_v1.1", 140, progress=False)
+    stats = stats_file(out, model="embedded", template="vicuna_v1.1").as_dict()
+    splitter = Splitter(tokenizer, "vicuna_v1.1", 140)
+    lengths = sorted(splitter.length(c.messages) for c in load_conversations(out))
+    assert stats["tokens"]["max"] == lengths[-1] <= 140 and stats["tokens"]["total"] == sum(lengths)
