@@ -1,29 +1,39 @@
 """Padding waste of three batching strategies, and tokenization throughput, on a skewed length mix.
 
-    python benchmarks/bench_batching.py                      # synthetic ShareGPT-like mix, SmolLM2 tokenizer
-    python benchmarks/bench_batching.py --data convs.jsonl   # your own conversations (ShareGPT/OpenAI)
+    python benchmarks/bench_batching.py                      # the bundled sample, SmolLM2 tokenizer
+    python benchmarks/bench_batching.py --synthetic 2000     # synthetic ShareGPT-like mix (lognormal turns)
+    python benchmarks/bench_batching.py --data convs.json    # your own conversations (ShareGPT/OpenAI)
 
 Prints, for max_length 1024 and 2048, the share of padding tokens fed to the model by
 - `max`:   pad every sample to max_length (FastChat's train.py),
 - `group`: length-grouped dynamic padding (sorted inside mega-batches of 50 micro-batches),
 - `pack`:  best-fit-decreasing packing into max_length rows (ds_vicuna.batching),
 and conversations/s encoding with 1 process vs N worker processes (ds_vicuna.dataset.encode_conversations).
-Conversations longer than max_length are first split at exchange boundaries, as `ds-vicuna data split` does.
+The data goes through the real stages first: `ds-vicuna data clean`, then `data split` at each max_length, then
+`build_tokenized_dataset`; the throughput figure repeats the split data up to --throughput-convs conversations.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import pickle
+import resource
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 from ds_vicuna.batching import make_micro_batches, padding_stats
-from ds_vicuna.dataset import encode_conversations
+from ds_vicuna.clean import clean_file
+from ds_vicuna.dataset import build_tokenized_dataset, encode_conversations
 from ds_vicuna.encoding import get_encoder
-from ds_vicuna.formats import Conversation, load_conversations
+from ds_vicuna.formats import Conversation, load_conversations, write_conversations
 from ds_vicuna.messages import Message, Role
+from ds_vicuna.split import load_tokenizer, split_file
+
+BUNDLED = Path(__file__).resolve().parents[1] / "ds_vicuna" / "data" / "sharegpt_sample.json"
 
 WORDS = ("the model data train token python function value return list error answer question because "
          "which would could should example result output input system user assistant chat code loop "
@@ -48,43 +58,6 @@ def synthetic_conversations(n: int, seed: int) -> list[Conversation]:
     return convs
 
 
-def split_to_fit(encoder, conv: Conversation, max_length: int) -> list[list[Message]]:
-    """Greedy split at exchange boundaries so every piece fits; an exchange too long alone is truncated."""
-    exchanges = [conv.messages[i:i + 2] for i in range(0, len(conv.messages), 2)]
-    pieces, current = [], []
-    for exchange in exchanges:
-        if len(encoder.encode(current + exchange)["input_ids"]) <= max_length:
-            current = current + exchange
-            continue
-        if current:
-            pieces.append(current)
-        current = exchange
-        while len(encoder.encode(current)["input_ids"]) > max_length:
-            current = _shorten_longer_turn(current)
-    pieces.append(current)
-    return pieces
-
-
-def _shorten_longer_turn(exchange: list[Message]) -> list[Message]:
-    """Drop the last 20% of the words of the longer turn (the split stage truncates and counts these)."""
-    longest = max(range(len(exchange)), key=lambda i: len(exchange[i].content))
-    words = exchange[longest].content.split(" ")
-    if len(words) == 1:
-        raise ValueError("cannot shorten a one-word turn")
-    cut = Message(exchange[longest].role, " ".join(words[:int(len(words) * 0.8)]))
-    return [cut if i == longest else m for i, m in enumerate(exchange)]
-
-
-def fitted_lengths(encoder, convs, encoded, max_length: int) -> np.ndarray:
-    lengths = []
-    for conv, (ids, _) in zip(convs, encoded):
-        if len(ids) <= max_length:
-            lengths.append(len(ids))
-        else:
-            lengths += [len(encoder.encode(p)["input_ids"]) for p in split_to_fit(encoder, conv, max_length)]
-    return np.array(lengths)
-
-
 def padding_table(lengths: np.ndarray, max_length: int, micro_batch_size: int) -> dict[str, float]:
     shares = {}
     for strategy in ("max", "group", "pack"):
@@ -94,58 +67,98 @@ def padding_table(lengths: np.ndarray, max_length: int, micro_batch_size: int) -
     return shares
 
 
+def prepare(args, workdir: Path, tokenizer) -> Path:
+    """The cleaned conversations file the benchmark runs on (bundled sample or synthetic)."""
+    if args.synthetic:
+        source = workdir / "synthetic.jsonl"
+        write_conversations(source, synthetic_conversations(args.synthetic, seed=0))
+    else:
+        source = Path(args.data)
+    cleaned = workdir / "clean.jsonl"
+    clean_file(source, cleaned, skip_bad=True, progress=False)
+    return cleaned
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (pool workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def throughput(convs: list[Conversation], tokenizer, template: str, workers: int) -> dict[int, tuple[float, float]]:
+    """(conversations per wall second, CPU milliseconds per conversation) with 1 and with `workers` processes.
+
+    CPU cost per conversation does not depend on what else runs on the machine; with free cores the wall
+    speedup is about workers x (CPU cost with 1 process / CPU cost with workers).
+    """
+    get_encoder(tokenizer, template)  # built once, outside the timings
+    rates = {}
+    for n in (1, workers):
+        wall, cpu = time.perf_counter(), _cpu_seconds()
+        encode_conversations(convs, tokenizer, template, num_workers=n, progress=False)
+        wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
+        rates[n] = (len(convs) / wall, cpu / len(convs) * 1e3)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", help="conversations file (default: synthetic)")
-    parser.add_argument("--num", type=int, default=2000, help="synthetic conversations")
-    parser.add_argument("--template", default="chatml")
+    parser.add_argument("--data", default=str(BUNDLED), help="conversations file (default: the bundled sample)")
+    parser.add_argument("--synthetic", type=int, default=0, help="use N synthetic conversations instead")
+    parser.add_argument("--template", default="vicuna_v1.1")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--throughput-convs", type=int, default=2000,
+                        help="conversations encoded for the throughput figure (the data repeated as needed)")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
 
     from ds_vicuna.models import embedded_model_path
 
-    path = embedded_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    convs = load_conversations(args.data) if args.data else synthetic_conversations(args.num, seed=0)
-    print(f"{len(convs)} conversations ({'file ' + args.data if args.data else 'synthetic, lognormal turns'}), "
-          f"SmolLM2 tokenizer, template {args.template}")
+    tokenizer = load_tokenizer("embedded", args.template)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-batching-"))
+    try:
+        cleaned = prepare(args, workdir, tokenizer)
+        what = f"{args.synthetic} synthetic conversations" if args.synthetic else args.data
+        print(f"data: {what} -> ds-vicuna data clean -> split per max_length; SmolLM2 tokenizer, template "
+              f"{args.template}, micro-batch size {args.micro_batch_size}")
+        print(f"\n{'max_length':>10} {'samples':>8} {'median':>7} {'p99':>6} | padding share: {'max (FastChat)':>14} "
+              f"{'group':>7} {'pack':>7} | tokens fed vs pack: {'max':>6} {'group':>6}")
+        for max_length in (1024, 2048):
+            pieces = workdir / f"split-{max_length}.jsonl"
+            split_file(cleaned, pieces, tokenizer, args.template, max_length, progress=False)
+            lengths = build_tokenized_dataset(pieces, tokenizer, args.template, max_length,
+                                              cache_dir=workdir / "cache", num_workers=1,
+                                              progress=False).lengths
+            shares = padding_table(lengths, max_length, args.micro_batch_size)
+            pack_fed = shares["pack"][1]
+            print(f"{max_length:>10} {len(lengths):>8} {int(np.median(lengths)):>7} "
+                  f"{int(np.percentile(lengths, 99)):>6} | {'':>15}{shares['max'][0]:>14.1%} "
+                  f"{shares['group'][0]:>7.1%} {shares['pack'][0]:>7.2%} | {'':>20}"
+                  f"{shares['max'][1] / pack_fed:>5.2f}x {shares['group'][1] / pack_fed:>5.2f}x")
+        print("(target: pack wastes < 5%)")
 
-    start = time.perf_counter()
-    tokenizer_loaded = AutoTokenizer.from_pretrained(path)
-    by_path = time.perf_counter() - start
-    start = time.perf_counter()
-    pickle.loads(pickle.dumps(tokenizer_loaded))
-    by_pickle = time.perf_counter() - start
-    print(f"\ntokenizer to a worker: from_pretrained(path) {by_path * 1e3:.0f} ms, pickle round trip "
-          f"{by_pickle * 1e3:.0f} ms (pickle is used: it keeps tokens added in memory)")
+        convs = load_conversations(workdir / "split-2048.jsonl")
+        convs = (convs * (args.throughput_convs // len(convs) + 1))[:args.throughput_convs]
+        load = os.getloadavg()[0]
+        rates = throughput(convs, tokenizer, args.template, args.workers)
+        (one, one_cpu), (many, many_cpu) = rates[1], rates[args.workers]
+        print(f"\ntokenization throughput, {len(convs)} conversations ({os.cpu_count()} cores, load average "
+              f"{load:.1f} before): 1 process {one:.0f} conv/s, {args.workers} workers {many:.0f} conv/s "
+              f"({many / one:.2f}x wall); CPU per conversation {one_cpu:.2f} ms vs {many_cpu:.2f} ms "
+              f"(expected speedup with {args.workers} free cores: {args.workers * one_cpu / many_cpu:.2f}x)")
 
-    get_encoder(tokenizer, args.template)  # built once, outside the timings
-    timings, load = {}, os.getloadavg()[0]
-    for workers in (1, args.workers):
         start = time.perf_counter()
-        encoded = encode_conversations(convs, tokenizer, args.template, num_workers=workers, progress=False)
-        timings[workers] = len(convs) / (time.perf_counter() - start)
-    print(f"\ntokenization throughput ({os.cpu_count()} cores, load average {load:.1f} before): "
-          f"1 process {timings[1]:.0f} conv/s, {args.workers} workers "
-          f"{timings[args.workers]:.0f} conv/s ({timings[args.workers] / timings[1]:.2f}x)")
-
-    encoder = get_encoder(tokenizer, args.template)
-    raw = np.array([len(ids) for ids, _ in encoded])
-    print(f"\nlengths: median {int(np.median(raw))}, p90 {int(np.percentile(raw, 90))}, "
-          f"p99 {int(np.percentile(raw, 99))}, max {raw.max()} tokens")
-    print(f"\n{'max_length':>10} {'samples':>8} | padding share: {'max (FastChat)':>14} {'group':>8} {'pack':>8} | "
-          f"tokens fed vs pack: {'max':>6} {'group':>6}")
-    for max_length in (1024, 2048):
-        lengths = fitted_lengths(encoder, convs, encoded, max_length)
-        shares = padding_table(lengths, max_length, args.micro_batch_size)
-        pack_fed = shares["pack"][1]
-        print(f"{max_length:>10} {len(lengths):>8} | {'':>15}{shares['max'][0]:>14.1%} {shares['group'][0]:>8.1%} "
-              f"{shares['pack'][0]:>8.2%} | {'':>20}{shares['max'][1] / pack_fed:>5.2f}x "
-              f"{shares['group'][1] / pack_fed:>5.2f}x")
-    print(f"\n(micro-batch size {args.micro_batch_size}; target: pack wastes < 5%)")
+        AutoTokenizer.from_pretrained(embedded_model_path())
+        by_path = time.perf_counter() - start
+        start = time.perf_counter()
+        pickle.loads(pickle.dumps(tokenizer))
+        by_pickle = time.perf_counter() - start
+        print(f"tokenizer to a worker: from_pretrained(path) {by_path * 1e3:.0f} ms, pickle round trip "
+              f"{by_pickle * 1e3:.0f} ms (pickle is used: it also keeps tokens added in memory)")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -192,14 +192,14 @@ def _write(folder: Path, encoded: list, conv_ids: list[str], meta: dict) -> None
 
 
 def _build(folder: Path, data_path, tokenizer, template: str, max_length: int, mask: str, skip_bad: bool,
-           num_workers: int | None) -> None:
+           num_workers: int | None, progress: bool) -> None:
     from collections import Counter
 
     from ds_vicuna.formats import load_conversations
 
     skips = Counter()
     conversations = load_conversations(data_path, skip_bad=skip_bad, skips=skips)
-    encoded = encode_conversations(conversations, tokenizer, template, mask, num_workers)
+    encoded = encode_conversations(conversations, tokenizer, template, mask, num_workers, progress)
     _check_encoded(encoded, conversations, max_length, data_path)
     keep = [i for i, (_, labels) in enumerate(encoded) if (labels != IGNORE_INDEX).any()]
     if len(keep) < len(encoded):
@@ -233,7 +233,8 @@ def _dist_rank() -> int | None:
 
 def build_tokenized_dataset(data_path: str | os.PathLike, tokenizer, template: str, max_length: int,
                             mask: str = "assistant", cache_dir: str | os.PathLike = ".cache/tokenized",
-                            num_workers: int | None = None, skip_bad: bool = False) -> TokenizedDataset:
+                            num_workers: int | None = None, skip_bad: bool = False,
+                            progress: bool = True) -> TokenizedDataset:
     """Encode a conversations file once and cache it; later calls (and other ranks) load the cache.
 
     Args:
@@ -245,6 +246,7 @@ def build_tokenized_dataset(data_path: str | os.PathLike, tokenizer, template: s
         cache_dir: where cache folders live (shared by all ranks).
         num_workers: encoding processes (None: one per core when the file is big enough).
         skip_bad: skip and count unreadable records instead of raising.
+        progress: show a tqdm bar while encoding (only the building rank encodes).
 
     Returns:
         The dataset; `.from_cache` tells whether it was loaded rather than built.
@@ -261,7 +263,7 @@ def build_tokenized_dataset(data_path: str | os.PathLike, tokenizer, template: s
     built, error = False, None
     if rank in (None, 0) and not folder.is_dir():
         try:
-            _build(folder, data_path, tokenizer, template, max_length, mask, skip_bad, num_workers)
+            _build(folder, data_path, tokenizer, template, max_length, mask, skip_bad, num_workers, progress)
             built = True
         except Exception as e:  # other ranks must still leave the barrier
             error = e
