@@ -95,7 +95,7 @@ def test_unencodable_conversation_is_named(tmp_path, tokenizer):
         build_tokenized_dataset(data, tokenizer, "chatml", 64, cache_dir=tmp_path / "cache", num_workers=1)
 
 
-def _rank_main(rank, world, init_file, data, cache_dir, out_dir):
+def _rank_main(rank, world, init_file, data, too_long, cache_dir, out_dir):
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
@@ -104,8 +104,14 @@ def _rank_main(rank, world, init_file, data, cache_dir, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         tok = AutoTokenizer.from_pretrained(embedded_model_path())
+        try:  # rank 0 fails to build: every rank must raise, none may hang at the barrier
+            build_tokenized_dataset(too_long, tok, "chatml", 64, cache_dir=cache_dir, num_workers=1)
+            failure = None
+        except (ValueError, RuntimeError) as e:
+            failure = type(e).__name__
         ds = build_tokenized_dataset(data, tok, "chatml", 256, cache_dir=cache_dir, num_workers=1)
-        result = {"from_cache": ds.from_cache, "folder": str(ds.folder), "lengths": ds.lengths.tolist()}
+        result = {"from_cache": ds.from_cache, "folder": str(ds.folder), "lengths": ds.lengths.tolist(),
+                  "failure": failure}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     finally:
@@ -116,9 +122,11 @@ def _rank_main(rank, world, init_file, data, cache_dir, out_dir):
 def test_multi_rank_rank0_builds_once(tmp_path, data):
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(data), str(tmp_path / "cache"), str(tmp_path)),
-             nprocs=2, join=True)
+    too_long = write(tmp_path / "long.jsonl", [record(0, words=200)])
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(data), str(too_long), str(tmp_path / "cache"),
+                               str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["failure"] for r in ranks] == ["ValueError", "RuntimeError"]
     assert [r["from_cache"] for r in ranks] == [False, True]  # rank 0 built; rank 1 waited and loaded
     assert ranks[0]["folder"] == ranks[1]["folder"] and ranks[0]["lengths"] == ranks[1]["lengths"]
     assert len(list((tmp_path / "cache").iterdir())) == 1

@@ -82,3 +82,29 @@ def test_without_isolation_losses_differ(attn):
     assert model.config.use_cache
     leaky = packed(model, batch)
     assert not torch.allclose(token_losses(leaky, batch["labels"])[:real - 1], expected, atol=1e-3)
+
+
+def test_flattened_rows_isolate_with_sdpa_and_give_flash_its_boundaries():
+    """`flatten=True` (one row, no padding) is what flash_attention_2's varlen path needs; check both halves."""
+    from transformers.modeling_flash_attention_utils import (_is_packed_sequence,
+                                                             prepare_fa_kwargs_from_position_ids)
+
+    model, convs = tiny_llama("sdpa"), conversations()
+    configure_model_for_packing(model)
+    rows = [convs[:2], convs[2:]]
+    flat = collate(rows, "pack", 16, pad_token_id=0, flatten=True)
+    assert flat["input_ids"].shape == (1, sum(LENGTHS))
+    assert torch.allclose(token_losses(packed(model, flat), flat["labels"]), alone_losses(model, convs), atol=1e-5)
+    # flash attention reads sequence boundaries from position_ids only when the batch is a single row
+    assert _is_packed_sequence(flat["position_ids"], batch_size=1)
+    (cu_seqlens, _), (max_len, _) = prepare_fa_kwargs_from_position_ids(flat["position_ids"])
+    assert cu_seqlens.tolist() == [0, 7, 12, 21] and max_len == 9
+    padded = collate(rows, "pack", 16, pad_token_id=0)
+    assert not _is_packed_sequence(padded["position_ids"], batch_size=2)  # why flatten exists
+
+
+def test_configure_model_for_packing_rejects_unknown_attention():
+    model = tiny_llama("sdpa")
+    model.config._attn_implementation = "paged|custom"
+    with pytest.raises(ValueError, match="cannot isolate packed conversations"):
+        configure_model_for_packing(model)
