@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_vicuna.encoding import MaskStrategy, get_encoder, special_token_strings
+from ds_vicuna.encoding import IGNORE_INDEX, MaskStrategy, get_encoder, special_token_strings
 from ds_vicuna.templates import get_template
 
 ENCODING_VERSION = 1  # bump when encoding.py changes what it produces: every cache is rebuilt
-IGNORE_INDEX = -100
 _ARRAYS = ("input_ids", "labels", "offsets")
 _CHUNK = 64  # conversations per task sent to a worker
 _MIN_PER_WORKER = 64  # below this many conversations per worker, encoding in-process is faster
@@ -94,7 +93,9 @@ def cache_key(data_path: str | os.PathLike, tokenizer, template: str, max_length
 
 
 # ---- encoding (one process or a pool) -----------------------------------------------------------------
-_worker_encoder = {}  # per worker process: {"encoder": ConversationEncoder, "mask": ...}, set by _init_worker
+# Per worker process, set once by the pool initializer (so the tokenizer crosses the process boundary once per
+# worker, not once per task): {"encoder": ConversationEncoder, "mask": str}. Never used in the parent.
+_worker_encoder = {}
 
 
 def _init_worker(tokenizer_bytes: bytes, template: str, mask: str) -> None:
