@@ -63,6 +63,7 @@ class Run:
     total_steps: int
     num_params: int
     peak_flops: float | None
+    flatten_packs: bool
     progress: TrainingProgress = field(default_factory=TrainingProgress)
 
 
@@ -145,15 +146,16 @@ def setup(cfg: Config, ds_base: dict, launch: LaunchEnv) -> Run:
     """Tokenizer, data, micro-batch plan, model (partitioned under ZeRO-3), optimizer and DeepSpeed engine."""
     import torch
 
+    from ds_vicuna.batching import configure_model_for_packing
     from ds_vicuna.models import resolve_model_path
 
     torch.manual_seed(cfg.train.seed)
     model_path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.model.template)
-    train_data, train_indices = load_data(cfg, cfg.data.train_path, tokenizer, launch, "data.train_path")
+    train_data, train_indices = load_data(cfg, cfg.data.train_path, tokenizer, "data.train_path")
     eval_data, eval_indices = (None, [])
     if cfg.data.eval_path:
-        eval_data, eval_indices = load_data(cfg, cfg.data.eval_path, tokenizer, launch, "data.eval_path")
+        eval_data, eval_indices = load_data(cfg, cfg.data.eval_path, tokenizer, "data.eval_path")
     grad_accum = cfg.gradient_accumulation_steps(launch.world_size)
     plans = [plan_epoch(cfg, train_data, train_indices, epoch) for epoch in range(cfg.train.epochs)]
     per_step = grad_accum * launch.world_size
@@ -173,13 +175,14 @@ def setup(cfg: Config, ds_base: dict, launch: LaunchEnv) -> Run:
                                world_size=launch.world_size, hidden_size=model_config.hidden_size,
                                precision=precision, max_grad_norm=cfg.train.max_grad_norm)
     model = build_model(model_path, model_config, tokenizer, cfg, ds, precision)
+    flatten = configure_model_for_packing(model) if cfg.data.batching == "pack" else False
     engine = build_engine(model, ds, cfg, total_steps)
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     peak = peak_flops(precision) if device_type == "cuda" else None
     return Run(cfg=cfg, launch=launch, engine=engine, tokenizer=tokenizer, model_config=model_config,
                train_data=train_data, train_indices=train_indices, eval_data=eval_data, eval_indices=eval_indices,
                plans=plans, grad_accum=grad_accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               num_params=num_params, peak_flops=peak,
+               num_params=num_params, peak_flops=peak, flatten_packs=flatten,
                progress=TrainingProgress(seed=cfg.train.seed, config=cfg.to_dict()))
 
 
@@ -196,47 +199,46 @@ def load_tokenizer(model_path: Path, template: str):
     return tokenizer
 
 
-def load_data(cfg: Config, path: str, tokenizer, launch: LaunchEnv, name: str):
-    """Tokenize (rank 0 first, filling the cache; the others then read it) and choose the samples to train on.
+def load_data(cfg: Config, path: str, tokenizer, name: str):
+    """Tokenize (rank 0 builds the cache, the others wait and read it) and choose the samples to train on.
 
     Raises:
-        ConfigError: no sample fits max_length.
+        ConfigError: an unreadable file, samples longer than max_length, or nothing to train on.
     """
-    import torch.distributed as dist
-
     from ds_vicuna.dataset import build_tokenized_dataset
 
     cache_dir = cfg.data.cache_dir or str(Path(cfg.train.output_dir) / "cache")
-
-    def build():
-        return build_tokenized_dataset(path, tokenizer, cfg.model.template, cfg.data.max_length, cfg.data.mask,
+    try:
+        data = build_tokenized_dataset(path, tokenizer, cfg.model.template, cfg.data.max_length, cfg.data.mask,
                                        cache_dir)
-
-    data = build() if launch.is_main else None
-    if dist.is_initialized():
-        dist.barrier()
-    if data is None:
-        data = build()
-    lengths = list(data.lengths)
-    indices = [i for i, n in enumerate(lengths) if 0 < n <= cfg.data.max_length]
+    except (ValueError, OSError) as err:  # FormatError and EncodingError are ValueErrors
+        raise ConfigError(f"{name}: {err}") from None
+    indices = list(range(len(data)))
     if cfg.data.max_samples is not None:
         indices = indices[:cfg.data.max_samples]
     if not indices:
-        longest = max(lengths) if lengths else 0
-        raise ConfigError(f"{name}: {path}: no sample fits data.max_length={cfg.data.max_length} "
-                          f"({len(lengths)} samples kept by tokenization, longest {longest} tokens); "
-                          "raise max_length or run `ds-vicuna data split --max-length N` first")
+        raise ConfigError(f"{name}: {path} holds no conversation to train on")
     return data, indices
 
 
-def plan_epoch(cfg: Config, data, indices: list[int], epoch: int) -> list[list[int]]:
-    """The epoch's micro-batches as dataset indices, identical on every rank (a pure function of seed/epoch)."""
+def plan_epoch(cfg: Config, data, indices: list[int], epoch: int) -> list[list]:
+    """The epoch's micro-batches as dataset indices, identical on every rank (a pure function of seed/epoch).
+
+    For `pack` a micro-batch is a list of rows (each a list of indices), otherwise a list of indices.
+    """
     from ds_vicuna.batching import make_micro_batches
 
-    lengths = [data.lengths[i] for i in indices]
+    lengths = [int(data.lengths[i]) for i in indices]
     batches = make_micro_batches(lengths, cfg.data.batching, cfg.data.max_length, cfg.train.micro_batch_size,
                                  cfg.train.seed, epoch)
+    if cfg.data.batching == "pack":
+        return [[[indices[j] for j in row] for row in batch] for batch in batches]
     return [[indices[j] for j in batch] for batch in batches]
+
+
+def samples_of(micro_batch: list) -> list[int]:
+    """Dataset indices in one planned micro-batch (flattening packed rows)."""
+    return [i for item in micro_batch for i in (item if isinstance(item, list) else [item])]
 
 
 def build_model_config(model_path: Path, cfg: Config):
@@ -339,13 +341,15 @@ def step_batches(run: Run, epoch: int, position: int) -> list[list[int]]:
     return chunk[start:start + run.grad_accum]
 
 
-def make_batch(run: Run, data, indices: list[int]) -> dict:
-    """Collate dataset rows into tensors on the engine's device (the loss uses `labels` itself)."""
-    from ds_vicuna.batching import collate
+def make_batch(run: Run, data, micro_batch: list) -> dict:
+    """Collate one planned micro-batch into tensors on the engine's device (the loss uses `labels` itself)."""
+    from ds_vicuna.batching import collate, fetch_micro_batch
 
-    batch = collate([data[i] for i in indices], run.cfg.data.batching, run.cfg.data.max_length,
-                    run.tokenizer.pad_token_id)
-    return {k: v.to(run.engine.device) if hasattr(v, "to") else v for k, v in batch.items()}
+    strategy = run.cfg.data.batching
+    batch = collate(fetch_micro_batch(data, micro_batch, strategy), strategy, run.cfg.data.max_length,
+                    run.tokenizer.pad_token_id, flatten=run.flatten_packs)
+    batch.pop("num_label_tokens")
+    return {k: v.to(run.engine.device) for k, v in batch.items()}
 
 
 def count_label_tokens(batch: dict) -> int:
@@ -424,7 +428,7 @@ def fit(run: Run, guard: PreemptionGuard, logger: "MetricsLogger") -> tuple[dict
         loss, label_tokens = accumulate_step(run, [make_batch(run, run.train_data, b) for b in indices])
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
         engine.step()
-        lengths = [run.train_data.lengths[i] for b in indices for i in b]
+        lengths = [int(run.train_data.lengths[i]) for b in indices for i in samples_of(b)]
         real_tokens, flops = all_reduce_sum([sum(lengths), step_flops(run, lengths)], engine.device)
         elapsed = time.perf_counter() - started
         progress.step += 1
