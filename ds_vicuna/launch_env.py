@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 DEFAULT_MASTER_PORT = 29500
+DIST_TIMEOUT_ENV = "DS_VICUNA_DIST_TIMEOUT_S"
+DEFAULT_DIST_TIMEOUT_S = 600  # collective timeout; a dead peer fails the job after this, never hangs it
 
 
 class Launcher(str, enum.Enum):
@@ -112,12 +114,17 @@ def init_distributed(launch: LaunchEnv | None = None) -> LaunchEnv:
     import deepspeed
     import torch
 
+    import datetime
+
     launch = launch or detect_launch_env()
     export_torch_env(launch)
+    # A finite collective timeout: a rank killed mid-step makes the others fail after this long instead of
+    # hanging the job (the launcher then exits and a supervisor restarts it from the last checkpoint).
+    timeout = datetime.timedelta(seconds=float(os.environ.get(DIST_TIMEOUT_ENV, DEFAULT_DIST_TIMEOUT_S)))
     if torch.cuda.is_available():
         torch.cuda.set_device(launch.local_rank)
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   rank=launch.rank, world_size=launch.world_size)
+                                   rank=launch.rank, world_size=launch.world_size, timeout=timeout)
     return launch
