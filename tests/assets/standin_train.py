@@ -80,6 +80,9 @@ def main() -> int:
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                                          max_position_embeddings=64))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config(cfg))
+    if rank == 0:
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        print(f"zero stage {engine.zero_optimization_stage()} optimizer {type(inner).__name__}", flush=True)
     ckpt_dir = Path(cfg["out_dir"]) / "checkpoints"
     step = 0
     if args.resume == "auto" and (ckpt_dir / "latest").is_file():
