@@ -286,8 +286,11 @@ def build_model(model_path: Path, model_config, tokenizer, cfg: Config, ds: dict
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0] or (
             keep_alive is not None and len(tokenizer) > model.get_input_embeddings().weight.ds_shape[0]):
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.gradient_checkpointing:  # non-reentrant: works with ZeRO-3 partitioned params and frozen inputs
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model
 
@@ -391,8 +394,15 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
-def accumulate_step(run: Run, batches: list[dict]) -> tuple[float, int]:
-    """Forward/backward over this rank's micro-batches of one optimizer step (no engine.step).
+def optimizer_step(run: Run, batches: list[dict], before_update=None) -> tuple[float, int]:
+    """One optimizer step from this rank's micro-batches: loss_step + engine.step() per micro-batch.
+
+    DeepSpeed counts micro-steps in `engine.step()` and only updates the weights (and the LR schedule) on the
+    last one of each `grad_accum`.
+
+    Args:
+        before_update: called with the engine after the last backward, before the weights change (tests read
+            gradients there with `deepspeed.utils.safe_get_full_grad`).
 
     Returns:
         (mean loss over all label tokens of the global step, global label-token count).
@@ -400,7 +410,12 @@ def accumulate_step(run: Run, batches: list[dict]) -> tuple[float, int]:
     local_tokens = sum(count_label_tokens(b) for b in batches)
     global_tokens = int(all_reduce_sum([local_tokens], run.engine.device)[0])
     scale = run.launch.world_size * run.grad_accum / max(global_tokens, 1)
-    local_sum = sum(loss_step(run.engine, b, scale) for b in batches)
+    local_sum = 0.0
+    for i, batch in enumerate(batches):
+        local_sum += loss_step(run.engine, batch, scale)
+        if before_update is not None and i == len(batches) - 1:
+            before_update(run.engine)
+        run.engine.step()
     global_sum = all_reduce_sum([local_sum], run.engine.device)[0]
     return global_sum / max(global_tokens, 1), global_tokens
 
@@ -425,9 +440,8 @@ def fit(run: Run, guard: PreemptionGuard, logger: "MetricsLogger") -> tuple[dict
             continue
         indices = step_batches(run, progress.epoch, progress.micro_batch_in_epoch)
         started = time.perf_counter()
-        loss, label_tokens = accumulate_step(run, [make_batch(run, run.train_data, b) for b in indices])
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
-        engine.step()
+        loss, label_tokens = optimizer_step(run, [make_batch(run, run.train_data, b) for b in indices])
         lengths = [int(run.train_data.lengths[i]) for b in indices for i in samples_of(b)]
         real_tokens, flops = all_reduce_sum([sum(lengths), step_flops(run, lengths)], engine.device)
         elapsed = time.perf_counter() - started
@@ -630,8 +644,16 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     return parser
 
 
+def quiet_library_warnings() -> None:
+    """Drop per-step deprecation noise from torch.distributed (DeepSpeed calls the old collective names)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch.distributed", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m ds_vicuna.train` / the deepspeed launcher. Returns the process exit code."""
+    quiet_library_warnings()
     args, overrides = build_arg_parser().parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
