@@ -28,13 +28,13 @@ from ds_vicuna.checkpoint import (CheckpointError, TrainingProgress, load_checkp
                                   save_checkpoint)
 from ds_vicuna.config import (Config, ConfigError, fill_deepspeed_config, load_config, load_deepspeed_config,
                               offloads_optimizer, resolve_precision)
+from ds_vicuna.export import TRAIN_CONFIG_FILE
 from ds_vicuna.launch_env import LaunchEnv, detect_launch_env, init_distributed
 from ds_vicuna.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
 
 IGNORE_INDEX = -100
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
-TRAIN_CONFIG_FILE = "ds_vicuna_train_config.json"
 # Dense bf16 peak FLOP/s by GPU name fragment, for MFU (no entry: MFU not logged).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
                    "L4": 121e12, "A6000": 155e12, "4090": 165e12, "V100": 125e12}
@@ -64,6 +64,7 @@ class Run:
     num_params: int
     peak_flops: float | None
     flatten_packs: bool
+    precision: str
     progress: TrainingProgress = field(default_factory=TrainingProgress)
 
 
@@ -182,7 +183,7 @@ def setup(cfg: Config, ds_base: dict, launch: LaunchEnv) -> Run:
     return Run(cfg=cfg, launch=launch, engine=engine, tokenizer=tokenizer, model_config=model_config,
                train_data=train_data, train_indices=train_indices, eval_data=eval_data, eval_indices=eval_indices,
                plans=plans, grad_accum=grad_accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               num_params=num_params, peak_flops=peak, flatten_packs=flatten,
+               num_params=num_params, peak_flops=peak, flatten_packs=flatten, precision=precision,
                progress=TrainingProgress(seed=cfg.train.seed, config=cfg.to_dict()))
 
 
@@ -510,13 +511,11 @@ def evaluate(run: Run) -> float:
 
 
 def save(run: Run) -> Path:
-    """Checkpoint the engine + progress (collective); `hf/` holds config, tokenizer and the training config."""
-    folder = save_checkpoint(run.engine, run.cfg.train.output_dir, run.progress, rank=run.launch.rank,
-                             keep_last=run.cfg.train.keep_last, model_config=run.model_config,
-                             tokenizer=run.tokenizer)
-    if run.launch.is_main:
-        (folder / "hf" / TRAIN_CONFIG_FILE).write_text(json.dumps(run.cfg.to_dict(), indent=2) + "\n")
-    return folder
+    """Checkpoint the engine + progress (collective); `hf/` holds config, tokenizer and the training record."""
+    record = {"config": run.cfg.to_dict(), "precision": run.precision, "step": run.progress.step}
+    return save_checkpoint(run.engine, run.cfg.train.output_dir, run.progress, rank=run.launch.rank,
+                           keep_last=run.cfg.train.keep_last, model_config=run.model_config,
+                           tokenizer=run.tokenizer, hf_files={TRAIN_CONFIG_FILE: json.dumps(record, indent=2) + "\n"})
 
 
 # ---------------------------------------------------------------------------------------------- logs and plots
@@ -662,6 +661,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ds-vicuna train: error: {err}", file=sys.stderr, flush=True)
         return 2
     return result.exit_code
+
+
+def launcher_command(config: str | None, overrides: list[str], ranks: int) -> list[str]:
+    """The `deepspeed --num_gpus N --module ds_vicuna.train ...` command for N ranks on this machine."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--module",
+            "ds_vicuna.train", *([config] if config else []), *overrides]
+
+
+def register(subparsers) -> None:
+    """`ds-vicuna train CONFIG [--ranks N] [--key value ...]`."""
+    parser = subparsers.add_parser(
+        "train", help="fine-tune with DeepSpeed (one process; --ranks N starts the deepspeed launcher)",
+        description="Fine-tune a causal LM on conversations. One process by default; `--ranks N` runs "
+                    "`deepspeed --num_gpus N --module ds_vicuna.train CONFIG ...` (multi-node: see launch/).")
+    parser.add_argument("config", nargs="?", help="YAML config (configs/*.yaml)")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER,
+                        help="--section.key value overrides; --ranks N for N local ranks")
+    parser.set_defaults(func=_run_cli)
+
+
+def _run_cli(args) -> int:
+    import subprocess
+
+    overrides, ranks = list(args.overrides), 1
+    if "--ranks" in overrides:
+        at = overrides.index("--ranks")
+        ranks = int(overrides[at + 1])
+        del overrides[at:at + 2]
+    if ranks > 1 and detect_launch_env().world_size == 1:
+        command = launcher_command(args.config, overrides, ranks)
+        print("[ds-vicuna] launching: " + " ".join(command), flush=True)
+        return subprocess.call(command)
+    return main(([args.config] if args.config else []) + overrides)
 
 
 if __name__ == "__main__":
