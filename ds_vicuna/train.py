@@ -176,6 +176,7 @@ def setup(cfg: Config, ds_base: dict, launch: LaunchEnv) -> Run:
                                world_size=launch.world_size, hidden_size=model_config.hidden_size,
                                precision=precision, max_grad_norm=cfg.train.max_grad_norm)
     model = build_model(model_path, model_config, tokenizer, cfg, ds, precision)
+    model_config = model.config  # after any embedding resize
     flatten = configure_model_for_packing(model) if cfg.data.batching == "pack" else False
     engine = build_engine(model, ds, cfg, total_steps)
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
@@ -284,8 +285,9 @@ def build_model(model_path: Path, model_config, tokenizer, cfg: Config, ds: dict
     model = AutoModelForCausalLM.from_pretrained(model_path, config=model_config, dtype=dtype,
                                                  attn_implementation=pick_attn_implementation(
                                                      cfg.model.attn_implementation))
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0] or (
-            keep_alive is not None and len(tokenizer) > model.get_input_embeddings().weight.ds_shape[0]):
+    embeddings = model.get_input_embeddings().weight
+    rows = embeddings.ds_shape[0] if hasattr(embeddings, "ds_shape") else embeddings.shape[0]  # ZeRO-3: partitioned
+    if len(tokenizer) > rows:  # template tokens were added
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     if cfg.model.gradient_checkpointing:  # non-reentrant: works with ZeRO-3 partitioned params and frozen inputs
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
