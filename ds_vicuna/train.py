@@ -638,11 +638,12 @@ def train(cfg: Config, launch: LaunchEnv | None = None) -> TrainResult:
                        engine=run.engine, metrics_path=logger.path, plot_path=plot)
 
 
-def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="ds_vicuna.train", description=__doc__.split("\n")[0])
-    parser.add_argument("config", nargs="?", help="YAML config (see configs/); omitted = defaults")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser
+def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG] [--key value ...]` -> (config path or None, overrides); drops the launcher's --local_rank."""
+    argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
+    if argv and not argv[0].startswith("-"):
+        return argv[0], argv[1:]
+    return None, argv
 
 
 def quiet_library_warnings() -> None:
@@ -655,9 +656,13 @@ def quiet_library_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m ds_vicuna.train` / the deepspeed launcher. Returns the process exit code."""
     quiet_library_warnings()
-    args, overrides = build_arg_parser().parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return 0
+    config, overrides = split_argv(argv)
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(config, overrides)
         result = train(cfg)
     except (ConfigError, CheckpointError, TrainError) as err:
         print(f"ds-vicuna train: error: {err}", file=sys.stderr, flush=True)
@@ -672,30 +677,37 @@ def launcher_command(config: str | None, overrides: list[str], ranks: int) -> li
 
 
 def register(subparsers) -> None:
-    """`ds-vicuna train CONFIG [--ranks N] [--key value ...]`."""
+    """`ds-vicuna train [CONFIG] [--ranks N] [--key value ...]`."""
+    # "+" as the option prefix: every `--section.key value` reaches the config parser untouched.
     parser = subparsers.add_parser(
-        "train", help="fine-tune with DeepSpeed (one process; --ranks N starts the deepspeed launcher)",
-        description="Fine-tune a causal LM on conversations. One process by default; `--ranks N` runs "
-                    "`deepspeed --num_gpus N --module ds_vicuna.train CONFIG ...` (multi-node: see launch/).")
-    parser.add_argument("config", nargs="?", help="YAML config (configs/*.yaml)")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER,
-                        help="--section.key value overrides; --ranks N for N local ranks")
-    parser.set_defaults(func=_run_cli)
+        "train", prefix_chars="+", add_help=False,
+        help="fine-tune with DeepSpeed (one process; --ranks N starts the deepspeed launcher)",
+        description="ds-vicuna train [CONFIG.yaml] [--ranks N] [--section.key value ...]\n\n"
+                    "One process by default; --ranks N runs `deepspeed --num_gpus N --module ds_vicuna.train "
+                    "CONFIG ...` on this machine (multi-node: see launch/). Keys: see ds_vicuna/config.py.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("argv", nargs="*", help="CONFIG.yaml then --key value overrides")
+    parser.set_defaults(func=_run_cli, train_parser=parser)
 
 
 def _run_cli(args) -> int:
     import subprocess
 
-    overrides, ranks = list(args.overrides), 1
-    if "--ranks" in overrides:
-        at = overrides.index("--ranks")
-        ranks = int(overrides[at + 1])
-        del overrides[at:at + 2]
+    argv = list(args.argv)
+    if "-h" in argv or "--help" in argv:
+        args.train_parser.print_help()
+        return 0
+    config = argv.pop(0) if argv and not argv[0].startswith("-") else None
+    ranks = 1
+    if "--ranks" in argv:
+        at = argv.index("--ranks")
+        ranks = int(argv[at + 1])
+        del argv[at:at + 2]
     if ranks > 1 and detect_launch_env().world_size == 1:
-        command = launcher_command(args.config, overrides, ranks)
+        command = launcher_command(config, argv, ranks)
         print("[ds-vicuna] launching: " + " ".join(command), flush=True)
         return subprocess.call(command)
-    return main(([args.config] if args.config else []) + overrides)
+    return main(([config] if config else []) + argv)
 
 
 if __name__ == "__main__":
