@@ -116,6 +116,10 @@ class Splitter:
         Raises:
             SplitError: the conversation's roles are not system?, user, assistant, ... (naming its id).
         """
+        return [piece for piece, _ in self.split_measured(conv, events)]
+
+    def split_measured(self, conv: Conversation, events: Counter | None = None) -> list[tuple[Conversation, int]]:
+        """`split`, with each piece's token count (measured while splitting, so never encoded twice)."""
         events = Counter() if events is None else events
         try:
             messages = validate_messages(conv.messages)
@@ -126,32 +130,38 @@ class Splitter:
         if len(turns) % 2:
             turns = turns[:-1]
             events[SplitEvent.DROPPED_UNANSWERED] += 1
-        pieces: list[list[Message]] = []
-        current: list[Message] = []
+        whole = self.length(system + turns) if turns else 0
+        if turns and whole <= self.max_length:  # most conversations: one encode, no cut
+            return [(Conversation(f"{conv.id}_0", system + turns), whole)]
+        pieces: list[tuple[list[Message], int]] = []
+        current, current_length = [], 0
         for i in range(0, len(turns), 2):
             exchange = turns[i:i + 2]
-            if current and self.fits(system + current + exchange):
-                current += exchange
-                continue
             if current:
-                pieces.append(current)
-            current = self._fit_exchange(system, exchange, events)
+                length = self.length(system + current + exchange)
+                if length <= self.max_length:
+                    current, current_length = current + exchange, length
+                    continue
+                pieces.append((current, current_length))
+            current, current_length = self._fit_exchange(system, exchange, events)
         if current:
-            pieces.append(current)
+            pieces.append((current, current_length))
         if len(pieces) > 1:
             events[SplitEvent.SPLIT] += 1
-        return [Conversation(f"{conv.id}_{k}", system + piece) for k, piece in enumerate(pieces)]
+        return [(Conversation(f"{conv.id}_{k}", system + piece), length) for k, (piece, length) in enumerate(pieces)]
 
-    def _fit_exchange(self, system: list[Message], exchange: list[Message], events: Counter) -> list[Message]:
-        """One user+assistant exchange as the start of a piece: whole, reply truncated, or dropped ([])."""
-        if self.fits(system + exchange):
-            return exchange
+    def _fit_exchange(self, system: list[Message], exchange: list[Message], events: Counter
+                      ) -> tuple[list[Message], int]:
+        """One user+assistant exchange opening a piece: whole, reply truncated, or dropped (`[]`); with its length."""
+        length = self.length(system + exchange)
+        if length <= self.max_length:
+            return exchange, length
         reply = self.truncate_reply(system + exchange[:1], exchange[1])
         if reply is None:
             events[SplitEvent.DROPPED_EXCHANGE] += 1
-            return []
+            return [], 0
         events[SplitEvent.TRUNCATED_REPLY] += 1
-        return [exchange[0], reply]
+        return [exchange[0], reply], self.length(system + [exchange[0], reply])
 
 
 def load_tokenizer(model: str, template: str):
@@ -180,9 +190,9 @@ def split_file(source: str | os.PathLike, output: str | os.PathLike, tokenizer, 
     convs = load_conversations(source)
     pieces: list[Conversation] = []
     for conv in tqdm(convs, desc="split", unit="conv", disable=not progress):
-        done = splitter.split(conv, report.events)
-        pieces += done
-        report.longest_piece = max([report.longest_piece] + [splitter.length(p.messages) for p in done])
+        for piece, length in splitter.split_measured(conv, report.events):
+            pieces.append(piece)
+            report.longest_piece = max(report.longest_piece, length)
     report.conversations = len(convs)
     report.pieces = write_conversations(output, pieces)
     return report
