@@ -143,10 +143,12 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(engine, output_dir: str | os.PathLike, progress: TrainingProgress, *, rank: int,
-                    keep_last: int, model_config=None, tokenizer=None) -> Path:
+                    keep_last: int, model_config=None, tokenizer=None,
+                    hf_files: dict[str, str] | None = None) -> Path:
     """Save engine state + progress + RNG on every rank; rank 0 marks it complete and moves `latest`.
 
-    Collective: every rank must call it.
+    Collective: every rank must call it. Rank 0 also writes `hf/` (model config, tokenizer, and `hf_files`:
+    name -> text) so export needs nothing but the folder.
 
     Returns:
         The checkpoint folder.
@@ -163,6 +165,8 @@ def save_checkpoint(engine, output_dir: str | os.PathLike, progress: TrainingPro
         model_config.save_pretrained(folder / HF_SUBDIR)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder / HF_SUBDIR)
+        for name, text in (hf_files or {}).items():
+            (folder / HF_SUBDIR / name).write_text(text)
     if dist.is_initialized():
         dist.barrier()  # every rank's shards and RNG files are on disk before the folder is called complete
     if rank == 0:

@@ -18,6 +18,8 @@ import sys
 
 STAGE_MODULES = (
     "ds_vicuna.data_cli",
+    "ds_vicuna.train",
+    "ds_vicuna.export",
 )
 
 

@@ -28,13 +28,13 @@ from ds_vicuna.checkpoint import (CheckpointError, TrainingProgress, load_checkp
                                   save_checkpoint)
 from ds_vicuna.config import (Config, ConfigError, fill_deepspeed_config, load_config, load_deepspeed_config,
                               offloads_optimizer, resolve_precision)
+from ds_vicuna.export import TRAIN_CONFIG_FILE
 from ds_vicuna.launch_env import LaunchEnv, detect_launch_env, init_distributed
 from ds_vicuna.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
 
 IGNORE_INDEX = -100
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
-TRAIN_CONFIG_FILE = "ds_vicuna_train_config.json"
 # Dense bf16 peak FLOP/s by GPU name fragment, for MFU (no entry: MFU not logged).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
                    "L4": 121e12, "A6000": 155e12, "4090": 165e12, "V100": 125e12}
@@ -64,6 +64,7 @@ class Run:
     num_params: int
     peak_flops: float | None
     flatten_packs: bool
+    precision: str
     progress: TrainingProgress = field(default_factory=TrainingProgress)
 
 
@@ -175,6 +176,7 @@ def setup(cfg: Config, ds_base: dict, launch: LaunchEnv) -> Run:
                                world_size=launch.world_size, hidden_size=model_config.hidden_size,
                                precision=precision, max_grad_norm=cfg.train.max_grad_norm)
     model = build_model(model_path, model_config, tokenizer, cfg, ds, precision)
+    model_config = model.config  # after any embedding resize
     flatten = configure_model_for_packing(model) if cfg.data.batching == "pack" else False
     engine = build_engine(model, ds, cfg, total_steps)
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
@@ -182,7 +184,7 @@ def setup(cfg: Config, ds_base: dict, launch: LaunchEnv) -> Run:
     return Run(cfg=cfg, launch=launch, engine=engine, tokenizer=tokenizer, model_config=model_config,
                train_data=train_data, train_indices=train_indices, eval_data=eval_data, eval_indices=eval_indices,
                plans=plans, grad_accum=grad_accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               num_params=num_params, peak_flops=peak, flatten_packs=flatten,
+               num_params=num_params, peak_flops=peak, flatten_packs=flatten, precision=precision,
                progress=TrainingProgress(seed=cfg.train.seed, config=cfg.to_dict()))
 
 
@@ -283,11 +285,15 @@ def build_model(model_path: Path, model_config, tokenizer, cfg: Config, ds: dict
     model = AutoModelForCausalLM.from_pretrained(model_path, config=model_config, dtype=dtype,
                                                  attn_implementation=pick_attn_implementation(
                                                      cfg.model.attn_implementation))
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0] or (
-            keep_alive is not None and len(tokenizer) > model.get_input_embeddings().weight.ds_shape[0]):
+    embeddings = model.get_input_embeddings().weight
+    rows = embeddings.ds_shape[0] if hasattr(embeddings, "ds_shape") else embeddings.shape[0]  # ZeRO-3: partitioned
+    if len(tokenizer) > rows:  # template tokens were added
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.gradient_checkpointing:  # non-reentrant: works with ZeRO-3 partitioned params and frozen inputs
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model
 
@@ -391,8 +397,15 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
-def accumulate_step(run: Run, batches: list[dict]) -> tuple[float, int]:
-    """Forward/backward over this rank's micro-batches of one optimizer step (no engine.step).
+def optimizer_step(run: Run, batches: list[dict], before_update=None) -> tuple[float, int]:
+    """One optimizer step from this rank's micro-batches: loss_step + engine.step() per micro-batch.
+
+    DeepSpeed counts micro-steps in `engine.step()` and only updates the weights (and the LR schedule) on the
+    last one of each `grad_accum`.
+
+    Args:
+        before_update: called with the engine after the last backward, before the weights change (tests read
+            gradients there with `deepspeed.utils.safe_get_full_grad`).
 
     Returns:
         (mean loss over all label tokens of the global step, global label-token count).
@@ -400,7 +413,12 @@ def accumulate_step(run: Run, batches: list[dict]) -> tuple[float, int]:
     local_tokens = sum(count_label_tokens(b) for b in batches)
     global_tokens = int(all_reduce_sum([local_tokens], run.engine.device)[0])
     scale = run.launch.world_size * run.grad_accum / max(global_tokens, 1)
-    local_sum = sum(loss_step(run.engine, b, scale) for b in batches)
+    local_sum = 0.0
+    for i, batch in enumerate(batches):
+        local_sum += loss_step(run.engine, batch, scale)
+        if before_update is not None and i == len(batches) - 1:
+            before_update(run.engine)
+        run.engine.step()
     global_sum = all_reduce_sum([local_sum], run.engine.device)[0]
     return global_sum / max(global_tokens, 1), global_tokens
 
@@ -425,9 +443,8 @@ def fit(run: Run, guard: PreemptionGuard, logger: "MetricsLogger") -> tuple[dict
             continue
         indices = step_batches(run, progress.epoch, progress.micro_batch_in_epoch)
         started = time.perf_counter()
-        loss, label_tokens = accumulate_step(run, [make_batch(run, run.train_data, b) for b in indices])
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
-        engine.step()
+        loss, label_tokens = optimizer_step(run, [make_batch(run, run.train_data, b) for b in indices])
         lengths = [int(run.train_data.lengths[i]) for b in indices for i in samples_of(b)]
         real_tokens, flops = all_reduce_sum([sum(lengths), step_flops(run, lengths)], engine.device)
         elapsed = time.perf_counter() - started
@@ -496,13 +513,11 @@ def evaluate(run: Run) -> float:
 
 
 def save(run: Run) -> Path:
-    """Checkpoint the engine + progress (collective); `hf/` holds config, tokenizer and the training config."""
-    folder = save_checkpoint(run.engine, run.cfg.train.output_dir, run.progress, rank=run.launch.rank,
-                             keep_last=run.cfg.train.keep_last, model_config=run.model_config,
-                             tokenizer=run.tokenizer)
-    if run.launch.is_main:
-        (folder / "hf" / TRAIN_CONFIG_FILE).write_text(json.dumps(run.cfg.to_dict(), indent=2) + "\n")
-    return folder
+    """Checkpoint the engine + progress (collective); `hf/` holds config, tokenizer and the training record."""
+    record = {"config": run.cfg.to_dict(), "precision": run.precision, "step": run.progress.step}
+    return save_checkpoint(run.engine, run.cfg.train.output_dir, run.progress, rank=run.launch.rank,
+                           keep_last=run.cfg.train.keep_last, model_config=run.model_config,
+                           tokenizer=run.tokenizer, hf_files={TRAIN_CONFIG_FILE: json.dumps(record, indent=2) + "\n"})
 
 
 # ---------------------------------------------------------------------------------------------- logs and plots
@@ -623,23 +638,76 @@ def train(cfg: Config, launch: LaunchEnv | None = None) -> TrainResult:
                        engine=run.engine, metrics_path=logger.path, plot_path=plot)
 
 
-def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="ds_vicuna.train", description=__doc__.split("\n")[0])
-    parser.add_argument("config", nargs="?", help="YAML config (see configs/); omitted = defaults")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser
+def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG] [--key value ...]` -> (config path or None, overrides); drops the launcher's --local_rank."""
+    argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
+    if argv and not argv[0].startswith("-"):
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def quiet_library_warnings() -> None:
+    """Drop per-step deprecation noise from torch.distributed (DeepSpeed calls the old collective names)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch.distributed", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m ds_vicuna.train` / the deepspeed launcher. Returns the process exit code."""
-    args, overrides = build_arg_parser().parse_known_args(argv)
+    quiet_library_warnings()
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return 0
+    config, overrides = split_argv(argv)
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(config, overrides)
         result = train(cfg)
     except (ConfigError, CheckpointError, TrainError) as err:
         print(f"ds-vicuna train: error: {err}", file=sys.stderr, flush=True)
         return 2
     return result.exit_code
+
+
+def launcher_command(config: str | None, overrides: list[str], ranks: int) -> list[str]:
+    """The `deepspeed --num_gpus N --module ds_vicuna.train ...` command for N ranks on this machine."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--module",
+            "ds_vicuna.train", *([config] if config else []), *overrides]
+
+
+def register(subparsers) -> None:
+    """`ds-vicuna train [CONFIG] [--ranks N] [--key value ...]`."""
+    # "+" as the option prefix: every `--section.key value` reaches the config parser untouched.
+    parser = subparsers.add_parser(
+        "train", prefix_chars="+", add_help=False,
+        help="fine-tune with DeepSpeed (one process; --ranks N starts the deepspeed launcher)",
+        description="ds-vicuna train [CONFIG.yaml] [--ranks N] [--section.key value ...]\n\n"
+                    "One process by default; --ranks N runs `deepspeed --num_gpus N --module ds_vicuna.train "
+                    "CONFIG ...` on this machine (multi-node: see launch/). Keys: see ds_vicuna/config.py.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("argv", nargs="*", help="CONFIG.yaml then --key value overrides")
+    parser.set_defaults(func=_run_cli, train_parser=parser)
+
+
+def _run_cli(args) -> int:
+    import subprocess
+
+    argv = list(args.argv)
+    if "-h" in argv or "--help" in argv:
+        args.train_parser.print_help()
+        return 0
+    config = argv.pop(0) if argv and not argv[0].startswith("-") else None
+    ranks = 1
+    if "--ranks" in argv:
+        at = argv.index("--ranks")
+        ranks = int(argv[at + 1])
+        del argv[at:at + 2]
+    if ranks > 1 and detect_launch_env().world_size == 1:
+        command = launcher_command(config, argv, ranks)
+        print("[ds-vicuna] launching: " + " ".join(command), flush=True)
+        return subprocess.call(command)
+    return main(([config] if config else []) + argv)
 
 
 if __name__ == "__main__":

@@ -75,11 +75,10 @@ def subprocess_env() -> dict:
 
 
 def deepspeed_command(num_ranks: int, script: str | Path, *args: str, port: int | None = None) -> list[str]:
-    """`deepspeed --num_gpus N script args` with the venv's launcher (a free master port)."""
+    """The real `deepspeed --num_gpus N script args` launcher (its runner module, so any venv works), free port."""
     from ds_vicuna.launch_env import free_port
 
-    launcher = Path(sys.executable).parent / "deepspeed"
-    return [str(launcher), "--num_gpus", str(num_ranks), "--master_port", str(port or free_port()),
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks), "--master_port", str(port or free_port()),
             str(script), *map(str, args)]
 
 
