@@ -297,8 +297,9 @@ def _first_model(http, base: str, headers: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m ds_vicuna.serve ...` = `ds-vicuna serve ...`."""
+    """`python -m ds_vicuna.serve ROLE ...` = `ds-vicuna serve ROLE ...`; `... chat` = `ds-vicuna chat`."""
+    argv = list(argv if argv is not None else sys.argv[1:])
     parser = argparse.ArgumentParser(prog="ds-vicuna")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
+    args = parser.parse_args(argv if argv[:1] == ["chat"] else ["serve", *argv])
     return int(args.func(args) or 0)
