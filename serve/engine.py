@@ -1,12 +1,14 @@
 """Batched generation: requests that wait together decode together in one left-padded batch.
 
     engine = BatchEngine(model, tokenizer, stop_token_ids=[...], max_batch_size=8)
-    engine.run_batch([GenerationJob(...), ...])   # the worker's scheduler thread calls this in a loop
+    engine.add(jobs); engine.step()   # the worker's scheduler thread: admit waiting jobs, decode one token
+    engine.run_batch(jobs)            # or: run these jobs to completion
 
-One `forward` per step serves every live row: the prompt batch is left-padded and prefilled once, then each step
-feeds one token per row through the KV cache. Rows that finish (stop token, stop string, max_tokens, cancelled)
-are cut out of the batch and its cache (`DynamicCache.batch_select_indices`), so the remaining rows do not pay for
-them. Sampling is per row: its own temperature, top_p and seeded `torch.Generator`.
+One `forward` per step serves every live row through the KV cache. New requests join between steps: they are
+prefilled together as a left-padded mini-batch and their cache is merged into the running one. Rows that finish
+(stop token, stop string, max_tokens, cancelled) are cut out of the batch and its cache
+(`DynamicCache.batch_select_indices`), so the remaining rows do not pay for them. Sampling is per row: its own
+temperature, top_p and seeded `torch.Generator`.
 
 Text streams per row through `IncrementalText`, which only releases characters that are final: never half of a
 multi-byte UTF-8 character and never a prefix of a stop string that may still complete.
@@ -110,7 +112,11 @@ class _Row:
 
 
 class BatchEngine:
-    """Runs batches of GenerationJobs on one causal LM.
+    """Continuous batching on one causal LM: rows join between decode steps and leave when they finish.
+
+    `add(jobs)` prefills new jobs as one left-padded mini-batch and merges their KV cache into the running batch
+    (the shorter cache is left-padded with masked positions); `step()` decodes one token for every running row.
+    Finished rows are cut out of the batch and its cache, and cache columns no row attends to are trimmed.
 
     Args:
         model: a Hugging Face causal LM in eval mode.
@@ -126,18 +132,58 @@ class BatchEngine:
         self.max_batch_size = max_batch_size
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.rows: list[_Row] = []
+        self._cache = None  # DynamicCache of the running rows
+        self._mask = None  # [B, T] 1 where a row attends
+        self._next = None  # [B, 1] the token each row feeds next
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch_size - len(self.rows)
 
     def run_batch(self, jobs: Sequence[GenerationJob]) -> None:
-        """Generate for every job until each finishes; events go to each job's queue. Never raises."""
+        """Generate for `jobs` (and any running rows) until all finish. Never raises."""
+        self.add(jobs)
+        while self.active:
+            self.step()
+
+    def add(self, jobs: Sequence[GenerationJob]) -> None:
+        """Prefill new jobs and let them join the running batch. Never raises: a failure ends its jobs."""
+        if not jobs:
+            return
         import torch
 
         rows = [self._new_row(job) for job in jobs]
         try:
             with torch.inference_mode():
-                self._decode(rows)
-        except Exception as err:  # one bad batch must not kill the worker; every waiting client is told
-            for row in rows:
-                row.job.events.put(("error", f"generation failed: {type(err).__name__}: {err}"))
+                self._prefill(rows)
+        except Exception as err:  # one bad prompt batch must not kill the worker; its clients are told
+            self._fail(rows, err)
+
+    def step(self) -> None:
+        """One decode step for every running row. Never raises: a failure ends every running job."""
+        if not self.rows:
+            return
+        import torch
+
+        try:
+            with torch.inference_mode():
+                self._decode_step()
+        except Exception as err:
+            rows = self.rows
+            self._reset()
+            self._fail(rows, err)
+
+    def _fail(self, rows: list[_Row], err: Exception) -> None:
+        for row in rows:
+            row.job.events.put(("error", f"generation failed: {type(err).__name__}: {err}"))
 
     def _new_row(self, job: GenerationJob) -> _Row:
         import torch
@@ -146,37 +192,55 @@ class BatchEngine:
         generator.manual_seed(job.params.seed if job.params.seed is not None else torch.seed())
         return _Row(job, IncrementalText(self.tokenizer, job.params.stop), generator)
 
-    def _decode(self, rows: list[_Row]) -> None:
+    def _prefill(self, rows: list[_Row]) -> None:
         import torch
         from transformers import DynamicCache
 
         longest = max(len(r.job.prompt_ids) for r in rows)
-        input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)  # [B, T] left-padded
-        attention = torch.zeros((len(rows), longest), dtype=torch.long)  # [B, T]
+        input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)  # [b, T] left-padded
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)  # [b, T]
         for i, row in enumerate(rows):
             ids = row.job.prompt_ids
             input_ids[i, longest - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention[i, longest - len(ids):] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [B, T]
+            mask[i, longest - len(ids):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, T]
         cache = DynamicCache(config=self.model.config)
-        step_ids = input_ids
-        while rows:
-            out = self.model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
-            logits = out.logits[:, -1, :].float()  # [B, V]
-            next_ids = [self._sample(logits[i], row) for i, row in enumerate(rows)]
-            keep = [i for i, (row, tok) in enumerate(zip(rows, next_ids)) if not self._advance(row, tok)]
-            if len(keep) < len(rows):
-                if not keep:
-                    return
-                index = torch.tensor(keep, dtype=torch.long)
-                cache.batch_select_indices(index)
-                rows = [rows[i] for i in keep]
-                next_ids = [next_ids[i] for i in keep]
-                attention, positions = attention[index], positions[index]
-            step_ids = torch.tensor(next_ids, dtype=torch.long).unsqueeze(-1)  # [B, 1]
-            attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=-1)  # [B, T+1]
-            positions = positions[:, -1:] + 1  # [B, 1]
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        next_ids = self._sample_all(out.logits[:, -1, :].float(), rows)  # [b, 1]
+        keep = self._advance_all(rows, next_ids)
+        if not keep:
+            return
+        cache, mask, next_ids = _select(cache, mask, next_ids, keep)
+        if self.rows:
+            cache, mask = _merge(self._cache, self._mask, cache, mask)
+            next_ids = torch.cat([self._next, next_ids], dim=0)
+        self.rows = self.rows + [rows[i] for i in keep]
+        self._cache, self._mask, self._next = cache, mask, next_ids
+
+    def _decode_step(self) -> None:
+        mask = torch_cat_ones(self._mask)  # [B, T+1]
+        positions = mask.sum(-1, keepdim=True) - 1  # [B, 1] each row's own position
+        out = self.model(input_ids=self._next, attention_mask=mask, position_ids=positions,
+                         past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+        next_ids = self._sample_all(out.logits[:, -1, :].float(), self.rows)  # [B, 1]
+        keep = self._advance_all(self.rows, next_ids)
+        if not keep:
+            self._reset()
+            return
+        if len(keep) < len(self.rows):
+            self._cache, mask, next_ids = _select(self._cache, mask, next_ids, keep)
+            self.rows = [self.rows[i] for i in keep]
+        self._mask, self._next = mask, next_ids
+
+    def _sample_all(self, logits, rows: list[_Row]):
+        import torch
+
+        return torch.tensor([[self._sample(logits[i], row)] for i, row in enumerate(rows)], dtype=torch.long)
+
+    def _advance_all(self, rows: list[_Row], next_ids) -> list[int]:
+        """Feed each row its sampled token; the indices of rows still running."""
+        return [i for i, row in enumerate(rows) if not self._advance(row, int(next_ids[i, 0]))]
 
     def _sample(self, logits, row: _Row) -> int:
         """Greedy at temperature 0, else nucleus sampling with the row's own generator."""
@@ -217,3 +281,40 @@ class BatchEngine:
         row.job.events.put(("done", {"finish_reason": reason.value, "prompt_tokens": len(row.job.prompt_ids),
                                      "completion_tokens": row.generated}))
         return True
+
+
+def torch_cat_ones(mask):
+    """`mask` [B, T] with a column of ones appended: [B, T+1]."""
+    import torch
+
+    return torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+
+
+def _select(cache, mask, next_ids, keep: list[int]):
+    """Keep rows `keep` of the cache, mask and next tokens; drop leading columns no remaining row attends to."""
+    import torch
+
+    index = torch.tensor(keep, dtype=torch.long)
+    cache.batch_select_indices(index)
+    mask, next_ids = mask[index], next_ids[index]
+    first = int(mask.any(0).nonzero()[0, 0])  # the earliest position any remaining row attends to
+    if first > 0:
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        mask = mask[:, first:]
+    return cache, mask, next_ids
+
+
+def _merge(cache_a, mask_a, cache_b, mask_b):
+    """Stack two batches' caches along the batch; the shorter one is left-padded with masked zeros."""
+    import torch
+    import torch.nn.functional as F
+
+    length = max(mask_a.shape[1], mask_b.shape[1])
+    pad_a, pad_b = length - mask_a.shape[1], length - mask_b.shape[1]
+    for layer_a, layer_b in zip(cache_a.layers, cache_b.layers):  # keys/values: [B, H, T, D]
+        layer_a.keys = torch.cat([F.pad(layer_a.keys, (0, 0, pad_a, 0)), F.pad(layer_b.keys, (0, 0, pad_b, 0))])
+        layer_a.values = torch.cat([F.pad(layer_a.values, (0, 0, pad_a, 0)),
+                                    F.pad(layer_b.values, (0, 0, pad_b, 0))])
+    mask = torch.cat([F.pad(mask_a, (pad_a, 0)), F.pad(mask_b, (pad_b, 0))])  # [Ba+Bb, T]
+    return cache_a, mask

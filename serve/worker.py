@@ -7,9 +7,9 @@ Prompts are built by `ds_vicuna.encoding.get_encoder(tokenizer, template).encode
 that built the training samples, and the template's stop strings end every reply. The template name is read
 from the checkpoint's `ds_vicuna.json` (a plain Hugging Face folder uses its own chat template).
 
-A scheduler thread takes every waiting request (up to `max_batch_size`) and decodes them together in one
-left-padded batch (`engine.BatchEngine`); requests arriving meanwhile wait for the next batch. A full queue
-answers 429; a prompt plus max_tokens beyond the model's context answers 400.
+A scheduler thread runs `engine.BatchEngine`: between decode steps it admits waiting requests into free batch
+slots (up to `max_batch_size` rows decode together) and finished rows leave at once. A full queue answers 429; a
+prompt plus max_tokens beyond the model's context answers 400.
 
 Endpoints: POST /worker_generate_stream (JSON lines), GET /worker_status, /health.
 """
@@ -183,10 +183,14 @@ class Worker:
 
     # ---- threads --------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the scheduler and (with a controller) the heartbeat thread; registers first."""
+        """Start the scheduler and (with a controller) the heartbeat thread; tries to register first."""
         self._threads = [threading.Thread(target=self._schedule_loop, name="scheduler", daemon=True)]
         if self.controller:
-            self.register()
+            try:
+                self.register()
+            except Exception as err:  # e.g. the controller starts later: heartbeats retry the registration
+                log.warning("could not register with %s yet (%s); retrying every %.1f s", self.controller, err,
+                            self.heartbeat_interval)
             self._threads.append(threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True))
         for thread in self._threads:
             thread.start()
@@ -198,24 +202,26 @@ class Worker:
         for thread in self._threads:
             thread.join(timeout=30)
 
-    def take_batch(self, timeout: float | None = None) -> list[GenerationJob]:
-        """Wait for work; take up to max_batch_size waiting jobs (cancelled ones are dropped)."""
+    def take_jobs(self, limit: int, timeout: float | None = None) -> list[GenerationJob]:
+        """Up to `limit` waiting jobs (cancelled ones are dropped); waits up to `timeout` s when none wait."""
         with self._lock:
-            if not self._waiting:
+            if not self._waiting and timeout:
                 self._lock.wait(timeout)
             self._waiting = [j for j in self._waiting if not j.cancelled.is_set()]
-            batch = self._waiting[:self.engine.max_batch_size]
-            del self._waiting[:len(batch)]
-            self._running = len(batch)
-            return batch
+            jobs = self._waiting[:max(limit, 0)]
+            del self._waiting[:len(jobs)]
+            self._running += len(jobs)
+            return jobs
 
     def _schedule_loop(self) -> None:
+        """Admit waiting jobs into free batch slots between decode steps; idle-wait only when nothing runs."""
+        engine = self.engine
         while not self._stopping.is_set():
-            batch = self.take_batch(timeout=0.5)
-            if batch:
-                self.engine.run_batch(batch)
-                with self._lock:
-                    self._running = 0
+            jobs = self.take_jobs(engine.free_slots, timeout=None if engine.active else 0.5)
+            engine.add(jobs)
+            engine.step()
+            with self._lock:
+                self._running = engine.active
 
     def _headers(self) -> dict:
         return {"X-Worker-Secret": self.secret} if self.secret else {}

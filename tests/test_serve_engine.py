@@ -48,7 +48,7 @@ def collect(job: GenerationJob):
 
 
 @pytest.mark.slow
-def test_left_padded_batch_matches_one_at_a_time(smol_tokenizer):
+def test_batched_and_joining_rows_match_one_at_a_time(smol_tokenizer):
     """Greedy answers are identical whether prompts of different lengths run together or alone."""
     from ds_vicuna.serve.worker import load_model
 
@@ -66,6 +66,16 @@ def test_left_padded_batch_matches_one_at_a_time(smol_tokenizer):
         engine.run_batch([job])
         alone.append(collect(job))
     assert together == alone
+    # continuous batching: jobs that join a running batch between steps get the same greedy answers
+    staggered = [GenerationJob(p, s) for p, s in zip(prompts, params)]
+    engine.add([staggered[2]])
+    engine.step()
+    engine.step()
+    engine.add(staggered[:2])
+    assert engine.active == 3
+    while engine.active:
+        engine.step()
+    assert [collect(j) for j in staggered] == alone
     assert all(text.strip() for text, _ in together)
     assert [d["completion_tokens"] for _, d in together] == [6, 3, 8] or any(
         d["finish_reason"] == "stop" for _, d in together)
