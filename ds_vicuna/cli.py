@@ -20,6 +20,7 @@ STAGE_MODULES = (
     "ds_vicuna.data_cli",
     "ds_vicuna.train",
     "ds_vicuna.export",
+    "ds_vicuna.serve.cli",
 )
 
 

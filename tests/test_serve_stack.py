@@ -1,0 +1,233 @@
+"""The real stack in real processes on 127.0.0.1 with the embedded model.
+
+`python -m ds_vicuna.serve all` (= `ds-vicuna serve all`) runs controller + worker + API; a second
+`serve worker` joins for the failover test. Tests run in file order; the failover test kills a worker, so it is last.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.slow
+
+KEY, SECRET, EXPIRY = "test-key", "test-secret", 3.0
+MODEL = "smollm2-135m-instruct"
+BODY_LIMIT = 100_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], ready: str, timeout: float = 240) -> tuple[subprocess.Popen, list[str]]:
+    """Start `python -m ds_vicuna.serve ARGS` and wait for its readiness line; output lines are kept."""
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "ds_vicuna.serve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if ready in line:
+                seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not seen.wait(0.5):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise RuntimeError(f"{args[0]} did not start:\n{''.join(lines)[-3000:]}")
+    return proc, lines
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    port, controller_port = free_port(), free_port()
+    proc, lines = start(["all", "--model", "embedded", "--port", str(port), "--controller-port", str(controller_port),
+                         "--api-key", KEY, "--worker-secret", SECRET, "--heartbeat-expiry", str(EXPIRY),
+                         "--heartbeat-interval", "0.5", "--max-content-length", str(BODY_LIMIT)],
+                        ready="ds-vicuna API ready at")
+    yield {"base": f"http://127.0.0.1:{port}", "controller": f"http://127.0.0.1:{controller_port}", "lines": lines}
+    stop(proc)
+
+
+def headers(key: str | None = KEY) -> dict:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def chat_body(content: str = "What is the capital of France?", **extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8,
+            "temperature": 0, **extra}
+
+
+def test_health_and_readiness_line(stack):
+    assert any(f"{stack['base']}/v1" in line for line in stack["lines"])
+    reply = requests.get(f"{stack['base']}/health", timeout=10)
+    assert reply.status_code == 200 and reply.json()["models"] == [MODEL]
+
+
+def test_official_openai_client(stack):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{stack['base']}/v1", api_key=KEY, max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    reply = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+    text = reply.choices[0].message.content
+    assert "Paris" in text and reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 5
+    pieces = [chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+        model=MODEL, max_tokens=8, temperature=0, stream=True,
+        messages=[{"role": "user", "content": "What is the capital of France?"}]) if chunk.choices]
+    assert "".join(pieces) == text and len([p for p in pieces if p]) > 1  # same greedy text, streamed in pieces
+    completion = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
+                                           temperature=0)
+    assert completion.choices[0].text.strip() and completion.usage.completion_tokens == 4 or \
+        completion.choices[0].finish_reason == "stop"
+
+
+def test_bad_inputs_are_openai_errors_and_server_keeps_serving(stack):
+    url = f"{stack['base']}/v1/chat/completions"
+    json_headers = {**headers(), "Content-Type": "application/json"}
+    cases = [
+        (dict(data=b"{oops", headers=json_headers), 400, "invalid_json"),
+        (dict(json=chat_body(max_tokens="ten"), headers=headers()), 400, "invalid_type"),
+        (dict(json={**chat_body(), "model": "no-such-model"}, headers=headers()), 404, "model_not_found"),
+        (dict(json={**chat_body(), "messages": []}, headers=headers()), 400, "invalid_messages"),
+        (dict(json=chat_body("hello " * 9000), headers=headers()), 400, "context_length_exceeded"),
+        (dict(json=chat_body("x" * (BODY_LIMIT + 10)), headers=headers()), 413, "request_too_large"),
+        (dict(json=chat_body(), headers={}), 401, "invalid_api_key"),
+        (dict(json=chat_body(), headers=headers("wrong")), 401, "invalid_api_key"),
+    ]
+    for kwargs, status, code in cases:
+        reply = requests.post(url, timeout=60, **kwargs)
+        assert reply.status_code == status, (code, reply.text)
+        error = reply.json()["error"]
+        assert error["code"] == code and error["message"] and set(error) == {"message", "type", "param", "code"}
+    context_error = requests.post(url, json=chat_body("hello " * 9000), headers=headers(), timeout=60).json()
+    assert "maximum context length is 8192" in context_error["error"]["message"]
+    assert requests.post(url, json=chat_body(), headers=headers(), timeout=120).status_code == 200
+
+
+def stream_one(base: str, i: int) -> tuple[str, float]:
+    reply = requests.post(f"{base}/v1/chat/completions", headers=headers(), stream=True, timeout=300,
+                          json=chat_body(f"Tell me one fact about the number {i}.", stream=True, temperature=0.7,
+                                         seed=i, max_tokens=6))
+    assert reply.status_code == 200, reply.text
+    text, done = [], False
+    for line in reply.iter_lines():
+        if line == b"data: [DONE]":
+            done = True
+        elif line.startswith(b"data: "):
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            text += [c["delta"].get("content", "") for c in event["choices"]]
+    assert done
+    return "".join(text)
+
+
+def test_eight_concurrent_streaming_clients(stack):
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: stream_one(stack["base"], i), range(16)))
+    assert len(answers) == 16 and all(a.strip() for a in answers)
+
+
+def test_web_page_streams_an_answer(stack, tmp_path):
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("Chromium is not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,700"):
+        options.add_argument(flag)
+    log = tmp_path / "chromedriver.log"
+    driver = webdriver.Chrome(service=Service(driver_path, log_output=str(log)), options=options)
+    try:
+        driver.get(stack["base"] + "/")
+        driver.find_element(By.ID, "apikey").send_keys(KEY)
+        driver.execute_script("loadModels()")
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "model").get_attribute("value") == MODEL)
+        driver.find_element(By.ID, "temperature").clear()
+        driver.find_element(By.ID, "temperature").send_keys("0")
+        driver.find_element(By.ID, "input").send_keys("What is the capital of France?")
+        driver.find_element(By.ID, "send").click()
+        states, deadline = [], time.monotonic() + 180
+        while not driver.find_elements(By.CSS_SELECTOR, ".msg.done") and time.monotonic() < deadline:
+            states += [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")]
+            time.sleep(0.05)
+        answer = WebDriverWait(driver, 5).until(ec.presence_of_element_located((By.CSS_SELECTOR, ".msg.done")))
+        text = answer.text
+        shot = Path(os.environ.get("DS_VICUNA_SCREENSHOT_DIR", tmp_path)) / "chat_page.png"
+        driver.save_screenshot(str(shot))
+        print(f"screenshot: {shot}")
+        answer_class = answer.get_attribute("class")
+    except Exception:
+        print(log.read_text()[-3000:] if log.exists() else "no chromedriver log")
+        raise
+    finally:
+        driver.quit()
+    assert "error" not in answer_class
+    assert "Paris" in text
+    partial = {t for t in states if t and t != text}
+    assert partial and all(text.startswith(t) for t in partial), states  # seen growing, i.e. streamed
+    assert shot.stat().st_size > 1000
+
+
+def controller_workers(stack) -> list[str]:
+    return [w["address"] for w in requests.get(f"{stack['controller']}/status", timeout=10).json()["workers"]]
+
+
+def test_killed_worker_is_dropped_and_requests_keep_succeeding(stack):
+    proc, _ = start(["worker", "--model", "embedded", "--controller", stack["controller"], "--port", "0",
+                     "--worker-secret", SECRET, "--heartbeat-interval", "0.5"], ready="ds-vicuna worker ready at")
+    try:
+        assert len(controller_workers(stack)) == 2
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(requests.post, f"{stack['base']}/v1/chat/completions", headers=headers(),
+                                   json=chat_body(f"Count to {i}."), timeout=300) for i in range(6)]
+            time.sleep(1.0)  # requests are queued on both workers now
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            replies = [f.result() for f in futures]
+        assert [r.status_code for r in replies] == [200] * 6, [r.text for r in replies]
+        while len(controller_workers(stack)) != 1:
+            assert time.monotonic() - killed_at < EXPIRY + 5, "the controller kept the dead worker"
+            time.sleep(0.2)
+        for i in range(4):
+            reply = requests.post(f"{stack['base']}/v1/chat/completions", headers=headers(),
+                                  json=chat_body(f"Say {i}."), timeout=120)
+            assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
