@@ -18,6 +18,7 @@ import sys
 
 STAGE_MODULES = (
     "ds_vicuna.data_cli",
+    "ds_vicuna.eval.cli",
 )
 
 
