@@ -92,7 +92,9 @@ def plot_win_tie_loss(summaries: list[dict]):
     labels = [_pair_label(s, summaries) for s in summaries]
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(labels) + 1.8))
     left = [0] * len(summaries)
-    parts = (("model_2", "wins_2", "model 2 wins"), ("tie", "ties", "tie"), ("model_1", "wins_1", "model 1 wins"))
+    references = sorted({s["model_1"] for s in summaries})
+    reference = references[0] if len(references) == 1 else "reference"
+    parts = (("model_2", "wins_2", "model wins"), ("tie", "ties", "tie"), ("model_1", "wins_1", f"{reference} wins"))
     for color_key, key, legend in parts:
         counts = [s[key] for s in summaries]
         bars = ax.barh(labels, counts, left=left, color=COLORS[color_key], label=legend)
@@ -102,7 +104,7 @@ def plot_win_tie_loss(summaries: list[dict]):
                         ha="center", va="center", fontsize=9, color="white" if color_key != "tie" else "black")
         left = [a + b for a, b in zip(left, counts)]
     ax.invert_yaxis()
-    ax.set_xlabel("questions (both answer orders judged; a win must hold in both)")
+    ax.set_xlabel("questions (a win must hold in every answer order judged)")
     ax.set_title(f"Win / tie / loss assessed by {_judges(summaries)}")
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.08), ncol=3, frameon=False)
     return fig

@@ -171,6 +171,8 @@ def _read_legacy(path: Path, rows: list[tuple[int, dict]], categories: dict) -> 
     summary = PairSummary(str(path), "fastchat-legacy", match["m1"], match["m2"])
     judgments = []
     for line, record in rows:
+        if record.get("reviewer_id") and record["reviewer_id"] not in summary.judges:
+            summary.judges.append(record["reviewer_id"])
         if "question_id" not in record or "text" not in record:
             raise RecordError(f"{path}:{line}: a FastChat review record needs 'question_id' and 'text'")
         result = parse_pair_scores(record["text"] if isinstance(record["text"], str) else None)
