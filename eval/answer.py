@@ -183,6 +183,7 @@ class LocalBackend:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         self.encoder = get_encoder(self.tokenizer, read_model_meta(path)["template"])
         self.stops = [s for s in self.encoder.stop_strings() if s]
+        self.stop_ids, self.stop_texts = _split_stops(self.tokenizer, self.stops)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
@@ -199,7 +200,8 @@ class LocalBackend:
         with torch.no_grad():
             out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
                                       max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
-                                      stop_strings=self.stops or None, tokenizer=self.tokenizer, **sampling)
+                                      eos_token_id=self.stop_ids, stop_strings=self.stop_texts or None,
+                                      tokenizer=self.tokenizer, **sampling)
         return [self._reply(row[width:].tolist()) for row in out]  # row: (T + new,)
 
     def _reply(self, ids: list[int]) -> str:
@@ -207,3 +209,18 @@ class LocalBackend:
         cut_at = [self.tokenizer.eos_token, self.tokenizer.pad_token, *self.stops]
         ends = [text.find(s) for s in cut_at if s and s in text]
         return (text[:min(ends)] if ends else text).strip()
+
+
+def _split_stops(tokenizer, stops: list[str]) -> tuple[list[int], list[str]]:
+    """Stops that are one vocabulary token become eos ids (checked per step for free); the rest stay strings
+    for transformers' StopStringCriteria, which costs a scan per step."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    texts = []
+    for stop in stops:
+        token_id = tokenizer.convert_tokens_to_ids(stop)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and \
+                tokenizer.convert_ids_to_tokens(token_id) == stop:
+            ids.append(token_id)
+        else:
+            texts.append(stop)
+    return sorted(set(ids)), texts
