@@ -19,6 +19,7 @@ import sys
 STAGE_MODULES = (
     "ds_vicuna.data_cli",
     "ds_vicuna.eval.cli",
+    "ds_vicuna.serve.cli",
 )
 
 

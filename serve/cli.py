@@ -1,0 +1,305 @@
+"""`ds-vicuna serve ...` and `ds-vicuna chat`: start the serving stack, or talk to it from a terminal.
+
+    ds-vicuna serve all --model embedded --port 8000                  # controller + worker + API, one process
+    ds-vicuna serve controller --port 21001 --worker-secret S
+    ds-vicuna serve worker --model out/export --controller http://10.0.0.1:21001 --host 0.0.0.0 \
+        --worker-address http://10.0.0.2:21002 --port 21002 --worker-secret S
+    ds-vicuna serve api --controller http://10.0.0.1:21001 --port 8000 --api-key K
+    ds-vicuna chat --base-url http://127.0.0.1:8000/v1
+
+Every server binds 127.0.0.1 unless --host says otherwise and runs under waitress. The worker secret and API keys
+can come from $DS_VICUNA_WORKER_SECRET and $DS_VICUNA_API_KEYS (comma separated) to keep them out of `ps`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import signal
+import sys
+import threading
+
+DEFAULT_CONTROLLER = "http://127.0.0.1:21001"
+
+
+def register(subparsers) -> None:
+    """Add `serve` and `chat` to the `ds-vicuna` parser."""
+    serve = subparsers.add_parser("serve", help="serve a model: controller, workers, OpenAI-compatible API")
+    roles = serve.add_subparsers(dest="role", required=True)
+
+    p = roles.add_parser("all", help="controller + one worker + API server in one process")
+    _net_args(p, 8000)
+    _worker_args(p)
+    _api_args(p)
+    _secret_arg(p)
+    p.add_argument("--controller-port", type=int, default=0, help="controller port (default: a free one)")
+    p.add_argument("--heartbeat-expiry", type=float, default=10.0, help="seconds before a silent worker is dropped")
+    p.set_defaults(func=run_all)
+
+    p = roles.add_parser("controller", help="the worker registry and router")
+    _net_args(p, 21001)
+    _secret_arg(p)
+    p.add_argument("--heartbeat-expiry", type=float, default=10.0, help="seconds before a silent worker is dropped")
+    p.set_defaults(func=run_controller)
+
+    p = roles.add_parser("worker", help="one model worker")
+    _net_args(p, 21002)
+    _worker_args(p)
+    _secret_arg(p)
+    p.add_argument("--controller", default=DEFAULT_CONTROLLER, help="controller URL")
+    p.add_argument("--worker-address", help="URL the controller calls (default: http://HOST:PORT)")
+    p.set_defaults(func=run_worker)
+
+    p = roles.add_parser("api", help="the OpenAI-compatible API server and web chat page")
+    _net_args(p, 8000)
+    _api_args(p)
+    p.add_argument("--controller", default=DEFAULT_CONTROLLER, help="controller URL")
+    p.set_defaults(func=run_api)
+
+    chat = subparsers.add_parser("chat", help="chat with a served model in the terminal")
+    chat.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    chat.add_argument("--model", help="model name (default: the first one served)")
+    chat.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--max-tokens", type=int, default=512)
+    chat.add_argument("--system", help="a system message")
+    chat.set_defaults(func=run_chat)
+
+
+def _net_args(p, port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=port)
+    p.add_argument("--threads", type=int, default=0, help="waitress threads (default: enough for the queue)")
+    p.add_argument("--log-level", default="WARNING")
+
+
+def _worker_args(p) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder, or 'embedded' (SmolLM2-135M-Instruct)")
+    p.add_argument("--model-name", help="name clients use (default: the folder name)")
+    p.add_argument("--template", help="chat template (default: from the checkpoint's ds_vicuna.json)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting + running requests before 429")
+    p.add_argument("--heartbeat-interval", type=float, default=2.0)
+
+
+def _api_args(p) -> None:
+    p.add_argument("--api-key", action="append", default=None,
+                   help="accepted Bearer key (repeat for several; default: $DS_VICUNA_API_KEYS or none)")
+    p.add_argument("--max-content-length", type=int, default=1024 * 1024, help="request body limit in bytes")
+    p.add_argument("--blocked-words", help="moderation: file of blocked words/phrases, one a line")
+    p.add_argument("--moderation-url", help="moderation: an OpenAI-compatible /v1/moderations URL")
+    p.add_argument("--moderation-key", default=os.environ.get("DS_VICUNA_MODERATION_KEY"))
+
+
+def _secret_arg(p) -> None:
+    p.add_argument("--worker-secret", default=os.environ.get("DS_VICUNA_WORKER_SECRET"),
+                   help="shared secret for worker registration (default: $DS_VICUNA_WORKER_SECRET)")
+
+
+# ---- building blocks ----------------------------------------------------------------------------------
+def _api_keys(args) -> tuple[str, ...]:
+    keys = args.api_key or [k for k in os.environ.get("DS_VICUNA_API_KEYS", "").split(",") if k]
+    return tuple(keys)
+
+
+def _build_api(args, controller_url: str):
+    import requests
+
+    from ds_vicuna.serve.api import APIConfig, create_app
+    from ds_vicuna.serve.moderation import Moderator
+
+    moderator = Moderator.from_file(args.blocked_words, endpoint=args.moderation_url, api_key=args.moderation_key,
+                                    http=requests)
+    config = APIConfig(controller_url, _api_keys(args), args.max_content_length, moderator=moderator)
+    return create_app(config, http=requests)
+
+
+def _build_worker(args, controller_url: str | None, server_url: str, secret: str | None):
+    import requests
+
+    from ds_vicuna.serve.worker import Worker, load_model
+
+    loaded = load_model(args.model, args.template, args.model_name)
+    return Worker(loaded, server_url, controller_url, requests, args.max_batch_size, args.max_queue, secret,
+                  args.heartbeat_interval)
+
+
+class Servers:
+    """Waitress servers run in threads until Ctrl-C or SIGTERM, then all close."""
+
+    def __init__(self):
+        self.servers, self.stop_event = [], threading.Event()
+
+    def add(self, app, host: str, port: int, threads: int):
+        from ds_vicuna.serve.http_util import make_server
+
+        server = make_server(app, host, port, threads)
+        self.servers.append(server)
+        return server
+
+    def start(self) -> None:
+        for server in self.servers:
+            threading.Thread(target=server.run, daemon=True).start()
+
+    def wait(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
+        try:
+            while not self.stop_event.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        for server in self.servers:
+            server.close()
+
+
+def _threads(args, default: int) -> int:
+    return args.threads or default
+
+
+def _setup_logging(args) -> None:
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+# ---- commands -----------------------------------------------------------------------------------------
+def run_all(args) -> int:
+    from ds_vicuna.serve.controller import Controller
+    from ds_vicuna.serve.controller import create_app as controller_app
+    from ds_vicuna.serve.http_util import server_url
+    from ds_vicuna.serve.worker import create_app as worker_app
+
+    _setup_logging(args)
+    secret = args.worker_secret or secrets.token_hex(16)  # workers on other hosts need --worker-secret
+    servers = Servers()
+    controller = servers.add(controller_app(Controller(args.heartbeat_expiry, secret)), "127.0.0.1",
+                             args.controller_port, 8)
+    controller_url = server_url(controller, "127.0.0.1")
+    api = servers.add(_build_api(args, controller_url), args.host, args.port, _threads(args, 64))
+    box = {}  # the worker app needs the worker, the worker needs its own URL: bind first, build after
+    worker_server = servers.add(lambda environ, start: box["app"](environ, start), "127.0.0.1", 0,
+                                args.max_queue + 8)
+    servers.start()
+    worker = _build_worker(args, controller_url, server_url(worker_server, "127.0.0.1"), secret)
+    box["app"] = worker_app(worker)
+    worker.start()
+    print(f"controller at {controller_url}; worker {worker.address} serving {worker.loaded.name!r}", flush=True)
+    print(f"ds-vicuna API ready at http://{args.host}:{api.effective_port}/v1 "
+          f"(chat page: http://{args.host}:{api.effective_port}/)", flush=True)
+    servers.wait()
+    worker.stop()
+    return 0
+
+
+def run_controller(args) -> int:
+    from ds_vicuna.serve.controller import Controller, create_app
+    from ds_vicuna.serve.http_util import server_url
+
+    _setup_logging(args)
+    if not args.worker_secret:
+        print("warning: no --worker-secret; any process that reaches this port can register a worker",
+              file=sys.stderr)
+    servers = Servers()
+    server = servers.add(create_app(Controller(args.heartbeat_expiry, args.worker_secret)), args.host, args.port,
+                         _threads(args, 16))
+    servers.start()
+    print(f"ds-vicuna controller ready at {server_url(server, args.host)}", flush=True)
+    servers.wait()
+    return 0
+
+
+def run_worker(args) -> int:
+    from ds_vicuna.serve.http_util import server_url
+    from ds_vicuna.serve.worker import create_app
+
+    _setup_logging(args)
+    box = {}  # the worker app needs the worker, the worker needs its own URL: bind first, build after
+    servers = Servers()
+    server = servers.add(lambda environ, start: box["app"](environ, start), args.host, args.port,
+                         _threads(args, args.max_queue + 8))
+    address = args.worker_address or server_url(server, args.host)
+    worker = _build_worker(args, args.controller, address, args.worker_secret)
+    box["app"] = create_app(worker)
+    servers.start()
+    worker.start()
+    print(f"ds-vicuna worker ready at {address} serving {worker.loaded.name!r} (pid {os.getpid()})", flush=True)
+    servers.wait()
+    worker.stop()
+    return 0
+
+
+def run_api(args) -> int:
+    from ds_vicuna.serve.http_util import server_url
+
+    _setup_logging(args)
+    servers = Servers()
+    server = servers.add(_build_api(args, args.controller), args.host, args.port, _threads(args, 64))
+    servers.start()
+    print(f"ds-vicuna API ready at {server_url(server, args.host)}/v1", flush=True)
+    servers.wait()
+    return 0
+
+
+def run_chat(args) -> int:
+    """A terminal chat loop: streams each answer; /reset clears the history, /exit (or Ctrl-D) quits."""
+    import requests
+
+    from ds_vicuna.serve.api import iter_sse
+
+    base = args.base_url.rstrip("/")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    model = args.model or _first_model(requests, base, headers)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"chatting with {model} at {base} (/reset, /exit)")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        body = {"model": model, "messages": history, "stream": True, "temperature": args.temperature,
+                "max_tokens": args.max_tokens}
+        reply = requests.post(f"{base}/chat/completions", json=body, headers=headers, stream=True, timeout=600)
+        if reply.status_code != 200:
+            print(f"error: {reply.json().get('error', {}).get('message', reply.text)}")
+            history.pop()
+            continue
+        print("assistant> ", end="", flush=True)
+        answer = []
+        for event in iter_sse(reply.iter_lines()):
+            if "error" in event:
+                print(f"\nerror: {event['error'].get('message')}")
+                break
+            for choice in event.get("choices", []):
+                piece = choice.get("delta", {}).get("content") or ""
+                answer.append(piece)
+                print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(answer)})
+
+
+def _first_model(http, base: str, headers: dict) -> str:
+    reply = http.get(f"{base}/models", headers=headers, timeout=10)
+    reply.raise_for_status()
+    data = reply.json()["data"]
+    if not data:
+        raise SystemExit("the server has no model yet")
+    return data[0]["id"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ds_vicuna.serve ROLE ...` = `ds-vicuna serve ROLE ...`; `... chat` = `ds-vicuna chat`."""
+    argv = list(argv if argv is not None else sys.argv[1:])
+    parser = argparse.ArgumentParser(prog="ds-vicuna")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv if argv[:1] == ["chat"] else ["serve", *argv])
+    return int(args.func(args) or 0)

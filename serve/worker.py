@@ -1,0 +1,275 @@
+"""Model worker: loads one checkpoint, batches concurrent requests, streams tokens back.
+
+    ds-vicuna serve worker --model PATH|embedded --controller http://127.0.0.1:21001 --port 21002 \
+        --worker-secret S [--template T] [--max-batch-size 8] [--max-queue 64]
+
+Prompts are built by `ds_vicuna.encoding.get_encoder(tokenizer, template).encode_prompt(messages)`, the same code
+that built the training samples, and the template's stop strings end every reply. The template name is read
+from the checkpoint's `ds_vicuna.json` (a plain Hugging Face folder uses its own chat template).
+
+A scheduler thread takes every waiting request (up to `max_batch_size`) and decodes them together in one
+left-padded batch (`engine.BatchEngine`); requests arriving meanwhile wait for the next batch. A full queue
+answers 429; a prompt plus max_tokens beyond the model's context answers 400.
+
+Endpoints: POST /worker_generate_stream (JSON lines), GET /worker_status, /health.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ds_vicuna.messages import MessageError, validate_messages
+from ds_vicuna.serve.engine import BatchEngine, GenerationJob, SamplingParams
+from ds_vicuna.serve.schemas import DEFAULT_MAX_TOKENS, APIError, ErrorCode
+
+log = logging.getLogger("ds_vicuna.serve.worker")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to serve: weights, tokenizer, encoder and the limits read from its config."""
+
+    name: str
+    model: object
+    tokenizer: object
+    encoder: object  # ds_vicuna.encoding.ConversationEncoder
+    stop_token_ids: list[int]
+    context_length: int
+
+
+def load_model(model: str, template: str | None = None, name: str | None = None) -> LoadedModel:
+    """Load a checkpoint folder (or "embedded") for serving.
+
+    Args:
+        model: a local Hugging Face checkpoint folder or "embedded".
+        template: chat template name; default: the one in the checkpoint's ds_vicuna.json.
+        name: the model name clients use; default: the folder name.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ds_vicuna.encoding import get_encoder
+    from ds_vicuna.model_meta import read_model_meta
+    from ds_vicuna.models import resolve_model_path
+
+    path = resolve_model_path(model)
+    template = template or read_model_meta(path)["template"]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    encoder = get_encoder(tokenizer, template)
+    vocab = tokenizer.get_vocab()
+    stop_ids = {vocab[s] for s in encoder.stop_strings() if s in vocab}
+    if tokenizer.eos_token_id is not None:
+        stop_ids.add(tokenizer.eos_token_id)
+    context = int(getattr(lm.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
+    return LoadedModel(name or Path(path).name, lm, tokenizer, encoder, sorted(stop_ids), context)
+
+
+class Worker:
+    """Request intake, batching scheduler and controller heartbeats for one LoadedModel.
+
+    Nothing runs until `start()`; `stop()` ends the threads.
+
+    Args:
+        loaded: the model to serve.
+        address: this worker's URL as the controller should call it.
+        controller: the controller's URL, or None to run unregistered (tests).
+        http: an object with `post(url, json=..., headers=..., timeout=...)` (e.g. requests.Session).
+        max_batch_size: requests decoded together.
+        max_queue: waiting + running requests before new ones get 429.
+        secret: the controller's worker-registration secret.
+        heartbeat_interval: seconds between heartbeats.
+        clock: seconds, injectable.
+    """
+
+    def __init__(self, loaded: LoadedModel, address: str, controller: str | None, http, max_batch_size: int = 8,
+                 max_queue: int = 64, secret: str | None = None, heartbeat_interval: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.loaded = loaded
+        self.address = address
+        self.controller = controller.rstrip("/") if controller else None
+        self.http = http
+        self.max_queue = max_queue
+        self.secret = secret
+        self.heartbeat_interval = heartbeat_interval
+        self.engine = BatchEngine(loaded.model, loaded.tokenizer, loaded.stop_token_ids, max_batch_size)
+        self._clock = clock
+        self._waiting: list[GenerationJob] = []
+        self._running = 0
+        self._lock = threading.Condition()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ---- intake ---------------------------------------------------------------------------------------
+    def prompt_ids(self, body: dict) -> list[int]:
+        """Token ids for a request: chat `messages` through the template, or a raw `prompt` string."""
+        if "messages" in body:
+            try:
+                messages = validate_messages(body["messages"], require_final_user=True)
+            except MessageError as err:
+                raise APIError(ErrorCode.INVALID_MESSAGES, str(err), "messages") from None
+            return self.loaded.encoder.encode_prompt(messages)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise APIError(ErrorCode.MISSING_PARAMETER, "give 'messages' or a non-empty 'prompt'", "prompt")
+        return self.loaded.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def make_job(self, body: dict) -> GenerationJob:
+        """Validate a worker request and build its job (does not queue it).
+
+        Raises:
+            APIError: bad fields, or prompt + max_tokens beyond the context length.
+        """
+        ids = self.prompt_ids(body)
+        params = body.get("params") or {}
+        room = self.loaded.context_length - len(ids)
+        max_tokens = params.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = min(DEFAULT_MAX_TOKENS, room)
+        if room < 1 or len(ids) + max_tokens > self.loaded.context_length:
+            raise APIError(ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                           f"This model's maximum context length is {self.loaded.context_length} tokens. However, "
+                           f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in the messages, "
+                           f"{max_tokens} in the completion). Please reduce the length of the messages or "
+                           "completion.", "messages")
+        stop = tuple(params.get("stop") or ())
+        return GenerationJob(ids, SamplingParams(int(max_tokens), float(params.get("temperature", 1.0)),
+                                                 float(params.get("top_p", 1.0)), params.get("seed"), stop))
+
+    def submit(self, job: GenerationJob) -> None:
+        """Queue a job for the scheduler.
+
+        Raises:
+            APIError: QUEUE_FULL when `max_queue` requests are already waiting or running.
+        """
+        with self._lock:
+            if len(self._waiting) + self._running >= self.max_queue:
+                raise APIError(ErrorCode.QUEUE_FULL, f"the worker's queue is full ({self.max_queue} requests); "
+                               "retry shortly")
+            self._waiting.append(job)
+            self._lock.notify()
+
+    def queue_length(self) -> int:
+        with self._lock:
+            return len(self._waiting) + self._running
+
+    def stream(self, job: GenerationJob, poll: float = 1.0) -> Iterator[dict]:
+        """Events of a submitted job as dicts; closing the iterator cancels the job."""
+        try:
+            while True:
+                try:
+                    kind, value = job.events.get(timeout=poll)
+                except queue.Empty:
+                    if self._stopping.is_set():
+                        yield {"error": "the worker is shutting down"}
+                        return
+                    continue
+                if kind == "text":
+                    yield {"text": value}
+                elif kind == "done":
+                    yield {"done": value}
+                    return
+                else:
+                    yield {"error": value}
+                    return
+        finally:
+            job.cancelled.set()
+
+    # ---- threads --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the scheduler and (with a controller) the heartbeat thread; registers first."""
+        self._threads = [threading.Thread(target=self._schedule_loop, name="scheduler", daemon=True)]
+        if self.controller:
+            self.register()
+            self._threads.append(threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            self._lock.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def take_batch(self, timeout: float | None = None) -> list[GenerationJob]:
+        """Wait for work; take up to max_batch_size waiting jobs (cancelled ones are dropped)."""
+        with self._lock:
+            if not self._waiting:
+                self._lock.wait(timeout)
+            self._waiting = [j for j in self._waiting if not j.cancelled.is_set()]
+            batch = self._waiting[:self.engine.max_batch_size]
+            del self._waiting[:len(batch)]
+            self._running = len(batch)
+            return batch
+
+    def _schedule_loop(self) -> None:
+        while not self._stopping.is_set():
+            batch = self.take_batch(timeout=0.5)
+            if batch:
+                self.engine.run_batch(batch)
+                with self._lock:
+                    self._running = 0
+
+    def _headers(self) -> dict:
+        return {"X-Worker-Secret": self.secret} if self.secret else {}
+
+    def register(self) -> None:
+        self.http.post(f"{self.controller}/register_worker", headers=self._headers(), timeout=10, json={
+            "worker_address": self.address, "models": [self.loaded.name], "queue_length": self.queue_length(),
+            "max_queue": self.max_queue}).raise_for_status()
+        log.info("registered %s with %s", self.address, self.controller)
+
+    def heartbeat(self) -> None:
+        reply = self.http.post(f"{self.controller}/heartbeat", headers=self._headers(), timeout=5, json={
+            "worker_address": self.address, "queue_length": self.queue_length()})
+        reply.raise_for_status()
+        if not reply.json().get("exist", False):
+            self.register()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stopping.wait(self.heartbeat_interval):
+            try:
+                self.heartbeat()
+            except Exception as err:  # the controller may restart; keep trying
+                log.warning("heartbeat to %s failed: %s", self.controller, err)
+
+
+def create_app(worker: Worker, max_content_length: int = 4 * 1024 * 1024):
+    """The worker's Flask app; /worker_generate_stream answers JSON lines: {"text"}..., then {"done"|"error"}."""
+    from flask import Flask, Response, jsonify, request, stream_with_context
+
+    from ds_vicuna.serve.http_util import install_error_handlers, json_body
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = max_content_length
+    install_error_handlers(app)
+
+    @app.post("/worker_generate_stream")
+    def generate_stream():
+        job = worker.make_job(json_body(request))
+        worker.submit(job)
+        lines = (json.dumps(event, ensure_ascii=False) + "\n" for event in worker.stream(job))
+        return Response(stream_with_context(lines), mimetype="application/x-ndjson")
+
+    @app.post("/count_tokens")
+    def count_tokens():
+        return jsonify({"count": len(worker.prompt_ids(json_body(request)))})
+
+    @app.get("/worker_status")
+    def worker_status():
+        return jsonify({"model": worker.loaded.name, "queue_length": worker.queue_length(),
+                        "max_queue": worker.max_queue, "max_batch_size": worker.engine.max_batch_size,
+                        "context_length": worker.loaded.context_length})
+
+    @app.get("/health")
+    def health():
+        return jsonify({"status": "ok"})
+
+    return app
