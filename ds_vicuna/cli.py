@@ -21,6 +21,7 @@ STAGE_MODULES = (
     "ds_vicuna.train",
     "ds_vicuna.export",
     "ds_vicuna.serve.cli",
+    "ds_vicuna.eval.cli",
 )
 
 
