@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.fake_openai_judge import start_server
+from fake_openai_judge import start_server
 
 from ds_vicuna.eval.answer import ApiBackend, load_answers, run_answers
 from ds_vicuna.eval.judge_client import ChatClient, RetryPolicy

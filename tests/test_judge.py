@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.fake_openai_judge import start_server
+from fake_openai_judge import start_server
 
 from ds_vicuna.eval.answer import load_answers
 from ds_vicuna.eval.judge import existing_keys, plan_tasks, run_judge

@@ -3,7 +3,7 @@ import random
 import socket
 
 import pytest
-from tests.fake_openai_judge import start_server
+from fake_openai_judge import start_server
 
 from ds_vicuna.eval.judge_client import ChatClient, JudgeAPIError, RetryPolicy, map_concurrent, retry_after_seconds
 
