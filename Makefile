@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # One JIT build of DeepSpeed's CPU ops per checkout, shared by every test and launch.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: demo test test-fast bench env clean
+.PHONY: demo test test-fast bench env clean system-deps
 
 env: $(STAMP)
 
@@ -26,7 +26,18 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(PY) -m ds_vicuna.demo
 
-test: $(STAMP)
+# Browser and cluster tests need Debian packages: installed here when we are root with apt, else those tests
+# skip with a printed reason.
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  need=""; \
+	  command -v chromium >/dev/null 2>&1 || need="$$need chromium chromium-driver"; \
+	  command -v slurmctld >/dev/null 2>&1 || need="$$need slurm-wlm munge"; \
+	  if [ -n "$$need" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $$need >/dev/null || echo "system-deps: could not install$$need"; fi; \
+	else echo "system-deps: not root or no apt-get; browser/Slurm tests will skip with a reason"; fi
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -ra
 
 test-fast: $(STAMP)

@@ -33,7 +33,8 @@ from typing import Sequence
 
 import numpy as np
 
-IGNORE_INDEX = -100  # same value as ds_vicuna.encoding.IGNORE_INDEX and torch's CrossEntropyLoss default
+from ds_vicuna.encoding import IGNORE_INDEX
+
 GROUP_MEGA_BATCHES = 50  # micro-batches per length-sorted mega-batch in the `group` strategy
 
 
@@ -199,11 +200,11 @@ def collate(examples: list, strategy: str, max_length: int, pad_token_id: int, f
         calling the model.
 
     Raises:
-        ValueError: a row or sample longer than max_length, or mismatched input_ids/labels.
+        ValueError: a row or sample longer than max_length, mismatched input_ids/labels, or flatten without pack.
     """
-    import torch
-
     strategy = Strategy(strategy)
+    if flatten and strategy is not Strategy.PACK:
+        raise ValueError(f"flatten=True only applies to strategy 'pack', not {strategy.value!r}")
     if strategy is Strategy.PACK:
         ids, labels, positions = _pack_tensors(examples, max_length, pad_token_id, flatten)
         batch = {"input_ids": ids, "labels": labels, "position_ids": positions}

@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_vicuna.encoding import MaskStrategy, get_encoder, special_token_strings
+from ds_vicuna.encoding import IGNORE_INDEX, MaskStrategy, get_encoder, special_token_strings
 from ds_vicuna.templates import get_template
 
 ENCODING_VERSION = 1  # bump when encoding.py changes what it produces: every cache is rebuilt
-IGNORE_INDEX = -100
 _ARRAYS = ("input_ids", "labels", "offsets")
 _CHUNK = 64  # conversations per task sent to a worker
 _MIN_PER_WORKER = 64  # below this many conversations per worker, encoding in-process is faster
@@ -94,7 +93,9 @@ def cache_key(data_path: str | os.PathLike, tokenizer, template: str, max_length
 
 
 # ---- encoding (one process or a pool) -----------------------------------------------------------------
-_worker_encoder = {}  # per worker process: {"encoder": ConversationEncoder, "mask": ...}, set by _init_worker
+# Per worker process, set once by the pool initializer (so the tokenizer crosses the process boundary once per
+# worker, not once per task): {"encoder": ConversationEncoder, "mask": str}. Never used in the parent.
+_worker_encoder = {}
 
 
 def _init_worker(tokenizer_bytes: bytes, template: str, mask: str) -> None:
@@ -192,14 +193,14 @@ def _write(folder: Path, encoded: list, conv_ids: list[str], meta: dict) -> None
 
 
 def _build(folder: Path, data_path, tokenizer, template: str, max_length: int, mask: str, skip_bad: bool,
-           num_workers: int | None) -> None:
+           num_workers: int | None, progress: bool) -> None:
     from collections import Counter
 
     from ds_vicuna.formats import load_conversations
 
     skips = Counter()
     conversations = load_conversations(data_path, skip_bad=skip_bad, skips=skips)
-    encoded = encode_conversations(conversations, tokenizer, template, mask, num_workers)
+    encoded = encode_conversations(conversations, tokenizer, template, mask, num_workers, progress)
     _check_encoded(encoded, conversations, max_length, data_path)
     keep = [i for i, (_, labels) in enumerate(encoded) if (labels != IGNORE_INDEX).any()]
     if len(keep) < len(encoded):
@@ -233,7 +234,8 @@ def _dist_rank() -> int | None:
 
 def build_tokenized_dataset(data_path: str | os.PathLike, tokenizer, template: str, max_length: int,
                             mask: str = "assistant", cache_dir: str | os.PathLike = ".cache/tokenized",
-                            num_workers: int | None = None, skip_bad: bool = False) -> TokenizedDataset:
+                            num_workers: int | None = None, skip_bad: bool = False,
+                            progress: bool = True) -> TokenizedDataset:
     """Encode a conversations file once and cache it; later calls (and other ranks) load the cache.
 
     Args:
@@ -245,6 +247,7 @@ def build_tokenized_dataset(data_path: str | os.PathLike, tokenizer, template: s
         cache_dir: where cache folders live (shared by all ranks).
         num_workers: encoding processes (None: one per core when the file is big enough).
         skip_bad: skip and count unreadable records instead of raising.
+        progress: show a tqdm bar while encoding (only the building rank encodes).
 
     Returns:
         The dataset; `.from_cache` tells whether it was loaded rather than built.
@@ -261,7 +264,7 @@ def build_tokenized_dataset(data_path: str | os.PathLike, tokenizer, template: s
     built, error = False, None
     if rank in (None, 0) and not folder.is_dir():
         try:
-            _build(folder, data_path, tokenizer, template, max_length, mask, skip_bad, num_workers)
+            _build(folder, data_path, tokenizer, template, max_length, mask, skip_bad, num_workers, progress)
             built = True
         except Exception as e:  # other ranks must still leave the barrier
             error = e

@@ -61,6 +61,30 @@ class Layout:
 
     text: str
     pieces: tuple[Piece, ...]
+    reply_starts: tuple[int, ...] = ()  # where each reply begins: always a token boundary
+
+
+@dataclass(frozen=True)
+class ExplainedEncoding:
+    """An encoded conversation with the text it came from and each token's [start, end) in that text."""
+
+    text: str
+    input_ids: list[int]
+    labels: list[int]
+    offsets: list[tuple[int, int]]
+
+    def trained_spans(self) -> list[tuple[int, int]]:
+        """Character spans of each maximal run of labeled tokens."""
+        spans: list[tuple[int, int]] = []
+        previous = False
+        for label, (start, end) in zip(self.labels, self.offsets):
+            if label != IGNORE_INDEX:
+                if previous:
+                    spans[-1] = (spans[-1][0], end)
+                else:
+                    spans.append((start, end))
+            previous = label != IGNORE_INDEX
+        return spans
 
 
 class _RegionEncoder:
@@ -181,7 +205,12 @@ class ConversationEncoder:
         if "".join(rebuilt) != text:  # the template rewrote content (trim, escape): no exact attribution
             raise EncodingError(f"template {self.template.name!r} changes message text while rendering (trims or "
                                 "rewrites it), so characters cannot be attributed exactly; use vicuna_v1.1 or chatml")
-        return Layout(text, tuple(pieces))
+        reply_starts = []
+        for piece in pieces:
+            if piece.owner != TEMPLATE_OWNER and real[piece.owner]["role"] == Role.ASSISTANT.value:
+                if not reply_starts or reply_starts[-1][0] != piece.owner:
+                    reply_starts.append((piece.owner, piece.start))
+        return Layout(text, tuple(pieces), tuple(start for _, start in reply_starts))
 
     def _add_template_text(self, text: str, pos: int, stop_owner: int | None, pieces: list, rebuilt: list) -> int:
         """Cut template-written text at control tokens; a control token right after a reply is its stop."""
@@ -200,17 +229,22 @@ class ConversationEncoder:
 
     # ---- tokens -------------------------------------------------------------------------------------
     def _tokens(self, layout: Layout) -> tuple[list[int], list[tuple[int, int]], list[Piece | None]]:
-        """Ids and offsets for the whole text; for control tokens also the Piece they came from."""
+        """Ids and offsets for the whole text; for control tokens also the Piece they came from.
+
+        Regions end at control tokens and where a reply starts. The cut at a reply start makes the tokens
+        before it exactly the serving prompt's: no token may straddle the prompt and what the model generates.
+        """
         ids, offsets, controls = [], [], []
-        boundaries = [p for p in layout.pieces if p.special_id is not None] + [None]
+        cuts = [(p.start, p) for p in layout.pieces if p.special_id is not None]
+        cuts += [(start, None) for start in layout.reply_starts] + [(len(layout.text), None)]
         cursor = 0
-        for control in boundaries:
-            end = control.start if control is not None else len(layout.text)
-            if end > cursor:
-                region_ids, region_offsets = self._regions.encode(layout.text[cursor:end], at_start=cursor == 0)
+        for position, control in sorted(cuts, key=lambda cut: (cut[0], cut[1] is not None)):
+            if position > cursor:
+                region_ids, region_offsets = self._regions.encode(layout.text[cursor:position], at_start=cursor == 0)
                 ids += region_ids
                 offsets += [(cursor + s, cursor + e) for s, e in region_offsets]
                 controls += [None] * len(region_ids)
+                cursor = position
             if control is not None:
                 ids.append(control.special_id)
                 offsets.append((control.start, control.end))
@@ -233,6 +267,15 @@ class ConversationEncoder:
         Raises:
             MessageError: bad structure. EncodingError: a token that mixes user and assistant text.
         """
+        encoded = self.explain(messages, mask)
+        ids, labels = encoded.input_ids, encoded.labels
+        if max_length is not None:
+            ids, labels = ids[:max_length], labels[:max_length]
+        return {"input_ids": ids, "labels": labels}
+
+    def explain(self, messages: Sequence[MessageLike],
+                mask: MaskStrategy = MaskStrategy.ASSISTANT) -> "ExplainedEncoding":
+        """Like `encode`, plus the rendered text and each token's character span (to inspect masks)."""
         msgs = validate_messages(messages)
         layout = self.layout(msgs)
         ids, offsets, controls = self._tokens(layout)
@@ -257,10 +300,8 @@ class ConversationEncoder:
                 labels.append(tid)
             else:
                 labels.append(IGNORE_INDEX)
-        assert len(labels) == len(ids)
-        if max_length is not None:
-            ids, labels = ids[:max_length], labels[:max_length]
-        return {"input_ids": ids, "labels": labels}
+        assert len(labels) == len(ids) == len(offsets)
+        return ExplainedEncoding(layout.text, ids, labels, offsets)
 
     def encode_prompt(self, messages: Sequence[MessageLike]) -> list[int]:
         """Token ids the model sees at inference: the conversation so far plus the assistant header."""

@@ -65,7 +65,7 @@ class VicunaV11(ChatTemplate):
             "{%- else -%}"
             "{%- set system = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' -%}{%- set turns = messages -%}"
             "{%- endif -%}"
-            "{%- if system -%}{{ system + ' ' }}{%- endif -%}"
+            "{{- system + ' ' -}}"
             "{%- for message in turns -%}"
             "{%- if message['role'] == 'user' -%}{{ 'USER: ' + message['content'] + ' ' }}"
             "{%- else -%}{{ 'ASSISTANT: ' + message['content'] + eos_token }}{%- endif -%}"
