@@ -252,11 +252,11 @@ def build_model_config(model_path: Path, cfg: Config):
     if cfg.model.rope_scaling:
         base = getattr(config, "max_position_embeddings", cfg.data.max_length)
         factor = max(1.0, cfg.data.max_length / base)
-        config.rope_scaling = {"rope_type": cfg.model.rope_scaling, "type": cfg.model.rope_scaling,
-                               "factor": factor}
-        if hasattr(config, "rope_parameters") and isinstance(config.rope_parameters, dict):
-            config.rope_parameters = {**config.rope_parameters, "rope_type": cfg.model.rope_scaling,
-                                      "factor": factor}
+        scaling = {"rope_type": cfg.model.rope_scaling, "factor": factor}
+        if isinstance(getattr(config, "rope_parameters", None), dict):  # transformers >= 5 (keeps rope_theta)
+            config.rope_parameters = {**config.rope_parameters, **scaling}
+        else:
+            config.rope_scaling = {**scaling, "type": cfg.model.rope_scaling}
         config.max_position_embeddings = max(base, cfg.data.max_length)
     return config
 

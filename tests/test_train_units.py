@@ -1,0 +1,72 @@
+"""Small pieces of the trainer: RoPE scaling, attention choice, argv split, rank slices, resume checks, plot."""
+import json
+
+import pytest
+
+from ds_vicuna.checkpoint import CheckpointError
+from ds_vicuna.config import load_config
+from ds_vicuna.train import (build_model_config, check_resume_compatible, pick_attn_implementation, plot_loss,
+                             samples_of, split_argv, step_batches)
+from tiny_llama import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("units") / "model")
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic"])
+def test_rope_scaling_reaches_max_length(tiny_model, kind):
+    cfg = load_config(None, ["--rope_scaling", kind, "--max_length", "2048"])
+    config = build_model_config(tiny_model, cfg)  # the tiny base has max_position_embeddings 512
+    scaling = getattr(config, "rope_parameters", None) or config.rope_scaling
+    assert scaling["rope_type"] == kind and scaling["factor"] == 4.0
+    assert config.max_position_embeddings == 2048 and config.use_cache is False
+
+
+def test_no_rope_scaling_by_default(tiny_model):
+    config = build_model_config(tiny_model, load_config(None))
+    assert config.max_position_embeddings == 512
+
+
+def test_attention_choice_on_cpu():
+    assert pick_attn_implementation("auto") == "sdpa"  # no CUDA here: flash-attn 2 is never picked
+    assert pick_attn_implementation("eager") == "eager"
+
+
+def test_split_argv_drops_launcher_flag():
+    assert split_argv(["cfg.yaml", "--local_rank=1", "--lr", "1"]) == ("cfg.yaml", ["--lr", "1"])
+    assert split_argv(["--train_path", "x"]) == (None, ["--train_path", "x"])
+
+
+def test_each_rank_takes_its_slice_of_the_step():
+    class Launch:
+        def __init__(self, rank):
+            self.rank, self.world_size = rank, 2
+
+    class Run:
+        def __init__(self, rank):
+            self.launch, self.grad_accum, self.plans = Launch(rank), 2, [[[i] for i in range(10)]]
+
+    # step 2 of the epoch covers global micro-batches 4..7: rank 0 gets 4, 5 and rank 1 gets 6, 7
+    assert step_batches(Run(0), 0, 4) == [[4], [5]] and step_batches(Run(1), 0, 4) == [[6], [7]]
+    assert samples_of([[1, 2], [3]]) == [1, 2, 3] and samples_of([4, 5]) == [4, 5]
+
+
+def test_resume_refuses_a_changed_shape():
+    cfg = load_config(None, ["--train_path", "a.json"])
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    check_resume_compatible(saved, cfg)
+    saved["train"]["learning_rate"] = 1.0  # not shape-defining: fine
+    check_resume_compatible(saved, cfg)
+    saved["data"]["max_length"] = 4096
+    with pytest.raises(CheckpointError, match="data.max_length: checkpoint 4096 vs now 2048"):
+        check_resume_compatible(saved, cfg)
+
+
+def test_loss_plot(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 3.0 / s}) + "\n" for s in range(1, 6))
+                       + json.dumps({"step": 5, "eval_loss": 0.9}) + "\n")
+    png = plot_loss(metrics, tmp_path / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
