@@ -90,7 +90,7 @@ def test_prompt_requires_final_user(smol_tokenizer):
 def test_chatml_on_llama_tokenizer_needs_added_tokens(tmp_path):
     from transformers import LlamaTokenizer
 
-    from tests.conftest import train_sentencepiece
+    from conftest import train_sentencepiece
 
     tok = LlamaTokenizer.from_pretrained(train_sentencepiece(tmp_path))
     with pytest.raises(TemplateError, match="add_template_tokens"):

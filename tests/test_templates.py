@@ -24,7 +24,7 @@ def test_vicuna_v11_is_fastchats_format_exactly(smol_tokenizer, sp_tokenizer):
 def test_vicuna_adds_bos_only_for_tokenizers_that_use_it(sp_tokenizer, tmp_path):
     from transformers import LlamaTokenizer
 
-    from tests.conftest import train_sentencepiece
+    from conftest import train_sentencepiece
 
     with_bos = LlamaTokenizer.from_pretrained(train_sentencepiece(tmp_path), add_bos_token=True)
     assert encode_prompt(CHAT, with_bos)[0] == with_bos.bos_token_id

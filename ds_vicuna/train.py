@@ -1,0 +1,714 @@
+"""Fine-tune a Hugging Face causal LM on conversations with DeepSpeed ZeRO (Vicuna's recipe by default).
+
+    deepspeed --num_gpus 8 --module ds_vicuna.train configs/vicuna_7b.yaml --data.train_path data/train.json
+    torchrun --nproc_per_node 8 -m ds_vicuna.train configs/vicuna_7b.yaml
+    srun python -m ds_vicuna.train configs/vicuna_7b.yaml            # rank/world from SLURM_* (launch_env)
+    python -m ds_vicuna.train configs/demo.yaml --train.max_steps 5   # one process (CPU: gloo, fp32)
+    ds-vicuna train configs/demo.yaml                                  # same as the line above
+
+Skeleton: setup (config checks, model, data, engine) -> fit (loss_step per micro-batch, engine.step per
+optimizer step, checkpoints, preemption) -> evaluate -> save_checkpoint.
+
+The loss is the mean over ALL assistant tokens of the optimizer step: each micro-batch backpropagates its
+token-loss *sum* divided by the step's global label-token count, so a short sample's tokens weigh the same
+as a long one's, whatever the micro-batch size, accumulation or world size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ds_vicuna.checkpoint import (CheckpointError, TrainingProgress, load_checkpoint, resolve_resume,
+                                  save_checkpoint)
+from ds_vicuna.config import (Config, ConfigError, fill_deepspeed_config, load_config, load_deepspeed_config,
+                              offloads_optimizer, resolve_precision)
+from ds_vicuna.export import TRAIN_CONFIG_FILE
+from ds_vicuna.launch_env import LaunchEnv, detect_launch_env, init_distributed
+from ds_vicuna.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
+
+IGNORE_INDEX = -100
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+# Dense bf16 peak FLOP/s by GPU name fragment, for MFU (no entry: MFU not logged).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+                   "L4": 121e12, "A6000": 155e12, "4090": 165e12, "V100": 125e12}
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or continue; the message says why and what to change."""
+
+
+@dataclass
+class Run:
+    """Everything `fit` needs, built once by `setup`."""
+
+    cfg: Config
+    launch: LaunchEnv
+    engine: object
+    tokenizer: object
+    model_config: object
+    train_data: object
+    train_indices: list[int]
+    eval_data: object | None
+    eval_indices: list[int]
+    plans: list[list[list[int]]]  # per epoch: the global micro-batches (lists of dataset indices)
+    grad_accum: int
+    steps_per_epoch: list[int]
+    total_steps: int
+    num_params: int
+    peak_flops: float | None
+    flatten_packs: bool
+    precision: str
+    progress: TrainingProgress = field(default_factory=TrainingProgress)
+
+
+@dataclass
+class TrainResult:
+    """What a run did (returned by `train`, used by tests, the demo and the benchmark)."""
+
+    progress: TrainingProgress
+    losses: dict[int, float]  # step -> loss (this run's steps only)
+    exit_code: int
+    checkpoint: Path | None
+    engine: object = None
+    metrics_path: Path | None = None
+    plot_path: Path | None = None
+
+
+# ------------------------------------------------------------------------------------------------------ checks
+
+
+def preflight(cfg: Config) -> dict:
+    """Every check that needs no model: files exist and parse, the DeepSpeed config, CPU Adam when offloading.
+
+    Returns:
+        The DeepSpeed engine dict (not yet filled).
+
+    Raises:
+        ConfigError: with the field or file to fix.
+    """
+    from ds_vicuna.models import resolve_model_path
+
+    if not cfg.data.train_path:
+        raise ConfigError("data.train_path is required (e.g. --data.train_path data/train.json)")
+    for name, path in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise ConfigError(f"{name}: {path} not found")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"{name}: {path} is not readable")
+    try:
+        model_path = resolve_model_path(cfg.model.name_or_path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"model.name_or_path: {err}") from None
+    for needed in ("config.json",):
+        if not os.access(Path(model_path) / needed, os.R_OK):
+            raise ConfigError(f"model.name_or_path: {model_path / needed} is not readable")
+    from ds_vicuna.templates import TemplateError, get_template
+
+    try:
+        get_template(cfg.model.template)
+    except TemplateError as err:
+        raise ConfigError(f"model.template: {err}") from None
+    ds = load_deepspeed_config(cfg.train.deepspeed)
+    if offloads_optimizer(ds):
+        check_cpu_adam()
+    return ds
+
+
+def check_cpu_adam() -> None:
+    """Build (or load the cached build of) DeepSpeedCPUAdam, which optimizer offload needs.
+
+    Raises:
+        ConfigError: it cannot be built, with what to do instead.
+    """
+    try:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        CPUAdamBuilder().load(verbose=False)
+    except Exception as err:  # noqa: BLE001 - any build failure means the same thing to the user
+        raise ConfigError(
+            "train.deepspeed offloads the optimizer to CPU, which needs DeepSpeedCPUAdam, but it cannot be built "
+            f"here ({type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else err}). "
+            "Install a C++ compiler (g++) and ninja, or use ds_configs/zero3.json (no offload).") from None
+
+
+# ------------------------------------------------------------------------------------------------------- setup
+
+
+def setup(cfg: Config, ds_base: dict, launch: LaunchEnv) -> Run:
+    """Tokenizer, data, micro-batch plan, model (partitioned under ZeRO-3), optimizer and DeepSpeed engine."""
+    import torch
+
+    from ds_vicuna.batching import configure_model_for_packing
+    from ds_vicuna.models import resolve_model_path
+
+    torch.manual_seed(cfg.train.seed)
+    model_path = resolve_model_path(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(model_path, cfg.model.template)
+    train_data, train_indices = load_data(cfg, cfg.data.train_path, tokenizer, "data.train_path")
+    eval_data, eval_indices = (None, [])
+    if cfg.data.eval_path:
+        eval_data, eval_indices = load_data(cfg, cfg.data.eval_path, tokenizer, "data.eval_path")
+    grad_accum = cfg.gradient_accumulation_steps(launch.world_size)
+    plans = [plan_epoch(cfg, train_data, train_indices, epoch) for epoch in range(cfg.train.epochs)]
+    per_step = grad_accum * launch.world_size
+    steps_per_epoch = [len(plan) // per_step for plan in plans]
+    if steps_per_epoch[0] == 0:
+        raise ConfigError(f"{cfg.data.train_path}: {len(plans[0])} micro-batches of {cfg.train.micro_batch_size} "
+                          f"make no full optimizer step of {per_step}; lower train.global_batch_size")
+    total_steps = sum(steps_per_epoch)
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16_ok = device_type == "cuda" and torch.cuda.is_bf16_supported()
+    precision = resolve_precision(cfg.train.precision, device_type, bf16_ok)
+    model_config = build_model_config(model_path, cfg)
+    ds = fill_deepspeed_config(ds_base, micro_batch_size=cfg.train.micro_batch_size, grad_accum=grad_accum,
+                               world_size=launch.world_size, hidden_size=model_config.hidden_size,
+                               precision=precision, max_grad_norm=cfg.train.max_grad_norm)
+    model = build_model(model_path, model_config, tokenizer, cfg, ds, precision)
+    model_config = model.config  # after any embedding resize
+    flatten = configure_model_for_packing(model) if cfg.data.batching == "pack" else False
+    engine = build_engine(model, ds, cfg, total_steps)
+    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    peak = peak_flops(precision) if device_type == "cuda" else None
+    return Run(cfg=cfg, launch=launch, engine=engine, tokenizer=tokenizer, model_config=model_config,
+               train_data=train_data, train_indices=train_indices, eval_data=eval_data, eval_indices=eval_indices,
+               plans=plans, grad_accum=grad_accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+               num_params=num_params, peak_flops=peak, flatten_packs=flatten, precision=precision,
+               progress=TrainingProgress(seed=cfg.train.seed, config=cfg.to_dict()))
+
+
+def load_tokenizer(model_path: Path, template: str):
+    """The model's tokenizer plus the template's control tokens; a pad token (EOS) when it has none."""
+    from transformers import AutoTokenizer
+
+    from ds_vicuna.templates import add_template_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    add_template_tokens(tokenizer, template)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_data(cfg: Config, path: str, tokenizer, name: str):
+    """Tokenize (rank 0 builds the cache, the others wait and read it) and choose the samples to train on.
+
+    Raises:
+        ConfigError: an unreadable file, samples longer than max_length, or nothing to train on.
+    """
+    from ds_vicuna.dataset import build_tokenized_dataset
+
+    cache_dir = cfg.data.cache_dir or str(Path(cfg.train.output_dir) / "cache")
+    try:
+        data = build_tokenized_dataset(path, tokenizer, cfg.model.template, cfg.data.max_length, cfg.data.mask,
+                                       cache_dir)
+    except (ValueError, OSError) as err:  # FormatError and EncodingError are ValueErrors
+        raise ConfigError(f"{name}: {err}") from None
+    indices = list(range(len(data)))
+    if cfg.data.max_samples is not None:
+        indices = indices[:cfg.data.max_samples]
+    if not indices:
+        raise ConfigError(f"{name}: {path} holds no conversation to train on")
+    return data, indices
+
+
+def plan_epoch(cfg: Config, data, indices: list[int], epoch: int) -> list[list]:
+    """The epoch's micro-batches as dataset indices, identical on every rank (a pure function of seed/epoch).
+
+    For `pack` a micro-batch is a list of rows (each a list of indices), otherwise a list of indices.
+    """
+    from ds_vicuna.batching import make_micro_batches
+
+    lengths = [int(data.lengths[i]) for i in indices]
+    batches = make_micro_batches(lengths, cfg.data.batching, cfg.data.max_length, cfg.train.micro_batch_size,
+                                 cfg.train.seed, epoch)
+    if cfg.data.batching == "pack":
+        return [[[indices[j] for j in row] for row in batch] for batch in batches]
+    return [[indices[j] for j in batch] for batch in batches]
+
+
+def samples_of(micro_batch: list) -> list[int]:
+    """Dataset indices in one planned micro-batch (flattening packed rows)."""
+    return [i for item in micro_batch for i in (item if isinstance(item, list) else [item])]
+
+
+def build_model_config(model_path: Path, cfg: Config):
+    """AutoConfig with the attention implementation chosen and RoPE stretched to max_length when asked."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    config.use_cache = False
+    if cfg.model.rope_scaling:
+        base = getattr(config, "max_position_embeddings", cfg.data.max_length)
+        factor = max(1.0, cfg.data.max_length / base)
+        config.rope_scaling = {"rope_type": cfg.model.rope_scaling, "type": cfg.model.rope_scaling,
+                               "factor": factor}
+        if hasattr(config, "rope_parameters") and isinstance(config.rope_parameters, dict):
+            config.rope_parameters = {**config.rope_parameters, "rope_type": cfg.model.rope_scaling,
+                                      "factor": factor}
+        config.max_position_embeddings = max(base, cfg.data.max_length)
+    return config
+
+
+def pick_attn_implementation(requested: str) -> str:
+    """auto -> flash_attention_2 (installed + CUDA), else sdpa; explicit values pass through."""
+    import importlib.util
+
+    import torch
+
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def build_model(model_path: Path, model_config, tokenizer, cfg: Config, ds: dict, precision: str):
+    """Load the weights; under ZeRO-3 straight into partitions (HfDeepSpeedConfig must outlive from_pretrained)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    keep_alive = HfDeepSpeedConfig(ds) if ds["zero_optimization"].get("stage") == 3 else None  # noqa: F841
+    model = AutoModelForCausalLM.from_pretrained(model_path, config=model_config, dtype=dtype,
+                                                 attn_implementation=pick_attn_implementation(
+                                                     cfg.model.attn_implementation))
+    embeddings = model.get_input_embeddings().weight
+    rows = embeddings.ds_shape[0] if hasattr(embeddings, "ds_shape") else embeddings.shape[0]  # ZeRO-3: partitioned
+    if len(tokenizer) > rows:  # template tokens were added
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    if cfg.model.gradient_checkpointing:  # non-reentrant: works with ZeRO-3 partitioned params and frozen inputs
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def build_engine(model, ds: dict, cfg: Config, total_steps: int):
+    """AdamW (DeepSpeedCPUAdam when offloading), the LR schedule, and `deepspeed.initialize`."""
+    import deepspeed
+    import torch
+    from transformers import get_scheduler
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    betas = (cfg.train.adam_beta1, cfg.train.adam_beta2)
+    if offloads_optimizer(ds):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=cfg.train.learning_rate, betas=betas, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=betas)
+    warmup = math.ceil(cfg.train.warmup_ratio * total_steps)
+
+    def scheduler(opt):
+        return get_scheduler(cfg.train.lr_scheduler, opt, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
+                                           dist_init_required=False)
+    return engine
+
+
+def peak_flops(precision: str) -> float | None:
+    """Dense peak FLOP/s of this GPU for `precision` (fp32 counted as TF32 ~ half), or None if unknown."""
+    import torch
+
+    name = torch.cuda.get_device_name()
+    for fragment, flops in PEAK_BF16_FLOPS.items():
+        if fragment in name:
+            return flops / 2 if precision == "fp32" else flops
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------- fit
+
+
+def step_batches(run: Run, epoch: int, position: int) -> list[list[int]]:
+    """This rank's `grad_accum` micro-batches of the optimizer step starting at global micro-batch `position`."""
+    per_step = run.grad_accum * run.launch.world_size
+    chunk = run.plans[epoch][position:position + per_step]
+    start = run.launch.rank * run.grad_accum
+    return chunk[start:start + run.grad_accum]
+
+
+def make_batch(run: Run, data, micro_batch: list) -> dict:
+    """Collate one planned micro-batch into tensors on the engine's device (the loss uses `labels` itself)."""
+    from ds_vicuna.batching import collate, fetch_micro_batch
+
+    strategy = run.cfg.data.batching
+    batch = collate(fetch_micro_batch(data, micro_batch, strategy), strategy, run.cfg.data.max_length,
+                    run.tokenizer.pad_token_id, flatten=run.flatten_packs)
+    batch.pop("num_label_tokens")
+    return {k: v.to(run.engine.device) for k, v in batch.items()}
+
+
+def count_label_tokens(batch: dict) -> int:
+    """Tokens that carry a (shifted) label: what the loss is averaged over."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def token_loss_sum(engine, batch: dict):
+    """Forward pass; the summed next-token cross-entropy over labelled tokens (fp32)."""
+    import torch.nn.functional as F
+
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = engine(**inputs).logits  # [B, T, V]
+    shift_logits = logits[:, :-1].float()  # [B, T-1, V]
+    shift_labels = batch["labels"][:, 1:]  # [B, T-1]
+    return F.cross_entropy(shift_logits.flatten(0, 1), shift_labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def loss_step(engine, batch: dict, scale: float) -> float:
+    """Forward + backward of one micro-batch; returns its token-loss sum.
+
+    `scale` = world_size * grad_accum / global_label_tokens: DeepSpeed divides by grad_accum in backward and
+    averages gradients over ranks, so the step's gradient is d(sum of all token losses)/d(w) / global tokens.
+    """
+    loss_sum = token_loss_sum(engine, batch)
+    engine.backward(loss_sum * scale)
+    return float(loss_sum.detach())
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a few numbers over ranks (float64)."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def optimizer_step(run: Run, batches: list[dict], before_update=None) -> tuple[float, int]:
+    """One optimizer step from this rank's micro-batches: loss_step + engine.step() per micro-batch.
+
+    DeepSpeed counts micro-steps in `engine.step()` and only updates the weights (and the LR schedule) on the
+    last one of each `grad_accum`.
+
+    Args:
+        before_update: called with the engine after the last backward, before the weights change (tests read
+            gradients there with `deepspeed.utils.safe_get_full_grad`).
+
+    Returns:
+        (mean loss over all label tokens of the global step, global label-token count).
+    """
+    local_tokens = sum(count_label_tokens(b) for b in batches)
+    global_tokens = int(all_reduce_sum([local_tokens], run.engine.device)[0])
+    scale = run.launch.world_size * run.grad_accum / max(global_tokens, 1)
+    local_sum = 0.0
+    for i, batch in enumerate(batches):
+        local_sum += loss_step(run.engine, batch, scale)
+        if before_update is not None and i == len(batches) - 1:
+            before_update(run.engine)
+        run.engine.step()
+    global_sum = all_reduce_sum([local_sum], run.engine.device)[0]
+    return global_sum / max(global_tokens, 1), global_tokens
+
+
+def step_flops(run: Run, sample_lengths: list[int]) -> float:
+    """Model FLOPs of one step: 6*N per token plus attention 12*layers*hidden*len per token (PaLM's count)."""
+    layers, hidden = run.model_config.num_hidden_layers, run.model_config.hidden_size
+    tokens = sum(sample_lengths)
+    return 6 * run.num_params * tokens + 12 * layers * hidden * sum(n * n for n in sample_lengths)
+
+
+def fit(run: Run, guard: PreemptionGuard, logger: "MetricsLogger") -> tuple[dict[int, float], int]:
+    """The training loop. Returns ({step: loss} of this run, exit code)."""
+    cfg, progress, engine = run.cfg, run.progress, run.engine
+    per_step = run.grad_accum * run.launch.world_size
+    losses: dict[int, float] = {}
+    steps_this_run, exit_code = 0, 0
+    bar = progress_bar(run)
+    while progress.step < run.total_steps:
+        if progress.micro_batch_in_epoch + per_step > len(run.plans[progress.epoch]):
+            progress.epoch, progress.micro_batch_in_epoch = progress.epoch + 1, 0  # leftover micro-batches dropped
+            continue
+        indices = step_batches(run, progress.epoch, progress.micro_batch_in_epoch)
+        started = time.perf_counter()
+        lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
+        loss, label_tokens = optimizer_step(run, [make_batch(run, run.train_data, b) for b in indices])
+        lengths = [int(run.train_data.lengths[i]) for b in indices for i in samples_of(b)]
+        real_tokens, flops = all_reduce_sum([sum(lengths), step_flops(run, lengths)], engine.device)
+        elapsed = time.perf_counter() - started
+        progress.step += 1
+        progress.micro_batch_in_epoch += per_step
+        progress.tokens_seen += int(real_tokens)
+        losses[progress.step] = loss
+        steps_this_run += 1
+        record = {"step": progress.step, "epoch": progress.epoch, "loss": loss, "lr": lr,
+                  "label_tokens": label_tokens, "tokens": int(real_tokens), "tokens_per_s": real_tokens / elapsed,
+                  "step_time_s": elapsed, "grad_norm": _grad_norm(engine)}
+        if run.peak_flops:
+            record["mfu"] = flops / elapsed / (run.peak_flops * run.launch.world_size)
+        logger.log(record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if cfg.data.eval_path and cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
+            logger.log({"step": progress.step, "eval_loss": evaluate(run)})
+        if cfg.train.stop_after_steps and steps_this_run >= cfg.train.stop_after_steps:
+            guard.request()
+        if guard.should_stop():
+            exit_code = REQUEUE_EXIT_CODE if guard.received is not None else 0
+            break
+        if progress.step % cfg.train.save_every == 0 and progress.step < run.total_steps:
+            save(run)
+    if bar is not None:
+        bar.close()
+    return losses, exit_code
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def progress_bar(run: Run):
+    """tqdm on rank 0 (step, loss, lr, tokens/s, ETA); None elsewhere."""
+    if not run.launch.is_main:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.total_steps, initial=run.progress.step, desc="train", unit="step", dynamic_ncols=True)
+
+
+def evaluate(run: Run) -> float:
+    """Mean loss over all assistant tokens of the eval set (every rank runs the same number of forwards)."""
+    import torch
+
+    plan = plan_epoch(run.cfg, run.eval_data, run.eval_indices, epoch=0)
+    world, rank = run.launch.world_size, run.launch.rank
+    per_rank = math.ceil(len(plan) / world)
+    mine = plan[rank::world]
+    weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))  # ZeRO-3 needs equal forward counts
+    mine = mine + [plan[0]] * (per_rank - len(mine))
+    run.engine.eval()
+    loss_sum = tokens = 0.0
+    with torch.no_grad():
+        for indices, weight in zip(mine, weights):
+            batch = make_batch(run, run.eval_data, indices)
+            loss_sum += weight * float(token_loss_sum(run.engine, batch))
+            tokens += weight * count_label_tokens(batch)
+    run.engine.train()
+    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], run.engine.device)
+    return loss_sum / max(tokens, 1)
+
+
+def save(run: Run) -> Path:
+    """Checkpoint the engine + progress (collective); `hf/` holds config, tokenizer and the training record."""
+    record = {"config": run.cfg.to_dict(), "precision": run.precision, "step": run.progress.step}
+    return save_checkpoint(run.engine, run.cfg.train.output_dir, run.progress, rank=run.launch.rank,
+                           keep_last=run.cfg.train.keep_last, model_config=run.model_config,
+                           tokenizer=run.tokenizer, hf_files={TRAIN_CONFIG_FILE: json.dumps(record, indent=2) + "\n"})
+
+
+# ---------------------------------------------------------------------------------------------- logs and plots
+
+
+class MetricsLogger:
+    """JSONL always (rank 0), TensorBoard when installed; other ranks log nothing."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool):
+        self.enabled = enabled
+        self.path = Path(output_dir) / METRICS_FILE
+        self.tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_loss(metrics_path: str | Path, png_path: str | Path) -> Path | None:
+    """Training (and eval) loss against step as a PNG; None when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train loss (mean over assistant tokens)")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return Path(png_path)
+
+
+# -------------------------------------------------------------------------------------------------------- main
+
+
+SHAPE_KEYS = (("data", "train_path"), ("data", "max_length"), ("data", "mask"), ("data", "batching"),
+              ("data", "max_samples"), ("train", "global_batch_size"), ("train", "micro_batch_size"),
+              ("train", "seed"), ("train", "epochs"), ("model", "template"))
+
+
+def check_resume_compatible(saved: dict, cfg: Config) -> None:
+    """The data position only means something for the same data/batch shape: disagreements stop the run.
+
+    Raises:
+        CheckpointError: listing each differing key with both values.
+    """
+    now = cfg.to_dict()
+    diffs = [f"{s}.{k}: checkpoint {saved.get(s, {}).get(k)!r} vs now {now[s][k]!r}"
+             for s, k in SHAPE_KEYS if saved.get(s, {}).get(k) != now[s][k]]
+    if diffs:
+        raise CheckpointError("cannot resume exactly, the run's shape changed:\n  " + "\n  ".join(diffs))
+
+
+def train(cfg: Config, launch: LaunchEnv | None = None) -> TrainResult:
+    """setup -> (resume) -> fit -> evaluate -> save_checkpoint; collective on every rank.
+
+    Raises:
+        ConfigError, CheckpointError: before training starts.
+    """
+    ds_base = preflight(cfg)
+    launch = init_distributed(launch or detect_launch_env())
+    Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+    if launch.is_main:
+        import yaml
+
+        print(f"[ds-vicuna] resolved config (world size {launch.world_size}):\n"
+              + yaml.safe_dump(cfg.to_dict(), sort_keys=False), flush=True)
+    run = setup(cfg, ds_base, launch)
+    resume_from = resolve_resume(cfg.train.resume, cfg.train.output_dir)
+    if resume_from is not None:
+        run.progress = load_checkpoint(run.engine, resume_from, rank=launch.rank)
+        check_resume_compatible(run.progress.config, cfg)
+        run.progress.config = cfg.to_dict()
+        if launch.is_main:
+            print(f"[ds-vicuna] resumed from {resume_from} at step {run.progress.step}", flush=True)
+    logger = MetricsLogger(cfg.train.output_dir, enabled=launch.is_main)
+    with PreemptionGuard() as guard:
+        losses, exit_code = fit(run, guard, logger)
+    if cfg.data.eval_path and exit_code == 0 and run.progress.step >= run.total_steps:
+        logger.log({"step": run.progress.step, "eval_loss": evaluate(run)})
+    folder = save(run)
+    logger.close()
+    plot = plot_loss(logger.path, Path(cfg.train.output_dir) / LOSS_PLOT) if launch.is_main and losses else None
+    if launch.is_main:
+        print(f"[ds-vicuna] step {run.progress.step}/{run.total_steps}; checkpoint {folder}; "
+              f"metrics {logger.path}" + (f"; loss curve {plot}" if plot else ""), flush=True)
+    return TrainResult(progress=run.progress, losses=losses, exit_code=exit_code, checkpoint=folder,
+                       engine=run.engine, metrics_path=logger.path, plot_path=plot)
+
+
+def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG] [--key value ...]` -> (config path or None, overrides); drops the launcher's --local_rank."""
+    argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
+    if argv and not argv[0].startswith("-"):
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def quiet_library_warnings() -> None:
+    """Drop per-step deprecation noise from torch.distributed (DeepSpeed calls the old collective names)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch.distributed", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m ds_vicuna.train` / the deepspeed launcher. Returns the process exit code."""
+    quiet_library_warnings()
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return 0
+    config, overrides = split_argv(argv)
+    try:
+        cfg = load_config(config, overrides)
+        result = train(cfg)
+    except (ConfigError, CheckpointError, TrainError) as err:
+        print(f"ds-vicuna train: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return result.exit_code
+
+
+def launcher_command(config: str | None, overrides: list[str], ranks: int) -> list[str]:
+    """The `deepspeed --num_gpus N --module ds_vicuna.train ...` command for N ranks on this machine."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--module",
+            "ds_vicuna.train", *([config] if config else []), *overrides]
+
+
+def register(subparsers) -> None:
+    """`ds-vicuna train [CONFIG] [--ranks N] [--key value ...]`."""
+    # "+" as the option prefix: every `--section.key value` reaches the config parser untouched.
+    parser = subparsers.add_parser(
+        "train", prefix_chars="+", add_help=False,
+        help="fine-tune with DeepSpeed (one process; --ranks N starts the deepspeed launcher)",
+        description="ds-vicuna train [CONFIG.yaml] [--ranks N] [--section.key value ...]\n\n"
+                    "One process by default; --ranks N runs `deepspeed --num_gpus N --module ds_vicuna.train "
+                    "CONFIG ...` on this machine (multi-node: see launch/). Keys: see ds_vicuna/config.py.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("argv", nargs="*", help="CONFIG.yaml then --key value overrides")
+    parser.set_defaults(func=_run_cli, train_parser=parser)
+
+
+def _run_cli(args) -> int:
+    import subprocess
+
+    argv = list(args.argv)
+    if "-h" in argv or "--help" in argv:
+        args.train_parser.print_help()
+        return 0
+    config = argv.pop(0) if argv and not argv[0].startswith("-") else None
+    ranks = 1
+    if "--ranks" in argv:
+        at = argv.index("--ranks")
+        ranks = int(argv[at + 1])
+        del argv[at:at + 2]
+    if ranks > 1 and detect_launch_env().world_size == 1:
+        command = launcher_command(config, argv, ranks)
+        print("[ds-vicuna] launching: " + " ".join(command), flush=True)
+        return subprocess.call(command)
+    return main(([config] if config else []) + argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""`ds-vicuna eval answer`: answers to a question set, from a local checkpoint or an OpenAI-compatible endpoint.
+
+    ds-vicuna eval answer --questions vicuna_80 --model embedded --out answers/smollm2.jsonl
+    ds-vicuna eval answer --questions vicuna_80 --base-url http://127.0.0.1:8000/v1 --api-model my-model \
+        --workers 8 --out answers/my-model.jsonl
+
+Output is FastChat's answer format, one record per question, appended and flushed as each question finishes:
+`{"question_id", "answer_id", "model_id", "text"}` for a single-turn question, `choices: [{"index": 0,
+"turns": [...]}]` for a multi-turn one. Questions already in the output file are skipped, so an interrupted
+run is resumed by running it again. Multi-turn questions are answered turn by turn, each reply fed back.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+from ds_vicuna.eval.judge_client import ChatClient, map_concurrent
+from ds_vicuna.eval.questions import Question
+from ds_vicuna.eval.records import AppendWriter, RecordError, iter_jsonl
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Answer:
+    question_id: int | str
+    model_id: str
+    turns: tuple[str, ...]
+
+
+@dataclass
+class AnswerStats:
+    written: int = 0
+    skipped: int = 0
+    """Already in the output file (resume)."""
+    failed: int = 0
+    """Not written because generation failed; a rerun retries them."""
+
+
+class AnswerBackend(Protocol):
+    def generate(self, conversations: Sequence[list[dict]]) -> list[str | None]:
+        """One reply per conversation (each ends with the user's turn); None where generation failed."""
+
+
+def load_answers(path: str | Path) -> dict[int | str, Answer]:
+    """Read a FastChat answer file (`text` or `choices[0].turns`) keyed by question_id.
+
+    Raises:
+        RecordError: a record without a question_id, model_id or answer text, or a duplicate id; names file:line.
+    """
+    answers: dict = {}
+    for line, record in iter_jsonl(path, allow_torn_tail=True):
+        where = f"{path}:{line}"
+        qid = record.get("question_id")
+        if isinstance(qid, bool) or not isinstance(qid, (int, str)):
+            raise RecordError(f"{where}:question_id: expected an integer or string, got {qid!r}")
+        model_id = record.get("model_id")
+        if not isinstance(model_id, str) or not model_id:
+            raise RecordError(f"{where}:model_id: expected a non-empty string, got {model_id!r}")
+        if qid in answers:
+            raise RecordError(f"{where}:question_id: duplicate answer for {qid!r}")
+        answers[qid] = Answer(qid, model_id, _answer_turns(record, where))
+    return answers
+
+
+def _answer_turns(record: dict, where: str) -> tuple[str, ...]:
+    if "choices" in record:
+        try:
+            turns = record["choices"][0]["turns"]
+        except (TypeError, KeyError, IndexError):
+            raise RecordError(f"{where}:choices: expected [{{\"index\": 0, \"turns\": [...]}}]") from None
+        if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+            raise RecordError(f"{where}:choices[0].turns: expected a list of strings")
+        return tuple(turns)
+    if not isinstance(record.get("text"), str):
+        raise RecordError(f"{where}:text: expected the answer text (or choices[0].turns)")
+    return (record["text"],)
+
+
+def answer_record(question: Question, model_id: str, turns: list[str]) -> dict:
+    """The FastChat answer record for one question."""
+    record = {"question_id": question.question_id, "answer_id": uuid.uuid4().hex, "model_id": model_id}
+    if question.multi_turn:
+        record["choices"] = [{"index": 0, "turns": turns}]
+    else:
+        record["text"] = turns[0]
+    record["tstamp"] = round(time.time(), 3)
+    return record
+
+
+def run_answers(questions: Sequence[Question], backend: AnswerBackend, out_path: str | Path, model_id: str,
+                chunk_size: int = 8, progress: bool = True) -> AnswerStats:
+    """Answer every question not yet in `out_path`, `chunk_size` questions per backend call, turn by turn."""
+    done = set(load_answers(out_path)) if Path(out_path).is_file() else set()
+    pending = [q for q in questions if q.question_id not in done]
+    pending.sort(key=lambda q: len(q.turns[0]))  # similar lengths per batch: less padding
+    stats = AnswerStats(skipped=len(questions) - len(pending))
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(pending), desc=f"answer {model_id}", unit="q", disable=not progress)
+    with AppendWriter(out_path) as writer:
+        for start in range(0, len(pending), chunk_size):
+            chunk = pending[start:start + chunk_size]
+            for question, turns in zip(chunk, _answer_chunk(chunk, backend)):
+                if turns is None:
+                    stats.failed += 1
+                    continue
+                writer.write(answer_record(question, model_id, turns))
+                stats.written += 1
+            bar.update(len(chunk))
+    bar.close()
+    return stats
+
+
+def _answer_chunk(chunk: list[Question], backend: AnswerBackend) -> list[list[str] | None]:
+    """Turn t of every question that has it, in one backend call per turn; None marks a failed question."""
+    replies: list[list[str] | None] = [[] for _ in chunk]
+    for turn in range(max(len(q.turns) for q in chunk)):
+        active = [i for i, q in enumerate(chunk) if len(q.turns) > turn and replies[i] is not None]
+        if not active:
+            break
+        conversations = [_conversation(chunk[i], replies[i], turn) for i in active]
+        for i, text in zip(active, backend.generate(conversations)):
+            if text is None:
+                replies[i] = None
+            else:
+                replies[i].append(text)
+    return replies
+
+
+def _conversation(question: Question, replies: list[str], turn: int) -> list[dict]:
+    messages = []
+    for asked, reply in zip(question.turns[:turn], replies):
+        messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": reply}]
+    return messages + [{"role": "user", "content": question.turns[turn]}]
+
+
+@dataclass
+class ApiBackend:
+    """Replies from an OpenAI-compatible endpoint, `workers` requests in flight."""
+
+    client: ChatClient
+    max_tokens: int = 1024
+    temperature: float = 0.7
+    workers: int = 4
+
+    def generate(self, conversations: Sequence[list[dict]]) -> list[str | None]:
+        def call(index: int) -> str:
+            return self.client.complete(conversations[index], max_tokens=self.max_tokens,
+                                        temperature=self.temperature)
+
+        out: list[str | None] = [None] * len(conversations)
+        for index, text, error in map_concurrent(call, range(len(conversations)), self.workers):
+            if error is not None:
+                log.warning("answer failed (will be retried on the next run): %s", error)
+            out[index] = text
+        return out
+
+
+class LocalBackend:
+    """Batched, left-padded `generate` from a local Hugging Face checkpoint (or `embedded`).
+
+    The prompt is built by the same encoder training used (`ds_vicuna.encoding`), with the template the
+    checkpoint names in its `ds_vicuna.json`; generation stops at the template's stop strings.
+    """
+
+    def __init__(self, model: str, max_new_tokens: int = 512, temperature: float = 0.0, device: str | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ds_vicuna.encoding import get_encoder
+        from ds_vicuna.model_meta import read_model_meta
+        from ds_vicuna.models import resolve_model_path
+
+        path = resolve_model_path(model)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.encoder = get_encoder(self.tokenizer, read_model_meta(path)["template"])
+        self.stops = [s for s in self.encoder.stop_strings() if s]
+        self.stop_ids, self.stop_texts = _split_stops(self.tokenizer, self.stops)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.tokenizer.eos_token_id
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+
+    def generate(self, conversations: Sequence[list[dict]]) -> list[str | None]:
+        import torch
+
+        prompts = [self.encoder.encode_prompt(c) for c in conversations]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])  # (B, T) left-padded
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # (B, T)
+        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 \
+            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        with torch.no_grad():
+            out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                                      max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
+                                      eos_token_id=self.stop_ids, stop_strings=self.stop_texts or None,
+                                      tokenizer=self.tokenizer, **sampling)
+        return [self._reply(row[width:].tolist()) for row in out]  # row: (T + new,)
+
+    def _reply(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        cut_at = [self.tokenizer.eos_token, self.tokenizer.pad_token, *self.stops]
+        ends = [text.find(s) for s in cut_at if s and s in text]
+        return (text[:min(ends)] if ends else text).strip()
+
+
+def _split_stops(tokenizer, stops: list[str]) -> tuple[list[int], list[str]]:
+    """Stops that are one vocabulary token become eos ids (checked per step for free); the rest stay strings
+    for transformers' StopStringCriteria, which costs a scan per step."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    texts = []
+    for stop in stops:
+        token_id = tokenizer.convert_tokens_to_ids(stop)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and \
+                tokenizer.convert_ids_to_tokens(token_id) == stop:
+            ids.append(token_id)
+        else:
+            texts.append(stop)
+    return sorted(set(ids)), texts

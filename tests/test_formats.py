@@ -1,0 +1,115 @@
+"""ds_vicuna.formats: ShareGPT/OpenAI JSON(L) in, ShareGPT JSONL out, every bad record named or counted."""
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from ds_vicuna.formats import (BadRecord, Conversation, FormatError, conversation_to_sharegpt, iter_records,
+                               load_conversations, write_conversations)
+from ds_vicuna.messages import Message, Role
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_sharegpt_json_list_normalises_every_speaker_name(tmp_path):
+    records = [{"id": "x1", "conversations": [{"from": "system", "value": "Be brief."},
+                                              {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+                                              {"from": "user", "value": "And?"}, {"from": "chatgpt", "value": "A"},
+                                              {"from": "human", "value": "B?"}, {"from": "bing", "value": "B"},
+                                              {"from": "human", "value": "C?"}, {"from": "bard", "value": "C"}]}]
+    path = _write(tmp_path / "d.json", "  \n" + json.dumps(records))
+    [conv] = load_conversations(path)
+    assert conv.id == "x1"
+    assert [m.role for m in conv.messages] == [Role.SYSTEM] + [Role.USER, Role.ASSISTANT] * 4
+    assert conv.messages[2] == Message(Role.ASSISTANT, "Hello")
+
+
+def test_openai_jsonl_gets_positional_ids(tmp_path):
+    lines = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+             {"id": 7, "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}]}]
+    path = _write(tmp_path / "chat.jsonl", "\n".join(json.dumps(r) for r in lines) + "\n\n")
+    convs = load_conversations(path)
+    assert [c.id for c in convs] == ["chat-1", "7"]
+    assert convs[0].messages == [Message(Role.USER, "2+2?"), Message(Role.ASSISTANT, "4")]
+
+
+def test_write_then_load_round_trips_unicode_and_ids(tmp_path):
+    convs = [Conversation("é-1", [Message(Role.SYSTEM, "Sé bref."), Message(Role.USER, "¿Qué?\n  x"),
+                                  Message(Role.ASSISTANT, "```py\nprint('ü')\n```")])]
+    path = tmp_path / "out" / "c.jsonl"
+    assert write_conversations(path, convs) == 1
+    assert load_conversations(path) == convs
+    line = path.read_text(encoding="utf-8").splitlines()[0]
+    assert json.loads(line) == conversation_to_sharegpt(convs[0])
+    assert json.loads(line)["conversations"][1] == {"from": "human", "value": "¿Qué?\n  x"}
+    assert not list(path.parent.glob("*.partial"))
+
+
+def test_iter_records_yields_lines_and_indexes(tmp_path):
+    jsonl = _write(tmp_path / "a.jsonl", '{"a": 1}\n\n{"a": 2}\n')
+    assert list(iter_records(jsonl)) == [(1, {"a": 1}), (3, {"a": 2})]
+    lst = _write(tmp_path / "a.json", '[{"a": 1}, {"a": 2}]')
+    assert list(iter_records(lst)) == [(0, {"a": 1}), (1, {"a": 2})]
+
+
+def test_malformed_jsonl_line_names_file_and_line():
+    with pytest.raises(FormatError, match=r"bad_line\.jsonl:2:\d+: malformed JSON") as err:
+        load_conversations(ASSETS / "bad_line.jsonl")
+    assert err.value.reason is BadRecord.MALFORMED_JSON
+    skips = Counter()
+    convs = load_conversations(ASSETS / "bad_line.jsonl", skip_bad=True, skips=skips)
+    assert [c.id for c in convs] == ["a", "bad_line-3"]
+    assert skips == {BadRecord.MALFORMED_JSON: 1}
+
+
+def test_malformed_json_list_names_position_and_is_never_skipped(tmp_path):
+    path = _write(tmp_path / "broken.json", '[\n  {"id": "a",\n   "conversations": [}\n]')
+    for skip_bad in (False, True):
+        with pytest.raises(FormatError, match=r"broken\.json:3:\d+: malformed JSON"):
+            load_conversations(path, skip_bad=skip_bad)
+
+
+@pytest.mark.parametrize("record_id, reason, pattern", [
+    (1, BadRecord.UNKNOWN_ROLE, r"record 1: conversations\[1\]\.from: unknown role 'robot'"),
+    (2, BadRecord.NON_STRING, r"record 2: conversations\[1\]\.value: expected a string, got int"),
+    (3, BadRecord.MISSING_FIELD, r"record 3: conversations\[0\]: missing field 'value'"),
+    (4, BadRecord.MISSING_FIELD, r"record 4: missing field 'conversations' or 'messages'"),
+    (5, BadRecord.NOT_AN_OBJECT, r"record 5: expected a JSON object, got str"),
+])
+def test_bad_record_error_names_file_record_and_field(tmp_path, record_id, reason, pattern):
+    records = json.loads((ASSETS / "bad_records.json").read_text())
+    path = _write(tmp_path / "bad.json", json.dumps([records[0]] * record_id + [records[record_id]]))
+    with pytest.raises(FormatError, match=r"bad\.json: " + pattern) as err:
+        load_conversations(path)
+    assert err.value.reason is reason
+
+
+def test_skip_bad_counts_each_reason():
+    skips = Counter()
+    convs = load_conversations(ASSETS / "bad_records.json", skip_bad=True, skips=skips)
+    assert [c.id for c in convs] == ["ok"]
+    assert skips == {BadRecord.UNKNOWN_ROLE: 1, BadRecord.NON_STRING: 1, BadRecord.MISSING_FIELD: 2,
+                     BadRecord.NOT_AN_OBJECT: 1}
+
+
+def test_unknown_role_in_jsonl_names_the_line(tmp_path):
+    path = _write(tmp_path / "r.jsonl", '{"messages": [{"role": "user", "content": "a"}]}\n'
+                                         '{"messages": [{"role": "tool", "content": "b"}]}\n')
+    with pytest.raises(FormatError, match=r"r\.jsonl:2: messages\[0\]\.role: unknown role 'tool'"):
+        load_conversations(path)
+
+
+@pytest.mark.parametrize("text", ["", "  \n\n"])
+def test_empty_file_is_an_error_or_counted(tmp_path, text):
+    path = _write(tmp_path / "empty.jsonl", text)
+    with pytest.raises(FormatError, match=r"empty\.jsonl: the file is empty"):
+        load_conversations(path)
+    skips = Counter()
+    assert load_conversations(path, skip_bad=True, skips=skips) == []
+    assert skips == {BadRecord.EMPTY_FILE: 1}

@@ -1,0 +1,38 @@
+"""The loss is the mean over all assistant tokens of the optimizer step, whatever micro-batch/accumulation/ranks."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_llama import REPO, deepspeed_command, make_tiny_model, run_checked, write_conversations
+
+pytestmark = pytest.mark.slow
+
+
+def write_config(tmp_path: Path) -> Path:
+    model = make_tiny_model(tmp_path / "model")
+    data = write_conversations(tmp_path / "train.jsonl", n=8, seed=1)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model: {{name_or_path: {model}}}\n"
+                   f"data: {{train_path: {data}, max_length: 512, batching: group}}\n"
+                   f"train: {{output_dir: {tmp_path / 'out'}, deepspeed: {REPO / 'ds_configs/zero3.json'}, "
+                   "learning_rate: 1.0e-3, warmup_ratio: 0.0, epochs: 1}\n")
+    return cfg
+
+
+def test_micro_batching_accumulation_and_ranks_give_the_same_step(tmp_path):
+    cfg = write_config(tmp_path)
+    script = REPO / "tests/scripts/grad_check.py"
+    run_checked([sys.executable, str(script), str(cfg), str(tmp_path / "one.pt"), "4x1", "1x4"])
+    run_checked(deepspeed_command(2, script, cfg, tmp_path / "two.pt", "1x2"))
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    reference = one["4x1"]
+    lengths = {r["tokens"] for r in (one["4x1"], one["1x4"], two["1x2"])}
+    assert len(lengths) == 1 and reference["tokens"] > 0
+    for name, other in (("micro 1 x GAS 4", one["1x4"]), ("2 ranks x micro 1 x GAS 2", two["1x2"])):
+        assert other["loss"] == pytest.approx(reference["loss"], rel=1e-5), name
+        assert other["grads"].keys() == reference["grads"].keys()
+        for key, grad in reference["grads"].items():
+            assert grad.abs().sum() > 0, key
+            torch.testing.assert_close(other["grads"][key], grad, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")

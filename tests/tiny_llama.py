@@ -1,0 +1,90 @@
+"""Tiny fixtures for trainer tests: a 400-piece sentencepiece tokenizer, a 2-layer Llama, a few conversations.
+
+    from tiny_llama import make_tiny_model, write_conversations
+    model_dir = make_tiny_model(tmp_path / "model")      # config.json, model.safetensors, tokenizer
+    data = write_conversations(tmp_path / "train.jsonl", n=32, seed=0)
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("alpha beta gamma delta apple river stone cloud music paper light table window garden yellow "
+         "purple quick slow happy quiet tiger horse eagle seven eleven twenty forty vicuna chat model").split()
+
+
+def _corpus(path: Path) -> None:
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) for _ in range(400)]
+    lines += ["USER: ASSISTANT: A chat between a curious user and an artificial intelligence assistant."] * 20
+    path.write_text("\n".join(lines) + "\n")
+
+
+def make_tiny_model(folder: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+    """A random-init Llama (hidden 64, 2 layers) with a trained sentencepiece tokenizer, saved HF-style."""
+    import sentencepiece as spm
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    _corpus(corpus)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0,
+                                   pad_id=-1, minloglevel=2)
+    corpus.unlink()
+    tokenizer = LlamaTokenizer.from_pretrained(str(folder))
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def write_conversations(path: Path, n: int = 32, seed: int = 0, max_words: int = 30) -> Path:
+    """ShareGPT JSONL conversations of skewed lengths (one or two turns)."""
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for i in range(n):
+            turns = []
+            for _ in range(rng.choice((1, 1, 2))):
+                turns.append({"from": "human", "value": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))})
+                turns.append({"from": "gpt", "value": " ".join(rng.choice(WORDS)
+                                                              for _ in range(rng.randint(1, max_words)))})
+            fh.write(json.dumps({"id": f"c{i}", "conversations": turns}) + "\n")
+    return Path(path)
+
+
+def subprocess_env() -> dict:
+    """Environment for launched trainers: shared CPU-Adam build, quiet, no GPU, repo importable."""
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
+    env.update({"CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": str(REPO) + os.pathsep + str(REPO / "tests") + os.pathsep + env.get("PYTHONPATH", "")})
+    return env
+
+
+def deepspeed_command(num_ranks: int, script: str | Path, *args: str, port: int | None = None) -> list[str]:
+    """The real `deepspeed --num_gpus N script args` launcher (its runner module, so any venv works), free port."""
+    from ds_vicuna.launch_env import free_port
+
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks), "--master_port", str(port or free_port()),
+            str(script), *map(str, args)]
+
+
+def run_checked(cmd: list[str], timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command; on failure raise with the last of its output so the test log shows why."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), **kwargs)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
