@@ -72,11 +72,13 @@ def stack():
     controller = f"http://127.0.0.1:{controller_port}"
     second = subprocess.Popen([sys.executable, "-u", "-m", "ds_vicuna.serve", "worker", "--model", "embedded",
                                "--controller", controller, "--port", "0", "--worker-secret", SECRET,
-                               "--heartbeat-interval", "0.5"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--heartbeat-interval", "0.5", "--torch-threads", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         proc, lines = start(["all", "--model", "embedded", "--port", str(port), "--controller-port",
                              str(controller_port), "--api-key", KEY, "--worker-secret", SECRET, "--heartbeat-expiry",
-                             str(EXPIRY), "--heartbeat-interval", "0.5", "--max-content-length", str(BODY_LIMIT)],
+                             str(EXPIRY), "--heartbeat-interval", "0.5", "--max-content-length", str(BODY_LIMIT),
+                             "--torch-threads", "1"],
                             ready="ds-vicuna API ready at")
     except Exception:
         second.kill()
