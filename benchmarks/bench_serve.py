@@ -147,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     base, model = (args.base_url.rstrip("/"), args.model) if stack is None else (stack.base, stack.model)
     try:
         one_request(base, model, "Hello", 4, headers)  # warm-up
-        batched = [run_level(base, model, c, args.max_tokens, headers) for c in args.concurrency]
+        batched = []
+        for concurrency in args.concurrency:
+            batched.append(run_level(base, model, concurrency, args.max_tokens, headers))
+            print(f"  concurrency {concurrency}: {batched[-1]}", flush=True)
     finally:
         if stack is not None:
             stack.close()

@@ -81,6 +81,8 @@ def _worker_args(p) -> None:
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="waiting + running requests before 429")
     p.add_argument("--heartbeat-interval", type=float, default=2.0)
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="CPU threads for torch (default: torch's choice; use 1 per worker when several share cores)")
 
 
 def _api_args(p) -> None:
@@ -120,6 +122,10 @@ def _build_worker(args, controller_url: str | None, server_url: str, secret: str
 
     from ds_vicuna.serve.worker import Worker, load_model
 
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     loaded = load_model(args.model, args.template, args.model_name)
     return Worker(loaded, server_url, controller_url, requests, args.max_batch_size, args.max_queue, secret,
                   args.heartbeat_interval)

@@ -1,8 +1,6 @@
 """Batched generation engine: incremental UTF-8-safe text, stop strings, and batch == one-at-a-time."""
 from __future__ import annotations
 
-import pytest
-
 from ds_vicuna.serve.engine import BatchEngine, GenerationJob, IncrementalText, SamplingParams
 
 
@@ -47,16 +45,27 @@ def collect(job: GenerationJob):
     return "".join(parts), done
 
 
-@pytest.mark.slow
-def test_batched_and_joining_rows_match_one_at_a_time(smol_tokenizer):
-    """Greedy answers are identical whether prompts of different lengths run together or alone."""
-    from ds_vicuna.serve.worker import load_model
+def tiny_llama(tokenizer):
+    """A random 2-layer Llama over the SmolLM2 vocabulary: exact batching checks need any model, not a good one."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    loaded = load_model("embedded")
-    engine = BatchEngine(loaded.model, loaded.tokenizer, loaded.stop_token_ids, max_batch_size=4)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_batched_and_joining_rows_match_one_at_a_time(smol_tokenizer):
+    """Greedy answers are identical whether prompts of different lengths run together, join later, or run alone."""
+    from ds_vicuna.encoding import get_encoder
+
+    encoder = get_encoder(smol_tokenizer, "tokenizer")
+    engine = BatchEngine(tiny_llama(smol_tokenizer), smol_tokenizer, [smol_tokenizer.eos_token_id],
+                         max_batch_size=4)
     questions = ["What is the capital of France?", "Hi", "Name three colours of the rainbow, please."]
-    prompts = [loaded.encoder.encode_prompt([{"role": "user", "content": q}]) for q in questions]
-    params = [SamplingParams(max_tokens=m, temperature=0.0) for m in (6, 3, 8)]
+    prompts = [encoder.encode_prompt([{"role": "user", "content": q}]) for q in questions]
+    params = [SamplingParams(max_tokens=m, temperature=0.0) for m in (6, 3, 8)]  # different lengths
     batch = [GenerationJob(p, s) for p, s in zip(prompts, params)]
     engine.run_batch(batch)
     together = [collect(j) for j in batch]
@@ -76,9 +85,8 @@ def test_batched_and_joining_rows_match_one_at_a_time(smol_tokenizer):
     while engine.active:
         engine.step()
     assert [collect(j) for j in staggered] == alone
-    assert all(text.strip() for text, _ in together)
-    assert [d["completion_tokens"] for _, d in together] == [6, 3, 8] or any(
-        d["finish_reason"] == "stop" for _, d in together)
+    assert [d["completion_tokens"] for _, d in together] == [6, 3, 8]
+    assert all(d["finish_reason"] == "length" for _, d in together)
     # seeded sampling is reproducible inside a batch
     seeded = [GenerationJob(prompts[0], SamplingParams(max_tokens=5, temperature=1.0, top_p=0.9, seed=7))
               for _ in range(2)]

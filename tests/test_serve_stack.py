@@ -1,7 +1,8 @@
 """The real stack in real processes on 127.0.0.1 with the embedded model.
 
 `python -m ds_vicuna.serve all` (= `ds-vicuna serve all`) runs controller + worker + API; a second
-`serve worker` joins for the failover test. Tests run in file order; the failover test kills a worker, so it is last.
+`serve worker` process joins the same controller (both load at once). Tests run in file order; the failover test
+kills the second worker by PID, so it is last.
 """
 from __future__ import annotations
 
@@ -68,12 +69,25 @@ def stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def stack():
     port, controller_port = free_port(), free_port()
-    proc, lines = start(["all", "--model", "embedded", "--port", str(port), "--controller-port", str(controller_port),
-                         "--api-key", KEY, "--worker-secret", SECRET, "--heartbeat-expiry", str(EXPIRY),
-                         "--heartbeat-interval", "0.5", "--max-content-length", str(BODY_LIMIT)],
-                        ready="ds-vicuna API ready at")
-    yield {"base": f"http://127.0.0.1:{port}", "controller": f"http://127.0.0.1:{controller_port}", "lines": lines}
+    controller = f"http://127.0.0.1:{controller_port}"
+    second = subprocess.Popen([sys.executable, "-u", "-m", "ds_vicuna.serve", "worker", "--model", "embedded",
+                               "--controller", controller, "--port", "0", "--worker-secret", SECRET,
+                               "--heartbeat-interval", "0.5", "--torch-threads", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc, lines = start(["all", "--model", "embedded", "--port", str(port), "--controller-port",
+                             str(controller_port), "--api-key", KEY, "--worker-secret", SECRET, "--heartbeat-expiry",
+                             str(EXPIRY), "--heartbeat-interval", "0.5", "--max-content-length", str(BODY_LIMIT),
+                             "--torch-threads", "1"],
+                            ready="ds-vicuna API ready at")
+    except Exception:
+        second.kill()
+        raise
+    yield {"base": f"http://127.0.0.1:{port}", "controller": controller, "lines": lines, "second": second}
     stop(proc)
+    if second.poll() is None:
+        second.kill()
+    second.wait(10)
 
 
 def headers(key: str | None = KEY) -> dict:
@@ -208,26 +222,23 @@ def controller_workers(stack) -> list[str]:
 
 
 def test_killed_worker_is_dropped_and_requests_keep_succeeding(stack):
-    proc, _ = start(["worker", "--model", "embedded", "--controller", stack["controller"], "--port", "0",
-                     "--worker-secret", SECRET, "--heartbeat-interval", "0.5"], ready="ds-vicuna worker ready at")
-    try:
-        assert len(controller_workers(stack)) == 2
-        with ThreadPoolExecutor(6) as pool:
-            futures = [pool.submit(requests.post, f"{stack['base']}/v1/chat/completions", headers=headers(),
-                                   json=chat_body(f"Count to {i}."), timeout=300) for i in range(6)]
-            time.sleep(1.0)  # requests are queued on both workers now
-            os.kill(proc.pid, signal.SIGKILL)
-            killed_at = time.monotonic()
-            replies = [f.result() for f in futures]
-        assert [r.status_code for r in replies] == [200] * 6, [r.text for r in replies]
-        while len(controller_workers(stack)) != 1:
-            assert time.monotonic() - killed_at < EXPIRY + 5, "the controller kept the dead worker"
-            time.sleep(0.2)
-        for i in range(4):
-            reply = requests.post(f"{stack['base']}/v1/chat/completions", headers=headers(),
-                                  json=chat_body(f"Say {i}."), timeout=120)
-            assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+    second = stack["second"]
+    deadline = time.monotonic() + 240
+    while len(controller_workers(stack)) < 2:  # the second worker registers once its model is loaded
+        assert second.poll() is None and time.monotonic() < deadline, "the second worker never registered"
+        time.sleep(0.5)
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(requests.post, f"{stack['base']}/v1/chat/completions", headers=headers(),
+                               json=chat_body(f"Count to {i}.", max_tokens=6), timeout=300) for i in range(6)]
+        time.sleep(1.0)  # requests are running on both workers now
+        os.kill(second.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        replies = [f.result() for f in futures]
+    assert [r.status_code for r in replies] == [200] * 6, [r.text for r in replies]
+    while len(controller_workers(stack)) != 1:
+        assert time.monotonic() - killed_at < EXPIRY + 5, "the controller kept the dead worker"
+        time.sleep(0.2)
+    for i in range(3):
+        reply = requests.post(f"{stack['base']}/v1/chat/completions", headers=headers(),
+                              json=chat_body(f"Say {i}.", max_tokens=4), timeout=120)
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
