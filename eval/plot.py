@@ -41,15 +41,15 @@ def plot_all(summaries: list[dict], out_dir: str | Path) -> list[Path]:
         raise ValueError("nothing to plot: no pairwise summaries")
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / name for name in PLOT_FILES]
     for draw, path in zip((plot_relative_quality, plot_win_tie_loss, plot_category_scores), paths):
         fig = draw(summaries)
         fig.savefig(path, dpi=120, bbox_inches="tight")
-        import matplotlib.pyplot as plt
-
         plt.close(fig)
     return paths
 
