@@ -93,6 +93,10 @@ def cmd_answer(args) -> int:
         backend = LocalBackend(args.model, max_new_tokens=args.max_tokens, temperature=args.temperature)
         model_id, chunk = args.model_id or _local_model_id(args.model), args.batch_size
     else:
+        if not args.api_model:
+            print("error: give --model (a local checkpoint or 'embedded') or --api-model with --base-url",
+                  file=sys.stderr)
+            return 2
         client = _client(args)
         backend = ApiBackend(client, args.max_tokens, args.temperature, args.workers)
         model_id, chunk = args.model_id or client.model, max(args.batch_size, 4 * args.workers)

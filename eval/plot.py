@@ -41,15 +41,15 @@ def plot_all(summaries: list[dict], out_dir: str | Path) -> list[Path]:
         raise ValueError("nothing to plot: no pairwise summaries")
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / name for name in PLOT_FILES]
     for draw, path in zip((plot_relative_quality, plot_win_tie_loss, plot_category_scores), paths):
         fig = draw(summaries)
         fig.savefig(path, dpi=120, bbox_inches="tight")
-        import matplotlib.pyplot as plt
-
         plt.close(fig)
     return paths
 
@@ -71,18 +71,23 @@ def plot_relative_quality(summaries: list[dict]):
     references = list(dict.fromkeys(s["model_1"] for s in summaries))
     labels = [f"{m} (reference)" for m in references] + [_pair_label(s, summaries) for s in summaries]
     values = [100.0] * len(references) + [s.get("relative_score") or 0.0 for s in summaries]
-    notes = [""] * len(references) + [f"{s['score_2']:g}/{s['score_1']:g}" for s in summaries]
+    notes = ["100%"] * len(references) + [_relative_note(s) for s in summaries]
     colors = [COLORS["model_1"]] * len(references) + [COLORS["model_2"]] * len(summaries)
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(labels) + 1.5))
     bars = ax.barh(labels[::-1], values[::-1], color=colors[::-1])
-    for bar, value, note in zip(bars, values[::-1], notes[::-1]):
-        ax.text(bar.get_width() + 1, bar.get_y() + bar.get_height() / 2, f"{value:.0f}%  {note}".strip(),
-                va="center", fontsize=9)
+    for bar, note in zip(bars, notes[::-1]):
+        ax.text(bar.get_width() + 1, bar.get_y() + bar.get_height() / 2, note, va="center", fontsize=9)
     ax.set_xlim(0, max(values + [100]) * 1.25)
     ax.set_xlabel("total score relative to the reference model (%)")
     ax.set_title(f"Relative response quality assessed by {_judges(summaries)}")
     ax.axvline(100, color="#444", linewidth=0.8, linestyle="--")
     return fig
+
+
+def _relative_note(s: dict) -> str:
+    if s.get("relative_score") is None:
+        return f"n/a: no scored questions ({s['unparsed']} judgments unparsed)"
+    return f"{s['relative_score']:.0f}%  {s['score_2']:g}/{s['score_1']:g}"
 
 
 def plot_win_tie_loss(summaries: list[dict]):

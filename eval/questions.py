@@ -73,9 +73,13 @@ def parse_question(record: dict, where: str) -> Question:
         raise QuestionError(f"{where}:category: expected a non-empty string, got {category!r}")
     if ("text" in record) == ("turns" in record):
         raise QuestionError(f"{where}:text: give exactly one of 'text' (single turn) or 'turns' (multi-turn)")
-    field = "text" if "text" in record else "turns"
-    turns = [record["text"]] if field == "text" else record["turns"]
-    _check_strings(turns, f"{where}:{field}")
+    if "text" in record:
+        if not isinstance(record["text"], str) or not record["text"].strip():
+            raise QuestionError(f"{where}:text: expected a non-empty string, got {record['text']!r}")
+        turns = [record["text"]]
+    else:
+        turns = record["turns"]
+        _check_strings(turns, f"{where}:turns")
     reference = record.get("reference")
     if reference is not None:
         reference = [reference] if isinstance(reference, str) else reference

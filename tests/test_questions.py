@@ -29,6 +29,7 @@ def test_bundled_mt_bench_mini_two_turns_with_math_references():
     ({"question_id": 2, "category": "x"}, ":2:text"),
     ({"question_id": 2, "category": "x", "text": "a", "turns": ["a"]}, ":2:text"),
     ({"question_id": 2, "category": "x", "turns": ["a", ""]}, ":2:turns[1]"),
+    ({"question_id": 2, "category": "x", "text": 5}, ":2:text: expected a non-empty string"),
     ({"question_id": 2, "category": "x", "turns": ["a", "b"], "reference": ["r"]}, ":2:reference"),
     ({"question_id": 1, "category": "x", "text": "dup"}, ":2:question_id: duplicate"),
 ])
