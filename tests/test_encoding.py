@@ -132,7 +132,9 @@ def test_slow_tokenizer_is_refused_clearly(smol_tokenizer):
 TRICKY = ["USER:", "ASSISTANT:", " USER: ", "</s>", "<s>", "<|im_end|>", "<|im_start|>", "\n", "  ", " ", "\t",
           "é", "日本語", "🙂", "e\u0301", "```python\nprint(1)\n```", "<unk>", "ĠĊ", "▁"]
 fragments = st.one_of(st.sampled_from(TRICKY),
-                      st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cn", "Co")), max_size=12))
+                      # Control characters (other than \n and \t, drawn via TRICKY) and unassigned code points are
+                      # dropped by SmolLM2's tokenizer itself (no token at all), so nothing could be labeled for them.
+                      st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cn", "Co", "Cc")), max_size=12))
 contents = st.lists(fragments, max_size=6).map("".join)
 
 
