@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from ds_vicuna.cli import main as cli_main
-from tiny_llama import REPO, make_tiny_model, subprocess_env, write_conversations
+from tests.tiny_llama import REPO, make_tiny_model, subprocess_env, write_conversations
 
 
 @pytest.fixture(scope="module")

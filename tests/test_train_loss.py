@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_llama import REPO, deepspeed_command, make_tiny_model, run_checked, write_conversations
+from tests.tiny_llama import REPO, deepspeed_command, make_tiny_model, run_checked, write_conversations
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ from ds_vicuna.checkpoint import CheckpointError
 from ds_vicuna.config import load_config
 from ds_vicuna.train import (build_model_config, check_resume_compatible, pick_attn_implementation, plot_loss,
                              samples_of, split_argv, step_batches)
-from tiny_llama import make_tiny_model
+from tests.tiny_llama import make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Tiny fixtures for trainer tests: a 400-piece sentencepiece tokenizer, a 2-layer Llama, a few conversations.
 
-    from tiny_llama import make_tiny_model, write_conversations
+    from tests.tiny_llama import make_tiny_model, write_conversations
     model_dir = make_tiny_model(tmp_path / "model")      # config.json, model.safetensors, tokenizer
     data = write_conversations(tmp_path / "train.jsonl", n=32, seed=0)
 """
