@@ -45,6 +45,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_batching.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) .torch_extensions .pytest_cache

@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ds_vicuna.checkpoint import (CheckpointError, TrainingProgress, load_checkpoint, resolve_resume,
