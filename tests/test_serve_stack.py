@@ -227,11 +227,15 @@ def test_killed_worker_is_dropped_and_requests_keep_succeeding(stack):
     while len(controller_workers(stack)) < 2:  # the second worker registers once its model is loaded
         assert second.poll() is None and time.monotonic() < deadline, "the second worker never registered"
         time.sleep(0.5)
+    first_worker = next(line for line in stack["lines"] if line.startswith("controller at")).split()[4]
+    second_address = next(a for a in controller_workers(stack) if a != first_worker)
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(requests.post, f"{stack['base']}/v1/chat/completions", headers=headers(),
-                               json=chat_body(f"Count to {i}.", max_tokens=6), timeout=300) for i in range(6)]
-        time.sleep(1.0)  # requests are running on both workers now
-        os.kill(second.pid, signal.SIGKILL)
+                               json=chat_body(f"Count to {i}.", max_tokens=32), timeout=300) for i in range(6)]
+        while requests.get(f"{second_address}/worker_status", timeout=10).json()["queue_length"] == 0:
+            assert not any(f.done() for f in futures), "no request reached the second worker"
+            time.sleep(0.05)
+        os.kill(second.pid, signal.SIGKILL)  # with requests in flight on it
         killed_at = time.monotonic()
         replies = [f.result() for f in futures]
     assert [r.status_code for r in replies] == [200] * 6, [r.text for r in replies]
