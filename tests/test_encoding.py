@@ -194,7 +194,6 @@ def check_properties(tokenizer, template, messages):
         if not any(m["content"][:1].isspace() for m in replies):
             reference = tokenizer.apply_chat_template(messages, chat_template=jinja, tokenize=True, return_dict=False)
             assert ids == list(reference)
-        if messages[-1]["role"] == "assistant":
             prompt = tokenizer.apply_chat_template(messages[:-1], chat_template=jinja, tokenize=True,
                                                    add_generation_prompt=True, return_dict=False)
             assert encoder.encode_prompt(messages[:-1]) == list(prompt)
