@@ -85,6 +85,8 @@ def make_handler(state: FakeJudgeState):
 
         def _send(self, status: int, body: dict, headers: dict | None = None) -> None:
             data = json.dumps(body).encode()
+            # counted before the reply goes out: a client that has its answer must find it counted
+            state.count(status)
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -95,7 +97,6 @@ def make_handler(state: FakeJudgeState):
                 self.wfile.write(data)
             except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
                 return
-            state.count(status)
 
         def do_GET(self):
             if self.path == "/health":
