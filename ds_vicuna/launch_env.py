@@ -128,3 +128,15 @@ def init_distributed(launch: LaunchEnv | None = None) -> LaunchEnv:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    rank=launch.rank, world_size=launch.world_size, timeout=timeout)
     return launch
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group together (barrier, then destroy) so no rank exits while a peer still talks to it.
+
+    Call on the success path only: after an error a barrier would wait for the collective timeout.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -31,7 +31,8 @@ class PreemptionGuard:
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS, install: bool = True):
         self.signals = signals
         self.requested = False
-        self.received: signal.Signals | None = None
+        self.received: signal.Signals | None = None  # the signal this process got
+        self.agreed_signal: signal.Signals | None = None  # the signal any rank got (set by should_stop)
         self._previous: dict = {}
         if install:
             self.install()
@@ -55,16 +56,30 @@ class PreemptionGuard:
         self.requested = True
 
     def should_stop(self) -> bool:
-        """True on every rank when any rank was asked to stop. Collective when torch.distributed is running."""
+        """True on every rank when any rank was asked to stop. Collective when torch.distributed is running.
+
+        Also sets `agreed_signal` on every rank to the signal some rank received (None for a stop requested
+        from code), so all ranks choose the same exit status.
+        """
         import torch
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return self.requested
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        # 0: carry on; 1: stop requested from code; 1 + signum: a signal arrived (MAX prefers signals)
+        code = 1 + int(self.received) if self.received is not None else int(self.requested)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([code], dtype=torch.int32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            code = int(flag.item())
+        if code > 1:
+            self.agreed_signal = signal.Signals(code - 1)
+        return code > 0
+
+    def stop_reason(self) -> str:
+        """Why training stopped, for logs: "SIGUSR1 received" or "stop requested"."""
+        if self.agreed_signal is not None:
+            return f"{self.agreed_signal.name} received"
+        return "stop requested" if self.requested else "no stop"
 
     def __enter__(self) -> "PreemptionGuard":
         return self

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from ds_vicuna.checkpoint import (CheckpointError, TrainingProgress, load_checkp
 from ds_vicuna.config import (Config, ConfigError, fill_deepspeed_config, load_config, load_deepspeed_config,
                               offloads_optimizer, resolve_precision)
 from ds_vicuna.export import TRAIN_CONFIG_FILE
-from ds_vicuna.launch_env import LaunchEnv, detect_launch_env, init_distributed
+from ds_vicuna.launch_env import LaunchEnv, detect_launch_env, init_distributed, shutdown_distributed
 from ds_vicuna.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
 
 IGNORE_INDEX = -100
@@ -325,6 +326,21 @@ def build_engine(model, ds: dict, cfg: Config, total_steps: int):
     return engine
 
 
+def describe_engine(run: Run) -> str:
+    """One line: ZeRO stage, optimizer and where it lives, precision, batch shape, size of the run."""
+    engine = run.engine
+    where = {}
+    for name, offload in (("offload_optimizer", engine.zero_offload_optimizer()),
+                          ("offload_param", engine.zero_offload_param())):
+        device = getattr(offload, "device", None)
+        where[name] = getattr(device, "value", device) or "none"
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return (f"ZeRO stage {engine.zero_optimization_stage()}, optimizer {type(inner).__name__} "
+            f"(offload optimizer: {where['offload_optimizer']}, params: {where['offload_param']}), "
+            f"{run.precision}, {run.launch.world_size} rank(s) x micro-batch {run.cfg.train.micro_batch_size} x "
+            f"accumulation {run.grad_accum}, {run.num_params / 1e6:.1f}M parameters, {run.total_steps} steps")
+
+
 def peak_flops(precision: str) -> float | None:
     """Dense peak FLOP/s of this GPU for `precision` (fp32 counted as TF32 ~ half), or None if unknown."""
     import torch
@@ -467,7 +483,7 @@ def fit(run: Run, guard: PreemptionGuard, logger: "MetricsLogger") -> tuple[dict
         if cfg.train.stop_after_steps and steps_this_run >= cfg.train.stop_after_steps:
             guard.request()
         if guard.should_stop():
-            exit_code = REQUEUE_EXIT_CODE if guard.received is not None else 0
+            exit_code = REQUEUE_EXIT_CODE if guard.agreed_signal is not None else 0
             break
         if progress.step % cfg.train.save_every == 0 and progress.step < run.total_steps:
             save(run)
@@ -601,14 +617,22 @@ def check_resume_compatible(saved: dict, cfg: Config) -> None:
         raise CheckpointError("cannot resume exactly, the run's shape changed:\n  " + "\n  ".join(diffs))
 
 
-def train(cfg: Config, launch: LaunchEnv | None = None) -> TrainResult:
+def train(cfg: Config, launch: LaunchEnv | None = None, guard: PreemptionGuard | None = None) -> TrainResult:
     """setup -> (resume) -> fit -> evaluate -> save_checkpoint; collective on every rank.
+
+    Args:
+        guard: the SIGTERM/SIGUSR1 handler; `main` installs it before anything slow, so a stop signal that
+            arrives while the model loads is honoured at the first step boundary. Made here when None.
 
     Raises:
         ConfigError, CheckpointError: before training starts.
     """
+    guard = guard if guard is not None else PreemptionGuard()
     ds_base = preflight(cfg)
     launch = init_distributed(launch or detect_launch_env())
+    print(f"[ds-vicuna] rank {launch.rank}/{launch.world_size} (local rank {launch.local_rank}) on "
+          f"{socket.gethostname()} pid {os.getpid()}, started by {launch.launcher.value}, "
+          f"rendezvous {launch.master_addr}:{launch.master_port}", flush=True)
     Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
     if launch.is_main:
         import yaml
@@ -616,6 +640,8 @@ def train(cfg: Config, launch: LaunchEnv | None = None) -> TrainResult:
         print(f"[ds-vicuna] resolved config (world size {launch.world_size}):\n"
               + yaml.safe_dump(cfg.to_dict(), sort_keys=False), flush=True)
     run = setup(cfg, ds_base, launch)
+    if launch.is_main:
+        print("[ds-vicuna] " + describe_engine(run), flush=True)
     resume_from = resolve_resume(cfg.train.resume, cfg.train.output_dir)
     if resume_from is not None:
         run.progress = load_checkpoint(run.engine, resume_from, rank=launch.rank)
@@ -624,7 +650,7 @@ def train(cfg: Config, launch: LaunchEnv | None = None) -> TrainResult:
         if launch.is_main:
             print(f"[ds-vicuna] resumed from {resume_from} at step {run.progress.step}", flush=True)
     logger = MetricsLogger(cfg.train.output_dir, enabled=launch.is_main)
-    with PreemptionGuard() as guard:
+    with guard:
         losses, exit_code = fit(run, guard, logger)
     if cfg.data.eval_path and exit_code == 0 and run.progress.step >= run.total_steps:
         logger.log({"step": run.progress.step, "eval_loss": evaluate(run)})
@@ -634,6 +660,10 @@ def train(cfg: Config, launch: LaunchEnv | None = None) -> TrainResult:
     if launch.is_main:
         print(f"[ds-vicuna] step {run.progress.step}/{run.total_steps}; checkpoint {folder}; "
               f"metrics {logger.path}" + (f"; loss curve {plot}" if plot else ""), flush=True)
+        if exit_code == REQUEUE_EXIT_CODE:
+            print(f"[ds-vicuna] preempted ({guard.stop_reason()}): saved {folder.name} at step "
+                  f"{run.progress.step}, exit {REQUEUE_EXIT_CODE}; the next start with --resume auto continues "
+                  "from it", flush=True)
     return TrainResult(progress=run.progress, losses=losses, exit_code=exit_code, checkpoint=folder,
                        engine=run.engine, metrics_path=logger.path, plot_path=plot)
 
@@ -660,13 +690,16 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         return 0
+    # First thing: a SIGTERM/SIGUSR1 while torch, the model or the data load must not kill this rank.
+    guard = PreemptionGuard()
     config, overrides = split_argv(argv)
     try:
         cfg = load_config(config, overrides)
-        result = train(cfg)
+        result = train(cfg, guard=guard)
     except (ConfigError, CheckpointError, TrainError) as err:
         print(f"ds-vicuna train: error: {err}", file=sys.stderr, flush=True)
         return 2
+    shutdown_distributed()
     return result.exit_code
 
 

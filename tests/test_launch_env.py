@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from ds_vicuna.launch_env import Launcher, detect_launch_env, export_torch_env, first_slurm_host
+from ds_vicuna.launch_env import Launcher, detect_launch_env, export_torch_env, first_slurm_host, free_port
 from ds_vicuna.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
 
 
@@ -47,5 +47,38 @@ def test_signal_only_sets_the_flag(sig):
         assert not guard.should_stop()
         os.kill(os.getpid(), sig)
         assert guard.requested and guard.received == sig and guard.should_stop()
+        assert guard.agreed_signal == sig and sig.name in guard.stop_reason()
     assert signal.getsignal(sig) == before
     assert REQUEUE_EXIT_CODE == 75
+
+
+def test_stop_requested_from_code_is_not_a_signal():
+    with PreemptionGuard() as guard:
+        guard.request()
+        assert guard.should_stop() and guard.agreed_signal is None and guard.stop_reason() == "stop requested"
+
+
+def _rank_sees_stop(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    with PreemptionGuard() as guard:
+        first = guard.should_stop()
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)  # only rank 1 is signalled
+        results.put((rank, first, guard.should_stop(), guard.agreed_signal))
+    dist.destroy_process_group()
+
+
+def test_a_signal_on_one_rank_stops_every_rank_with_the_same_reason():
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_rank_sees_stop, args=(rank, port, results)) for rank in (0, 1)]
+    for proc in procs:
+        proc.start()
+    got = sorted(results.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=30)
+    assert got == [(0, False, True, signal.SIGUSR1), (1, False, True, signal.SIGUSR1)]
