@@ -1,18 +1,21 @@
-"""The launch scripts run for real: deepspeed launcher, two simulated hosts, Slurm, preemption and SIGKILL.
+"""The launch scripts run the real trainer for real: deepspeed launcher, two simulated hosts, Slurm, preemption
+and SIGKILL.
 
     .venv/bin/python -m pytest tests/test_launch.py -q -rs
 
-Every run is 2 CPU ranks (gloo) of the stand-in trainer (tests/assets/standin_train.py: a 2-layer random Llama,
-ZeRO-3 with CPU offload) and is compared with one uninterrupted reference run of 6 steps.
+Every run is 2 CPU ranks (gloo) of `ds_vicuna.train` with ZeRO-3 + CPU offload (DeepSpeedCPUAdam). The embedded
+SmolLM2 model takes a few steps through the deepspeed launcher; every other run trains a tiny random Llama
+(tests/tiny_llama.py) for STEPS steps and is compared with one uninterrupted reference run: the same loss at
+every step and the same final weights, however it was launched, interrupted and resumed.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,26 +23,55 @@ import psutil
 import pytest
 
 from cluster import NetnsPair, SlurmCluster, free_port, netns_skip_reason, slurm_skip_reason
+from tiny_llama import REPO, make_tiny_model, subprocess_env, write_conversations
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-STEPS = 6
-DONE = re.compile(r"^done step (\d+) loss (\S+)$", re.M)
+STEPS = 16
+REQUEUE = 75
+
+
+PLAIN_QA = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("How many days are there in a week?", "There are seven days in a week."),
+    ("What color is the sky on a clear day?", "On a clear day the sky is blue."),
+    ("Name a fruit that is yellow.", "A banana is a yellow fruit."),
+    ("What do bees make?", "Bees make honey and beeswax."),
+    ("What is two plus two?", "Two plus two equals four."),
+    ("Which animal is known as the king of the jungle?", "The lion is often called the king of the jungle."),
+    ("What do we call frozen water?", "Frozen water is called ice."),
+]
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
 
 
 def launch_env(**extra) -> dict:
-    """Environment for the launch scripts: our interpreter, the stand-in trainer, CPU ranks."""
-    env = {**os.environ, "PYTHON": sys.executable, "TRAIN_MODULE": "standin_train", "CPU": "1",
-           "PYTHONPATH": str(REPO / "tests" / "assets"), "PYTHONUNBUFFERED": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")),
-           "MASTER_PORT": str(free_port())}
+    """Environment for the launch scripts: our interpreter, CPU ranks, a free rendezvous port, a short
+    collective timeout (a dead peer fails the job in seconds, not the default 10 minutes)."""
+    import sys
+
+    env = {**subprocess_env(), "PYTHON": sys.executable, "CPU": "1", "PYTHONUNBUFFERED": "1",
+           "MASTER_PORT": str(free_port()), "DS_VICUNA_DIST_TIMEOUT_S": "60"}
     return {**env, **{k: str(v) for k, v in extra.items()}}
 
 
-def write_config(folder: Path, **cfg) -> Path:
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("tiny")
+    return {"model": make_tiny_model(folder / "model"),
+            "data": write_conversations(folder / "train.jsonl", n=48, seed=3)}
+
+
+def write_config(tiny: dict, folder: Path) -> Path:
+    """A training config whose output (checkpoints, metrics.jsonl) goes to `folder/out`."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.json"
-    path.write_text(json.dumps({"out_dir": str(folder), "max_steps": STEPS, "save_every": 2, **cfg}))
+    path = folder / "config.yaml"
+    path.write_text(
+        f"model: {{name_or_path: {tiny['model']}}}\n"
+        f"data: {{train_path: {tiny['data']}, max_length: 512, batching: pack}}\n"
+        f"train: {{output_dir: {folder / 'out'}, deepspeed: {REPO / 'ds_configs/zero3_offload.json'}, "
+        f"learning_rate: 3.0e-3, warmup_ratio: 0.1, epochs: 100, max_steps: {STEPS}, global_batch_size: 4, "
+        "micro_batch_size: 1, save_every: 2, keep_last: 3}\n")
     return path
 
 
@@ -48,7 +80,7 @@ def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def finish(proc: subprocess.Popen, log: Path, timeout: float = 240) -> int:
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> int:
     """Wait for a launch; on timeout kill its whole session (everything it started) and fail."""
     try:
         return proc.wait(timeout=timeout)
@@ -58,21 +90,26 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = 240) -> int:
         pytest.fail(f"{proc.args} still running after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def wait_for(log: Path, pattern: str, proc: subprocess.Popen | None = None, timeout: float = 180) -> None:
+def metrics(out: Path) -> dict[int, dict]:
+    """step -> the last metrics record of that step (steps redone after a crash appear twice)."""
+    path = out / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return {r["step"]: r for r in records if "loss" in r}
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {step: record["loss"] for step, record in metrics(out).items()}
+
+
+def wait_for_step(out: Path, step: int, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if log.is_file() and re.search(pattern, log.read_text(), re.M):
+        if max(metrics(out), default=0) >= step:
             return
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"exited {proc.returncode} before {pattern!r}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
-    pytest.fail(f"no {pattern!r} after {timeout} s:\n{log.read_text()[-3000:] if log.is_file() else ''}")
-
-
-def done_loss(text: str) -> str:
-    found = DONE.findall(text)
-    assert found and int(found[-1][0]) == STEPS, f"no 'done step {STEPS}' line:\n{text[-3000:]}"
-    return found[-1][1]
+        if proc.poll() is not None:
+            pytest.fail(f"exited {proc.returncode} before step {step}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    pytest.fail(f"no step {step} after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def rank_pids(root_pid: int) -> list[int]:
@@ -87,33 +124,134 @@ def rank_pids(root_pid: int) -> list[int]:
     return ranks
 
 
-def assert_same_weights(a: Path, b: Path) -> None:
-    """Equal up to 1e-6: DeepSpeedCPUAdam recomputes beta**t with pow() after a resume instead of continuing
-    its running product (cpu_adam.h IncrementStep), which moves a weight by at most an ulp or two."""
+def final_weights(out: Path) -> dict:
+    from ds_vicuna.export import consolidated_state_dict, resolve_checkpoint
+
+    return consolidated_state_dict(resolve_checkpoint(out))
+
+
+def assert_matches_reference(out: Path, reference: dict, steps: range | None = None) -> None:
+    """Every loss of `steps` (default: all) and the final weights equal the uninterrupted run's.
+
+    Weights are equal up to 1e-6: DeepSpeedCPUAdam recomputes beta**t with pow() after a resume instead of
+    continuing its running product (cpu_adam.h IncrementStep), which moves a weight by an ulp or two."""
     import torch
-    wa, wb = torch.load(a), torch.load(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6, msg=name)
+
+    got = losses(out)
+    steps = steps or range(1, STEPS + 1)
+    assert sorted(got) == list(range(1, STEPS + 1)), sorted(got)
+    for step in steps:
+        assert got[step] == pytest.approx(reference["losses"][step], rel=1e-6, abs=1e-7), step
+    weights = final_weights(out)
+    assert weights.keys() == reference["weights"].keys()
+    for name, value in reference["weights"].items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------- one node, deepspeed launcher
+
+
+def test_embedded_model_two_ranks_through_the_deepspeed_launcher(tmp_path):
+    """(a) `launch/single_node.sh`: the deepspeed launcher, 2 local ranks, ZeRO-3 offload, SmolLM2-135M."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"id": f"qa{i}", "conversations": [
+        {"from": "human", "value": question}, {"from": "gpt", "value": answer}]}) + "\n"
+        for i, (question, answer) in enumerate(PLAIN_QA * 2)))
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"model: {{name_or_path: embedded, template: vicuna_v1.1}}\n"
+                   f"data: {{train_path: {data}, max_length: 256, batching: pack}}\n"
+                   f"train: {{output_dir: {tmp_path / 'out'}, deepspeed: {REPO / 'ds_configs/zero3_offload.json'}, "
+                   "learning_rate: 1.0e-5, max_steps: 3, global_batch_size: 2, micro_batch_size: 1}\n")
+    log = tmp_path / "log.txt"
+    assert finish(start(["launch/single_node.sh", str(cfg)], launch_env(GPUS=2), log), log, timeout=500) == 0, \
+        log.read_text()[-3000:]
+    text = log.read_text()
+    assert "rank 0/2 (local rank 0)" in text and "rank 1/2 (local rank 1)" in text
+    assert "ZeRO stage 3, optimizer DeepSpeedCPUAdam (offload optimizer: cpu, params: cpu)" in text
+    got = losses(tmp_path / "out")
+    assert sorted(got) == [1, 2, 3]
+    # a pretrained model on plain English: far below the ~10.8 nats of a uniform guess over 49k tokens
+    assert all(math.isfinite(v) and v < 4 for v in got.values()), got
+    assert (tmp_path / "out" / "step-000003" / "hf" / "config.json").is_file()
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
-    """(a) `launch/single_node.sh` with 2 local ranks, ZeRO-3 + CPU offload, 6 uninterrupted steps."""
+def reference(tiny, tmp_path_factory) -> dict:
+    """`launch/single_node.sh` with 2 local ranks, STEPS uninterrupted steps of the tiny model."""
     folder = tmp_path_factory.mktemp("reference")
     log = folder / "log.txt"
-    proc = start(["launch/single_node.sh", str(write_config(folder))], launch_env(GPUS=2), log)
+    proc = start(["launch/single_node.sh", str(write_config(tiny, folder))], launch_env(GPUS=2), log)
     assert finish(proc, log) == 0, log.read_text()[-3000:]
-    return {"log": log.read_text(), "loss": done_loss(log.read_text()), "weights": folder / "final.pt",
-            "folder": folder}
+    return {"log": log.read_text(), "out": folder / "out", "losses": losses(folder / "out"),
+            "weights": final_weights(folder / "out")}
 
 
-def test_single_node_deepspeed_launcher_two_ranks_zero3_offload(reference):
-    text = reference["log"]
-    assert "[rank 0/2]" in text and "[rank 1/2]" in text
-    assert "zero stage 3 optimizer DeepSpeedCPUAdam" in text
-    assert [int(n) for n in re.findall(r"^step (\d+) loss", text, re.M)] == list(range(1, STEPS + 1))
-    assert (reference["folder"] / "checkpoints" / "step-000004").is_dir()
+def test_reference_run_two_ranks_zero3_offload(reference):
+    text, out = reference["log"], reference["out"]
+    assert "rank 0/2 (local rank 0)" in text and "rank 1/2 (local rank 1)" in text
+    assert "ZeRO stage 3, optimizer DeepSpeedCPUAdam (offload optimizer: cpu, params: cpu)" in text
+    assert sorted(reference["losses"]) == list(range(1, STEPS + 1))
+    assert reference["losses"][STEPS] < reference["losses"][1] - 1.0  # it learns
+    assert (out / "latest").read_text() == f"step-{STEPS:06d}"
+    assert sorted(p.name for p in out.glob("step-*")) == [f"step-{s:06d}" for s in (STEPS - 4, STEPS - 2, STEPS)]
+
+
+def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(tiny, tmp_path, reference):
+    """Spot reclaim: SIGTERM to the launch script -> every rank finishes its step, saves, exits 75; rerunning
+    the same command continues from that checkpoint and ends where the uninterrupted run ended."""
+    cmd, env = ["launch/single_node.sh", str(write_config(tiny, tmp_path))], launch_env(GPUS=2)
+    out, log = tmp_path / "out", tmp_path / "first.txt"
+    proc = start(cmd, env, log)
+    wait_for_step(out, 2, proc, log)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert finish(proc, log) == REQUEUE, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "[launch] received SIGTERM: forwarding to 2 training rank(s)" in text
+    saved = int(re.search(r"preempted \(SIGTERM received\): saved step-(\d+) at step \d+, exit 75", text)[1])
+    assert 2 <= saved < STEPS and (out / "latest").read_text() == f"step-{saved:06d}"
+    log2 = tmp_path / "second.txt"
+    assert finish(start(cmd, env, log2), log2) == 0, log2.read_text()[-3000:]
+    assert f"resumed from {out}/step-{saved:06d} at step {saved}" in log2.read_text()
+    assert_matches_reference(out, reference)
+
+
+def test_a_stop_signal_during_start_up_is_kept_until_the_first_step(tiny, tmp_path):
+    """SIGUSR1 one second after start, while torch and the model load: not fatal; the run stops after step 1."""
+    import sys
+
+    cfg, out, log = write_config(tiny, tmp_path), tmp_path / "out", tmp_path / "log.txt"
+    proc = start([sys.executable, "-m", "ds_vicuna.train", str(cfg)], launch_env(), log)
+    time.sleep(1.0)
+    assert proc.poll() is None and max(metrics(out), default=0) == 0
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert finish(proc, log) == REQUEUE, log.read_text()[-3000:]
+    assert "preempted (SIGUSR1 received): saved step-000001 at step 1, exit 75" in log.read_text()
+    assert sorted(losses(out)) == [1] and (out / "latest").read_text() == "step-000001"
+
+
+def test_sigkill_of_one_rank_fails_cleanly_and_the_restart_matches(tiny, tmp_path, reference):
+    """A rank dies without warning: the job exits non-zero within the collective timeout (no hang, not 75),
+    and the restart resumes from the last complete checkpoint."""
+    cmd, env = ["launch/single_node.sh", str(write_config(tiny, tmp_path))], launch_env(GPUS=2)
+    out, log = tmp_path / "out", tmp_path / "killed.txt"
+    proc = start(cmd, env, log)
+    wait_for_step(out, 5, proc, log)
+    ranks = rank_pids(proc.pid)
+    assert len(ranks) == 2, ranks
+    killed_at = time.monotonic()
+    os.kill(ranks[1], signal.SIGKILL)
+    code = finish(proc, log, timeout=120)
+    print(f"launch exited {code} {time.monotonic() - killed_at:.1f} s after SIGKILL of rank 1")
+    assert code not in (0, REQUEUE), log.read_text()[-3000:]
+    assert not [p for p in ranks if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    last = (out / "latest").read_text()
+    log2 = tmp_path / "restart.txt"
+    assert finish(start(cmd, env, log2), log2) == 0, log2.read_text()[-3000:]
+    assert f"resumed from {out}/{last}" in log2.read_text()
+    assert_matches_reference(out, reference)
+
+
+# ----------------------------------------------------------------------------------- two simulated hosts
 
 
 @pytest.fixture(scope="module")
@@ -126,16 +264,16 @@ def hosts():
         yield pair
 
 
-def run_on_two_hosts(hosts, tmp_path, script: str, **knobs) -> list[str]:
-    cfg = write_config(tmp_path)
-    procs, logs = [], []
+def run_on_two_hosts(hosts, cfg: Path, log_dir: Path, script: str, **knobs) -> list[str]:
+    """Start `script` on both simulated hosts (node rank 0 on hosta, 1 on hostb); both must exit 0."""
+    procs, logs, port = [], [], free_port()
     for node in (0, 1):
-        logs.append(tmp_path / f"host{node}.txt")
-        env = launch_env(NODE_RANK=node, MASTER_ADDR="hosta", **knobs)
+        logs.append(log_dir / f"host{node}.txt")
+        env = launch_env(NODE_RANK=node, MASTER_ADDR="hosta", MASTER_PORT=port, **knobs)
         procs.append(hosts.popen(node, [str(REPO / script), str(cfg)], env, cwd=REPO,
                                  stdout=logs[-1].open("w"), stderr=subprocess.STDOUT))
     try:
-        codes = [finish(p, log, timeout=150) for p, log in zip(procs, logs)]
+        codes = [finish(p, log, timeout=240) for p, log in zip(procs, logs)]
     finally:
         for p in procs:  # a failed/hung host must not outlive the test
             if p.poll() is None:
@@ -143,87 +281,76 @@ def run_on_two_hosts(hosts, tmp_path, script: str, **knobs) -> list[str]:
                 p.wait()
     texts = [log.read_text() for log in logs]
     assert codes == [0, 0], "\n".join(t[-2000:] for t in texts)
+    assert re.search(r"rank 0/2 \(local rank 0\) on hosta .*rendezvous hosta:", texts[0])
+    assert re.search(r"rank 1/2 \(local rank 0\) on hostb .*rendezvous hosta:", texts[1])
     return texts
 
 
-NETNS_TODO = ("both hosts hang until the 150 s limit in this harness (the notes' manual recipe worked); "
-              "debugging unfinished, see the launch helper's report")
+def test_two_hosts_torchrun(tiny, hosts, tmp_path, reference):
+    """`launch/torchrun_multi_node.sh` on each host (no ssh): one rank per host, rendezvous on hosta."""
+    run_on_two_hosts(hosts, write_config(tiny, tmp_path), tmp_path, "launch/torchrun_multi_node.sh",
+                     NNODES=2, GPUS_PER_NODE=1)
+    assert_matches_reference(tmp_path / "out", reference)
 
 
-@pytest.mark.skip(reason=NETNS_TODO)
-def test_two_hosts_torchrun(hosts, tmp_path, reference):
-    texts = run_on_two_hosts(hosts, tmp_path, "launch/torchrun_multi_node.sh", NNODES=2, GPUS_PER_NODE=1)
-    assert "[rank 0/2] host hosta" in texts[0] and "[rank 1/2] host hostb" in texts[1]
-    assert done_loss(texts[0]) == reference["loss"]
-
-
-@pytest.mark.skip(reason=NETNS_TODO)
-def test_two_hosts_deepspeed_no_ssh(hosts, tmp_path, reference):
+def test_two_hosts_deepspeed_no_ssh(tiny, hosts, tmp_path, reference):
+    """`launch/multi_node_hostfile.sh` with NO_SSH=1 on each host: `deepspeed --hostfile --no_ssh --node_rank`."""
     (tmp_path / "hostfile").write_text("hosta slots=1\nhostb slots=1\n")
-    texts = run_on_two_hosts(hosts, tmp_path, "launch/multi_node_hostfile.sh", NO_SSH=1,
-                             HOSTFILE=tmp_path / "hostfile")
-    assert "[rank 0/2] host hosta" in texts[0] and "[rank 1/2] host hostb" in texts[1]
-    assert done_loss(texts[0]) == reference["loss"]
+    run_on_two_hosts(hosts, write_config(tiny, tmp_path), tmp_path, "launch/multi_node_hostfile.sh",
+                     NO_SSH=1, HOSTFILE=tmp_path / "hostfile")
+    assert_matches_reference(tmp_path / "out", reference)
 
 
-def test_slurm_two_nodes_pre_timeout_signal_requeues_and_resumes(tmp_path, reference):
+# ------------------------------------------------------------------------------------------------------ Slurm
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
     reason = slurm_skip_reason()
     if reason:
         print(f"SKIP Slurm: {reason}")
         pytest.skip(reason)
-    cfg = write_config(tmp_path, sleep_per_step=1.0)
-    env = launch_env(LAUNCHER="torchrun", GPUS_PER_NODE=1, MASTER_ADDR_FROM="nodeaddr")
+    with SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=2, cpus=2) as cluster:
+        yield cluster
+
+
+def slurm_env(**knobs) -> dict:
+    env = launch_env(GPUS_PER_NODE=1, MASTER_ADDR_FROM="nodeaddr", **knobs)
     env.pop("MASTER_PORT")  # the script derives it from the job id
-    with SlurmCluster(tmp_path / "slurm", nodes=2, cpus=2) as slurm:
-        job = slurm.sbatch(["--nodes=2", "--time=10", f"--output={tmp_path}/job.out",
-                            "launch/slurm/train.sbatch", str(cfg)], env=env, cwd=REPO)
-        log = tmp_path / "job.out"
-        wait_for(log, r"^step 2 loss")
-        # what `--signal=B:USR1@120` does 120 s before the limit (slurmctld would fire it 120-150 s early)
-        slurm.signal_batch(job, "USR1")
-        info = slurm.wait_job(job, timeout=240)
-        text = log.read_text()
+    return env
+
+
+def test_slurm_pre_timeout_signal_checkpoints_requeues_and_resumes(tiny, slurm, tmp_path, reference):
+    """The real `train.sbatch` on 2 Slurm nodes (torchrun per node): SIGUSR1 to the batch shell, as
+    `--signal=B:USR1@120` sends it before the time limit -> ranks checkpoint and exit 75 -> the script requeues
+    the job -> the rerun resumes by itself and finishes like the uninterrupted run."""
+    cfg, out, log = write_config(tiny, tmp_path), tmp_path / "out", tmp_path / "job.out"
+    job = slurm.sbatch(["--nodes=2", "--time=10", f"--output={log}", "launch/slurm/train.sbatch", str(cfg)],
+                       env=slurm_env(), cwd=REPO)
+    deadline = time.monotonic() + 240
+    while max(metrics(out), default=0) < 2:
+        assert time.monotonic() < deadline, f"no step 2 after 240 s: {slurm.job(job)}\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+    slurm.signal_batch(job, "USR1")  # what slurmctld does at --signal=B:USR1@T
+    info = slurm.wait_job(job, timeout=300)
+    text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info.get("Restarts") == "1", (info, text[-3000:])
-    assert "received SIGUSR1" in text and "requeueing job" in text
-    assert re.search(r"job \d+ restart 1 on n1 n2", text)
-    stopped_at = int(re.search(r"preempted \(signal \d+\): saved step-(\d+)", text).group(1))
-    assert f"resumed from {cfg.parent}/checkpoints/step-{stopped_at:06d}" in text
-    assert done_loss(text) == reference["loss"]
+    assert "[sbatch] received SIGUSR1" in text and re.search(r"SIGUSR1 to 1 rank\(s\)", text)
+    saved = int(re.search(r"preempted \(SIGUSR1 received\): saved step-(\d+)", text)[1])
+    assert "[sbatch] training step exited with 75" in text and f"requeueing job {job}" in text
+    assert re.search(rf"job {job} restart 1 on n1 n2", text)
+    assert f"resumed from {out}/step-{saved:06d} at step {saved}" in text
+    assert_matches_reference(out, reference)
 
 
-def test_sigkill_of_one_rank_fails_cleanly_and_auto_resume_matches(tmp_path, reference):
-    cfg = write_config(tmp_path, sleep_per_step=1.0, timeout_s=60)
-    env = launch_env(GPUS=2)
-    log = tmp_path / "killed.txt"
-    proc = start(["launch/single_node.sh", str(cfg)], env, log)
-    wait_for(log, r"^step 3 loss", proc)
-    ranks = rank_pids(proc.pid)
-    assert len(ranks) == 2, ranks
-    t0 = time.monotonic()
-    os.kill(ranks[1], signal.SIGKILL)
-    code = finish(proc, log, timeout=120)
-    assert code not in (0, 75), log.read_text()[-2000:]
-    print(f"launch exited {code} {time.monotonic() - t0:.1f} s after SIGKILL of rank 1")
-    log2 = tmp_path / "restart.txt"
-    assert finish(start(["launch/single_node.sh", str(cfg), "--sleep_per_step", "0"], env, log2), log2) == 0
-    text = log2.read_text()
-    assert re.search(r"resumed from .*step-00000[24]", text), text[-2000:]
-    assert done_loss(text) == reference["loss"]
-    assert_same_weights(tmp_path / "final.pt", reference["weights"])
-
-
-def test_sigterm_checkpoints_exits_75_and_rerun_resumes(tmp_path, reference):
-    cfg = write_config(tmp_path, sleep_per_step=1.0)
-    env = launch_env(GPUS=2)
-    log = tmp_path / "first.txt"
-    proc = start(["launch/single_node.sh", str(cfg)], env, log)
-    wait_for(log, r"^step 1 loss", proc)
-    os.kill(proc.pid, signal.SIGTERM)  # the launch script: spot reclaim / scancel
-    assert finish(proc, log) == 75, log.read_text()[-2000:]
-    saved = int(re.search(r"saved step-(\d+), exit 75", log.read_text()).group(1))
-    log2 = tmp_path / "second.txt"
-    assert finish(start(["launch/single_node.sh", str(cfg)], env, log2), log2) == 0  # same command
-    text = log2.read_text()
-    assert f"step-{saved:06d}" in text and f"at step {saved}" in text
-    assert done_loss(text) == reference["loss"]
-    assert_same_weights(tmp_path / "final.pt", reference["weights"])
+def test_slurm_one_task_per_rank_with_srun(tiny, slurm, tmp_path, reference):
+    """LAUNCHER=srun: no torchrun; each Slurm task is a rank and the trainer reads SLURM_PROCID/NTASKS/LOCALID."""
+    cfg, out, log = write_config(tiny, tmp_path), tmp_path / "out", tmp_path / "job.out"
+    job = slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", "--time=10", f"--output={log}",
+                        "launch/slurm/train.sbatch", str(cfg)], env=slurm_env(LAUNCHER="srun"), cwd=REPO)
+    info = slurm.wait_job(job, timeout=300)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", (info, text[-3000:])
+    assert re.search(r"rank 0/2 \(local rank 0\) .*started by slurm", text)
+    assert re.search(r"rank 1/2 \(local rank 0\) .*started by slurm", text)
+    assert_matches_reference(out, reference)
