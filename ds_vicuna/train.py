@@ -35,6 +35,7 @@ from ds_vicuna.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
 
 IGNORE_INDEX = -100
 METRICS_FILE = "metrics.jsonl"
+EXIT_STATUS_FILE_ENV = "DS_VICUNA_EXIT_STATUS_FILE"
 LOSS_PLOT = "loss.png"
 # Dense bf16 peak FLOP/s by GPU name fragment, for MFU (no entry: MFU not logged).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
@@ -700,7 +701,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ds-vicuna train: error: {err}", file=sys.stderr, flush=True)
         return 2
     shutdown_distributed()
+    report_exit_status(result.exit_code)
     return result.exit_code
+
+
+def report_exit_status(code: int) -> None:
+    """Write a non-zero exit status to `$DS_VICUNA_EXIT_STATUS_FILE` (set by launch/ scripts): torchrun turns a
+    rank's 75 ("checkpointed, restart me") into its own generic failure, so the script reads it here instead."""
+    path = os.environ.get(EXIT_STATUS_FILE_ENV)
+    if code and path:
+        Path(path).write_text(f"{code}\n")
 
 
 def launcher_command(config: str | None, overrides: list[str], ranks: int) -> list[str]:

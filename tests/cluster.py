@@ -179,6 +179,9 @@ class SlurmCluster:
             time.sleep(1)
         raise TimeoutError(f"job {job_id} not finished after {timeout} s: {info.get('JobState')}")
 
+    def cancel(self, job_id: int) -> None:
+        subprocess.run(["scancel", str(job_id)], env=self.env, capture_output=True, timeout=30)
+
     def signal_batch(self, job_id: int, sig: str = "USR1") -> None:
         """What `--signal=B:USR1@T` does at T seconds before the limit: signal the batch shell only."""
         _run(["scancel", "--batch", f"--signal={sig}", str(job_id)], env=self.env)

@@ -82,3 +82,26 @@ def test_a_signal_on_one_rank_stops_every_rank_with_the_same_reason():
     for proc in procs:
         proc.join(timeout=30)
     assert got == [(0, False, True, signal.SIGUSR1), (1, False, True, signal.SIGUSR1)]
+
+
+def test_launch_scripts_signal_only_processes_that_handle_the_signal():
+    """`dsv_catches` (launch/_common.sh) reads the SigCgt mask: a rank still starting has no handler yet and must
+    not be sent SIGUSR1 (its default action would kill it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    common = Path(__file__).resolve().parents[1] / "launch" / "_common.sh"
+    ready = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
+                              "signal.signal(signal.SIGUSR1, lambda *a: None); print('ok', flush=True); "
+                              "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    starting = subprocess.Popen(["sleep", "60"])
+    try:
+        assert ready.stdout.readline().strip() == "ok"
+        probe = subprocess.run(["bash", "-c", f". {common}; for p in {ready.pid} {starting.pid}; do "
+                                "for s in USR1 TERM; do dsv_catches $p $s && echo $p:$s; done; done"],
+                               capture_output=True, text=True, timeout=30)
+        assert probe.stdout.split() == [f"{ready.pid}:USR1"], probe
+    finally:
+        ready.kill()
+        starting.kill()
