@@ -415,3 +415,17 @@ def test_slurm_time_limit_fires_the_pre_timeout_signal(tiny, slurm, tmp_path):
     assert "[sbatch] training step exited with 75" in first_run and f"requeueing job {job}" in first_run
     assert f"resumed from {out}/step-{saved:06d} at step {saved}" in text
     assert sorted(losses(out))[:saved] == list(range(1, saved + 1))
+
+
+def test_slurm_deepspeed_launcher_per_node(tiny, slurm, tmp_path, reference):
+    """LAUNCHER=deepspeed: one task per node runs `deepspeed --hostfile --no_ssh --node_rank $SLURM_NODEID`."""
+    cfg, out, log = write_config(tiny, tmp_path), tmp_path / "out", tmp_path / "job.out"
+    job = slurm.sbatch(["--nodes=2", "--time=10", f"--output={log}", "launch/slurm/train.sbatch", str(cfg)],
+                       env=slurm_env(LAUNCHER="deepspeed"), cwd=REPO)
+    info = slurm.wait_job(job, timeout=300)
+    text = read(log)
+    assert info["JobState"] == "COMPLETED" and info.get("Restarts") == "0", (info, text[-3000:])
+    assert "nnodes=2, num_local_procs=1, node_rank=0" in text and "nnodes=2, num_local_procs=1, node_rank=1" in text
+    assert re.search(r"rank 1/2 \(local rank 0\) .*started by torch", text)
+    assert not list(REPO.glob(f".hostfile-{job}"))  # the script's hostfile does not outlive the job
+    assert_matches_reference(out, reference)
