@@ -15,7 +15,6 @@ retried even after tokens, since the client has seen nothing yet.
 from __future__ import annotations
 
 import hmac
-import itertools
 import json
 import queue
 import threading
@@ -111,7 +110,7 @@ class Upstream:
                 tried.append(address)
                 last = APIError(ErrorCode.WORKER_FAILED, f"worker failed: {first['error']}")
                 continue
-            return address, itertools.chain([first], events)
+            return address, _prepend(first, events)
         raise last or APIError(ErrorCode.NO_WORKER, f"no worker could serve model '{model}'")
 
     def _start(self, address: str, payload: dict) -> Iterator[dict]:
@@ -167,6 +166,21 @@ class Upstream:
         raise last or APIError(ErrorCode.NO_WORKER, f"no worker could serve model '{model}'")
 
 
+def _prepend(first: dict, events: Iterator[dict]) -> Iterator[dict]:
+    """`first`, then `events`; closing it closes `events` (and so the worker connection) at any point."""
+    try:
+        yield first
+        yield from events
+    finally:
+        _close(events)
+
+
+def _close(stream) -> None:
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()
+
+
 def _json_or_none(reply):
     try:
         return reply.json()
@@ -180,23 +194,33 @@ def merge_choices(streams: list[Iterator[dict]]) -> Iterator[tuple[int, dict]]:
         yield from ((0, event) for event in _guarded(streams[0]))
         return
     merged: "queue.Queue[tuple[int, dict]]" = queue.Queue()
+    stop = threading.Event()  # the client went away: every pump closes its stream at its next event
 
     def pump(index: int, stream: Iterator[dict]):
-        for event in _guarded(stream):
-            merged.put((index, event))
+        guarded = _guarded(stream)
+        try:
+            for event in guarded:
+                if stop.is_set():
+                    return
+                merged.put((index, event))
+        finally:
+            guarded.close()
 
     for index, stream in enumerate(streams):
         threading.Thread(target=pump, args=(index, stream), daemon=True).start()
     open_streams = len(streams)
-    while open_streams:
-        index, event = merged.get()
-        if "done" in event or "error" in event:
-            open_streams -= 1
-        yield index, event
+    try:
+        while open_streams:
+            index, event = merged.get()
+            if "done" in event or "error" in event:
+                open_streams -= 1
+            yield index, event
+    finally:
+        stop.set()
 
 
 def _guarded(stream: Iterator[dict]) -> Iterator[dict]:
-    """A job stream whose failure becomes a final {"error"} event."""
+    """A job stream whose failure becomes a final {"error"} event; closing it closes the stream."""
     try:
         for event in stream:
             yield event
@@ -204,6 +228,8 @@ def _guarded(stream: Iterator[dict]) -> Iterator[dict]:
                 return
     except APIError as err:
         yield {"error": err.message}
+    finally:
+        _close(stream)
 
 
 class ChatService:
@@ -229,7 +255,14 @@ class ChatService:
         jobs = [{**payload, "params": options.worker_params(i)} for i in range(options.n)]
         if not options.stream:
             return self._collect(options, jobs, chat)
-        streams = [self.upstream.open(options.model, job) for job in jobs]  # errors surface as HTTP status
+        streams: list[Iterator[dict]] = []
+        try:
+            for job in jobs:
+                streams.append(self.upstream.open(options.model, job))  # errors surface as HTTP status
+        except APIError:
+            for stream in streams:  # choices already started must not keep a worker busy
+                _close(stream)
+            raise
         return self._sse(options, streams, chat)
 
     def _collect(self, options: GenerationOptions, jobs: list[dict], chat: bool) -> dict:
@@ -267,17 +300,22 @@ class ChatService:
         if chat:
             for index in range(len(streams)):
                 yield chunk(index, None, None)
-        for index, event in merge_choices(streams):
-            if "text" in event:
-                yield chunk(index, event["text"], None)
-            elif "done" in event:
-                done = event["done"]
-                usage.prompt_tokens = done["prompt_tokens"]
-                usage.completion_tokens += done["completion_tokens"]
-                yield chunk(index, "", done["finish_reason"])
-            else:
-                err = APIError(ErrorCode.WORKER_FAILED, f"generation failed after streaming began: {event['error']}")
-                yield schemas.sse(err.body())
+        merged = merge_choices(streams)
+        try:  # a client that disconnects closes this generator: close every worker stream with it
+            for index, event in merged:
+                if "text" in event:
+                    yield chunk(index, event["text"], None)
+                elif "done" in event:
+                    done = event["done"]
+                    usage.prompt_tokens = done["prompt_tokens"]
+                    usage.completion_tokens += done["completion_tokens"]
+                    yield chunk(index, "", done["finish_reason"])
+                else:
+                    err = APIError(ErrorCode.WORKER_FAILED,
+                                   f"generation failed after streaming began: {event['error']}")
+                    yield schemas.sse(err.body())
+        finally:
+            merged.close()
         if options.include_usage:
             yield schemas.sse(schemas.usage_chunk(rid, "chat.completion.chunk" if chat else "text_completion",
                                                   model, created, usage))

@@ -217,3 +217,59 @@ def test_worker_client_errors_pass_through_and_full_queues_give_429(stack):
     client, _ = stack({"http://w1": lambda body: FakeResponse(429, full),
                        "http://w2": lambda body: FakeResponse(429, full)})
     assert_error(client.post("/v1/chat/completions", json={**CHAT, "stream": True}), 429, "queue_full")
+
+
+class EndlessResponse(FakeResponse):
+    """A worker that would stream tokens forever; records when the API server closes its connection."""
+
+    def __init__(self):
+        super().__init__(200)
+        self.closed = False
+
+    def iter_lines(self):
+        import time
+
+        while not self.closed:
+            yield json.dumps({"text": "x"}).encode()
+            time.sleep(0.005)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_client_disconnect_closes_every_worker_stream(stack, n):
+    import time
+
+    replies: list[EndlessResponse] = []
+
+    def endless_worker(body):
+        replies.append(EndlessResponse())
+        return replies[-1]
+
+    client, _ = stack({"http://w1": endless_worker})
+    reply = client.post("/v1/chat/completions", json={**CHAT, "stream": True, "n": n}, buffered=False)
+    stream = iter(reply.response)
+    received = [next(stream) for _ in range(2 * n + 5)]  # role chunks, then tokens from every choice
+    assert len(replies) == n and b'"content": "x"' in b"".join(received).replace(b'":"', b'": "')
+    reply.close()  # what the WSGI server does when the client goes away
+    deadline = time.monotonic() + 5
+    while not all(r.closed for r in replies) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [r.closed for r in replies] == [True] * n
+
+
+def test_a_failed_choice_closes_the_choices_already_started(stack):
+    replies: list[EndlessResponse] = []
+
+    def second_fails(body):
+        if replies:
+            return FakeResponse(400, {"error": {"message": "prompt too long", "type": "invalid_request_error",
+                                                "code": "context_length_exceeded"}})
+        replies.append(EndlessResponse())
+        return replies[-1]
+
+    client, _ = stack({"http://w1": second_fails})
+    reply = client.post("/v1/chat/completions", json={**CHAT, "stream": True, "n": 2})
+    assert reply.status_code == 400
+    assert [r.closed for r in replies] == [True]
