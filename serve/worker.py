@@ -19,10 +19,9 @@ import json
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from ds_vicuna.messages import MessageError, validate_messages
 from ds_vicuna.serve.engine import BatchEngine, GenerationJob, SamplingParams
@@ -85,12 +84,10 @@ class Worker:
         max_queue: waiting + running requests before new ones get 429.
         secret: the controller's worker-registration secret.
         heartbeat_interval: seconds between heartbeats.
-        clock: seconds, injectable.
     """
 
     def __init__(self, loaded: LoadedModel, address: str, controller: str | None, http, max_batch_size: int = 8,
-                 max_queue: int = 64, secret: str | None = None, heartbeat_interval: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 max_queue: int = 64, secret: str | None = None, heartbeat_interval: float = 2.0):
         self.loaded = loaded
         self.address = address
         self.controller = controller.rstrip("/") if controller else None
@@ -99,7 +96,6 @@ class Worker:
         self.secret = secret
         self.heartbeat_interval = heartbeat_interval
         self.engine = BatchEngine(loaded.model, loaded.tokenizer, loaded.stop_token_ids, max_batch_size)
-        self._clock = clock
         self._waiting: list[GenerationJob] = []
         self._running = 0
         self._lock = threading.Condition()
