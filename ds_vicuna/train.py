@@ -622,13 +622,15 @@ def train(cfg: Config, launch: LaunchEnv | None = None, guard: PreemptionGuard |
     """setup -> (resume) -> fit -> evaluate -> save_checkpoint; collective on every rank.
 
     Args:
-        guard: the SIGTERM/SIGUSR1 handler; `main` installs it before anything slow, so a stop signal that
-            arrives while the model loads is honoured at the first step boundary. Made here when None.
+        guard: the SIGTERM/SIGUSR1 handler, owned by the caller: `main` installs it before anything slow and
+            keeps it through the final save, so a stop signal is never fatal. Made (and removed) here when None.
 
     Raises:
         ConfigError, CheckpointError: before training starts.
     """
-    guard = guard if guard is not None else PreemptionGuard()
+    if guard is None:
+        with PreemptionGuard() as own_guard:
+            return train(cfg, launch, own_guard)
     ds_base = preflight(cfg)
     launch = init_distributed(launch or detect_launch_env())
     print(f"[ds-vicuna] rank {launch.rank}/{launch.world_size} (local rank {launch.local_rank}) on "
@@ -651,8 +653,7 @@ def train(cfg: Config, launch: LaunchEnv | None = None, guard: PreemptionGuard |
         if launch.is_main:
             print(f"[ds-vicuna] resumed from {resume_from} at step {run.progress.step}", flush=True)
     logger = MetricsLogger(cfg.train.output_dir, enabled=launch.is_main)
-    with guard:
-        losses, exit_code = fit(run, guard, logger)
+    losses, exit_code = fit(run, guard, logger)
     if cfg.data.eval_path and exit_code == 0 and run.progress.step >= run.total_steps:
         logger.log({"step": run.progress.step, "eval_loss": evaluate(run)})
     folder = save(run)
@@ -691,16 +692,17 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         return 0
-    # First thing: a SIGTERM/SIGUSR1 while torch, the model or the data load must not kill this rank.
-    guard = PreemptionGuard()
-    config, overrides = split_argv(argv)
-    try:
-        cfg = load_config(config, overrides)
-        result = train(cfg, guard=guard)
-    except (ConfigError, CheckpointError, TrainError) as err:
-        print(f"ds-vicuna train: error: {err}", file=sys.stderr, flush=True)
-        return 2
-    shutdown_distributed()
+    # First thing, and until the process group is left: a SIGTERM/SIGUSR1 while torch, the model or the data
+    # load, or while the preemption checkpoint is written, must not kill this rank.
+    with PreemptionGuard() as guard:
+        config, overrides = split_argv(argv)
+        try:
+            cfg = load_config(config, overrides)
+            result = train(cfg, guard=guard)
+        except (ConfigError, CheckpointError, TrainError) as err:
+            print(f"ds-vicuna train: error: {err}", file=sys.stderr, flush=True)
+            return 2
+        shutdown_distributed()
     report_exit_status(result.exit_code)
     return result.exit_code
 

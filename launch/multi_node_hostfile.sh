@@ -6,6 +6,10 @@
 #   = deepspeed --hostfile hostfile --master_addr $MASTER_ADDR --master_port $MASTER_PORT --no_local_rank \
 #       --module ds_vicuna.train CONFIG.yaml --resume auto
 #
+# Preemption: in ssh mode the ranks are started through pdsh/sshd, not below this script, so a SIGTERM/SIGUSR1 sent
+# to it cannot reach them: use NO_SSH=1 (one script per host, each forwarding to its own ranks), torchrun, or
+# Slurm where machines can be reclaimed.
+#
 # Without ssh (run on EVERY host, each with its own NODE_RANK, same hostfile and MASTER_ADDR):
 #   NO_SSH=1 NODE_RANK=0 MASTER_ADDR=host0 HOSTFILE=hostfile launch/multi_node_hostfile.sh CONFIG.yaml   # host0
 #   NO_SSH=1 NODE_RANK=1 MASTER_ADDR=host0 HOSTFILE=hostfile launch/multi_node_hostfile.sh CONFIG.yaml   # host1
@@ -32,6 +36,10 @@ set -uo pipefail
 launcher=(--hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 if [ "$NO_SSH" = 1 ]; then launcher+=(--no_ssh --node_rank "$NODE_RANK"); fi
 
+if [ "$NO_SSH" != 1 ]; then
+  echo "[launch] ssh mode: stop signals sent to this script do not reach the ranks on other hosts" \
+       "(NO_SSH=1 on each host does)" >&2
+fi
 dsv_trainer_args "$@"
 dsv_run_forwarding "$PYTHON" -u -m deepspeed.launcher.runner "${launcher[@]}" \
   --no_local_rank --module "$TRAIN_MODULE" "${DSV_ARGS[@]}"

@@ -15,7 +15,7 @@
 #   plus PYTHON, TRAIN_MODULE, RESUME, CPU, REQUEUE_EXIT_CODE (see launch/_common.sh)
 #
 # Exit status: the trainer's; 75 after a preemption checkpoint (SIGTERM/SIGUSR1 to this script), so a loop like
-#   until launch/single_node.sh CONFIG.yaml; [ $? -ne 75 ] && break; done
+#   until launch/single_node.sh CONFIG.yaml; rc=$?; [ $rc -ne 75 ]; do :; done
 # keeps a spot machine training across reclaims.
 set -uo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/_common.sh"

@@ -106,7 +106,9 @@ class SlurmCluster:
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "ReturnToService=2",
             # believe the CPU counts below even when the box has fewer cores
             "SlurmdParameters=config_overrides", "SlurmctldTimeout=30", "SlurmdTimeout=30",
-            "MessageTimeout=10", "KillWait=10", "InactiveLimit=0", "MinJobAge=300",
+            "MessageTimeout=10",
+            # SIGTERM -> SIGKILL grace on cancel/timeout: ranks finish their step and checkpoint first
+            "KillWait=30", "InactiveLimit=0", "MinJobAge=300",
         ]
         for i in range(1, self.nodes + 1):
             # several slurmd on one host: a distinct Port each and `slurmd -N nX` (Debian builds MULTIPLE_SLURMD)
