@@ -101,7 +101,7 @@ dsv_run_forwarding() {
   done
   wait "$child"; rc=$?
   trap - TERM USR1
-  if [ "$rc" -ne 0 ] && [ "$(cat "$status_file" 2>/dev/null)" = "$REQUEUE_EXIT_CODE" ]; then
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne "$REQUEUE_EXIT_CODE" ] && [ "$(cat "$status_file" 2>/dev/null)" = "$REQUEUE_EXIT_CODE" ]; then
     echo "[launch] the training ranks saved a checkpoint and asked for a restart (launcher status $rc):" \
          "exit $REQUEUE_EXIT_CODE" >&2
     rc=$REQUEUE_EXIT_CODE
