@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import requests
+
+from ds_vicuna.launch_env import free_port
 
 TOPICS = ["the moon", "bread", "rivers", "chess", "volcanoes", "bicycles", "honey bees", "the ocean", "libraries",
           "winter", "trains", "coffee", "mountains", "music", "gardens", "rain", "clocks", "deserts", "owls",
@@ -81,11 +82,6 @@ def run_level(base: str, model: str, concurrency: int, max_tokens: int, headers:
             "p95_latency_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 2),
             "p50_ttft_s": round(statistics.median([r.ttft for r in ok] or [0.0]), 2)}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class OwnStack:

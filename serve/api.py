@@ -110,7 +110,7 @@ class Upstream:
                 tried.append(address)
                 last = APIError(ErrorCode.WORKER_FAILED, f"worker failed: {first['error']}")
                 continue
-            return address, _prepend(first, events)
+            return address, JobStream(first, events)
         raise last or APIError(ErrorCode.NO_WORKER, f"no worker could serve model '{model}'")
 
     def _start(self, address: str, payload: dict) -> Iterator[dict]:
@@ -166,13 +166,22 @@ class Upstream:
         raise last or APIError(ErrorCode.NO_WORKER, f"no worker could serve model '{model}'")
 
 
-def _prepend(first: dict, events: Iterator[dict]) -> Iterator[dict]:
-    """`first`, then `events`; closing it closes `events` (and so the worker connection) at any point."""
-    try:
-        yield first
-        yield from events
-    finally:
-        _close(events)
+class JobStream:
+    """A job's events: `first` (already received), then `events`. `close()` closes `events`, and so the worker
+    connection, whether or not iteration began (closing a generator that never started runs no `finally`)."""
+
+    def __init__(self, first: dict, events: Iterator[dict]):
+        self._first: list[dict] = [first]
+        self._events = events
+
+    def __iter__(self) -> "JobStream":
+        return self
+
+    def __next__(self) -> dict:
+        return self._first.pop() if self._first else next(self._events)
+
+    def close(self) -> None:
+        _close(self._events)
 
 
 def _close(stream) -> None:

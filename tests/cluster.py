@@ -21,15 +21,11 @@ import subprocess
 import time
 from pathlib import Path
 
+from ds_vicuna.launch_env import free_port  # noqa: F401  (tests import it from here too)
+
 SLURM_PACKAGES = ("slurm-wlm", "munge")
 SLURM_BINARIES = ("slurmctld", "slurmd", "munged", "mungekey", "sbatch", "scontrol", "squeue")
 
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -75,7 +71,27 @@ def slurm_skip_reason(install: bool = True) -> str | None:
     return None
 
 
-class SlurmCluster:
+class _Service:
+    """`with X(...) as x:` runs start(), and stop() on exit or when start() fails halfway."""
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class SlurmCluster(_Service):
     """munged + slurmctld + N slurmd (virtual nodes n1..nN on 127.0.0.1) in a private folder.
 
     Fast-requeue settings: a requeued job may start again after ~5-10 s (cred_expire=5, 2 s scheduler passes).
@@ -149,16 +165,6 @@ class SlurmCluster:
                 _stop_pid(int(pid_file.read_text().strip()))
         self._pid_files.clear()
 
-    def __enter__(self) -> "SlurmCluster":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     def sbatch(self, args: list[str], env: dict, cwd: Path) -> int:
         """Submit a batch job; returns its id."""
         out = _run(["sbatch", "--parsable", *args], env={**self.env, **env}, cwd=cwd).stdout
@@ -207,7 +213,7 @@ def netns_skip_reason() -> str | None:
     return None
 
 
-class NetnsPair:
+class NetnsPair(_Service):
     """Two simulated hosts: namespaces <tag>a/<tag>b joined by a veth pair, 10.77.0.1 (hosta) / 10.77.0.2 (hostb).
 
     The addresses exist only inside the namespaces (no route out); each namespace has its own /etc/hosts naming
@@ -244,16 +250,6 @@ class NetnsPair:
         for ns in self.names:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
             shutil.rmtree(Path("/etc/netns", ns), ignore_errors=True)
-
-    def __enter__(self) -> "NetnsPair":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def popen(self, index: int, cmd: list[str], env: dict, **kwargs) -> subprocess.Popen:
         """Start `cmd` on simulated host `index` (its namespace, its own hostname), in a new session."""

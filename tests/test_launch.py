@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,8 +49,6 @@ PLAIN_QA = [
 def launch_env(**extra) -> dict:
     """Environment for the launch scripts: our interpreter, CPU ranks, a free rendezvous port, a short
     collective timeout (a dead peer fails the job in seconds, not the default 10 minutes)."""
-    import sys
-
     env = {**subprocess_env(), "PYTHON": sys.executable, "CPU": "1", "PYTHONUNBUFFERED": "1",
            "MASTER_PORT": str(free_port()), "DS_VICUNA_DIST_TIMEOUT_S": "60"}
     return {**env, **{k: str(v) for k, v in extra.items()}}
@@ -223,8 +222,6 @@ def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(tiny, tmp_pat
 
 def test_a_stop_signal_during_start_up_is_kept_until_the_first_step(tiny, tmp_path):
     """SIGUSR1 one second after start, while torch and the model load: not fatal; the run stops after step 1."""
-    import sys
-
     cfg, out, log = write_config(tiny, tmp_path), tmp_path / "out", tmp_path / "log.txt"
     proc = start([sys.executable, "-m", "ds_vicuna.train", str(cfg)], launch_env(), log)
     time.sleep(1.0)

@@ -270,6 +270,31 @@ def test_a_failed_choice_closes_the_choices_already_started(stack):
         return replies[-1]
 
     client, _ = stack({"http://w1": second_fails})
+    closed_when_answered = []
+
+    @client.application.after_request
+    def probe(response):  # closed by the failure itself, not later when the garbage is collected
+        closed_when_answered.append([r.closed for r in replies])
+        return response
+
     reply = client.post("/v1/chat/completions", json={**CHAT, "stream": True, "n": 2})
     assert reply.status_code == 400
-    assert [r.closed for r in replies] == [True]
+    assert closed_when_answered == [[True]]
+
+
+def test_closing_a_job_stream_before_reading_it_closes_the_worker_connection():
+    from ds_vicuna.serve.api import JobStream
+
+    response = EndlessResponse()
+
+    def events():
+        try:
+            yield from ({"text": "x"} for _ in response.iter_lines())
+        finally:
+            response.close()
+
+    inner = events()
+    next(inner)  # the first event, as Upstream.open_at reads it before choosing a worker
+    stream = JobStream({"text": "x"}, inner)
+    stream.close()
+    assert response.closed

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,17 +20,14 @@ from pathlib import Path
 import pytest
 import requests
 
+from ds_vicuna.launch_env import free_port
+
 pytestmark = pytest.mark.slow
 
 KEY, SECRET, EXPIRY = "test-key", "test-secret", 3.0
 MODEL = "smollm2-135m-instruct"
 BODY_LIMIT = 100_000
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(args: list[str], ready: str, timeout: float = 240) -> tuple[subprocess.Popen, list[str]]:
