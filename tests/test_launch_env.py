@@ -105,3 +105,20 @@ def test_launch_scripts_signal_only_processes_that_handle_the_signal():
     finally:
         ready.kill()
         starting.kill()
+
+
+@pytest.mark.parametrize("script,env,message", [
+    ("launch/single_node.sh", {}, "usage: launch/single_node.sh CONFIG.yaml"),
+    ("launch/torchrun_multi_node.sh", {}, "usage: launch/torchrun_multi_node.sh CONFIG.yaml"),
+    ("launch/multi_node_hostfile.sh", {"HOSTFILE": "/nonexistent/hostfile"},
+     "hostfile '/nonexistent/hostfile' not found (set HOSTFILE)"),
+])
+def test_launch_scripts_reject_bad_input_with_exit_2(script, env, message):
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    args = ["configs/demo.yaml"] if "HOSTFILE" in env else []
+    proc = subprocess.run([script, *args], cwd=repo, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2 and message in proc.stderr, proc
