@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from cluster import NetnsPair, SlurmCluster, free_port, netns_skip_reason, slurm_skip_reason
-from tiny_llama import REPO, make_tiny_model, subprocess_env, write_conversations
+from tiny_llama import REPO, make_tiny_model, subprocess_env, write_conversations, write_train_config
 
 pytestmark = pytest.mark.slow
 STEPS = 16
@@ -64,14 +64,9 @@ def tiny(tmp_path_factory) -> dict:
 def write_config(tiny: dict, folder: Path, steps: int = STEPS) -> Path:
     """A training config whose output (checkpoints, metrics.jsonl) goes to `folder/out`."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.yaml"
-    path.write_text(
-        f"model: {{name_or_path: {tiny['model']}}}\n"
-        f"data: {{train_path: {tiny['data']}, max_length: 512, batching: pack}}\n"
-        f"train: {{output_dir: {folder / 'out'}, deepspeed: {REPO / 'ds_configs/zero3_offload.json'}, "
-        f"learning_rate: 3.0e-3, warmup_ratio: 0.1, epochs: 100, max_steps: {steps}, global_batch_size: 4, "
-        "micro_batch_size: 1, save_every: 2, keep_last: 3}\n")
-    return path
+    return write_train_config(folder / "config.yaml", tiny["model"], tiny["data"], data_opts={"batching": "pack"},
+                              output_dir=folder / "out", learning_rate=3.0e-3, warmup_ratio=0.1, epochs=100,
+                              max_steps=steps, global_batch_size=4, micro_batch_size=1, save_every=2, keep_last=3)
 
 
 def read(log: Path) -> str:
@@ -162,11 +157,9 @@ def test_embedded_model_two_ranks_through_the_deepspeed_launcher(tmp_path):
     data.write_text("".join(json.dumps({"id": f"qa{i}", "conversations": [
         {"from": "human", "value": question}, {"from": "gpt", "value": answer}]}) + "\n"
         for i, (question, answer) in enumerate(PLAIN_QA * 2)))
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(f"model: {{name_or_path: embedded, template: vicuna_v1.1}}\n"
-                   f"data: {{train_path: {data}, max_length: 256, batching: pack}}\n"
-                   f"train: {{output_dir: {tmp_path / 'out'}, deepspeed: {REPO / 'ds_configs/zero3_offload.json'}, "
-                   "learning_rate: 1.0e-5, max_steps: 3, global_batch_size: 2, micro_batch_size: 1}\n")
+    cfg = write_train_config(tmp_path / "config.yaml", "embedded", data,
+                             data_opts={"max_length": 256, "batching": "pack"}, output_dir=tmp_path / "out",
+                             learning_rate=1.0e-5, max_steps=3, global_batch_size=2, micro_batch_size=1)
     log = tmp_path / "log.txt"
     assert finish(start(["launch/single_node.sh", str(cfg)], launch_env(GPUS=2), log), log, timeout=500) == 0, \
         read(log)[-3000:]

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_llama import REPO, deepspeed_command, make_tiny_model, run_checked, write_conversations
+from tiny_llama import REPO, deepspeed_command, make_tiny_model, run_checked, write_conversations, write_train_config
 
 pytestmark = pytest.mark.slow
 
@@ -13,11 +13,8 @@ pytestmark = pytest.mark.slow
 def write_config(tmp_path: Path) -> Path:
     model = make_tiny_model(tmp_path / "model")
     data = write_conversations(tmp_path / "train.jsonl", n=8, seed=1)
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"model: {{name_or_path: {model}}}\n"
-                   f"data: {{train_path: {data}, max_length: 512, batching: group}}\n"
-                   f"train: {{output_dir: {tmp_path / 'out'}, deepspeed: {REPO / 'ds_configs/zero3.json'}, "
-                   "learning_rate: 1.0e-3, warmup_ratio: 0.0, epochs: 1}\n")
+    cfg = write_train_config(tmp_path / "cfg.yaml", model, data, deepspeed="zero3", data_opts={"batching": "group"},
+                             output_dir=tmp_path / "out", learning_rate=1.0e-3, warmup_ratio=0.0, epochs=1)
     return cfg
 
 

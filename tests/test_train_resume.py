@@ -3,13 +3,11 @@
 step-2 checkpoint (next to a half-written step-4 folder that must be ignored) and must reproduce A's losses."""
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tiny_llama import REPO, deepspeed_command, make_tiny_model, run_checked, write_conversations
+from tiny_llama import REPO, deepspeed_command, make_tiny_model, run_checked, write_conversations, write_train_config
 
 pytestmark = pytest.mark.slow
 DUMP = REPO / "tests/scripts/train_and_dump.py"
@@ -20,12 +18,9 @@ def run_a(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     model = make_tiny_model(tmp / "model")
     data = write_conversations(tmp / "train.jsonl", n=36, seed=3)
-    cfg = tmp / "cfg.yaml"
-    cfg.write_text(f"model: {{name_or_path: {model}}}\n"
-                   f"data: {{train_path: {data}, max_length: 512, batching: pack}}\n"
-                   f"train: {{deepspeed: {REPO / 'ds_configs/zero3_offload.json'}, learning_rate: 3.0e-3, "
-                   "warmup_ratio: 0.2, epochs: 2, global_batch_size: 4, micro_batch_size: 1, save_every: 2, "
-                   "keep_last: 5}\n")
+    cfg = write_train_config(tmp / "cfg.yaml", model, data, data_opts={"batching": "pack"}, learning_rate=3.0e-3,
+                             warmup_ratio=0.2, epochs=2, global_batch_size=4, micro_batch_size=1, save_every=2,
+                             keep_last=5)
     run_checked(deepspeed_command(2, DUMP, tmp / "a.pt", cfg, "--output_dir", tmp / "A"), timeout=400)
     return tmp, cfg, torch.load(tmp / "a.pt")
 

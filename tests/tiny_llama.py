@@ -1,6 +1,6 @@
 """Tiny fixtures for trainer tests: a 400-piece sentencepiece tokenizer, a 2-layer Llama, a few conversations.
 
-    from tiny_llama import make_tiny_model, write_conversations
+    from tiny_llama import make_tiny_model, write_conversations, write_train_config
     model_dir = make_tiny_model(tmp_path / "model")      # config.json, model.safetensors, tokenizer
     data = write_conversations(tmp_path / "train.jsonl", n=32, seed=0)
 """
@@ -62,6 +62,20 @@ def write_conversations(path: Path, n: int = 32, seed: int = 0, max_words: int =
                 turns.append({"from": "gpt", "value": " ".join(rng.choice(WORDS)
                                                               for _ in range(rng.randint(1, max_words)))})
             fh.write(json.dumps({"id": f"c{i}", "conversations": turns}) + "\n")
+    return Path(path)
+
+
+def write_train_config(path: Path, model, data: Path, deepspeed: str = "zero3_offload", data_opts: dict | None = None,
+                       **train) -> Path:
+    """A trainer YAML: `model`, `data` (max_length 512 unless `data_opts` says otherwise), the bundled
+    `ds_configs/<deepspeed>.json`, and `train` keys as given."""
+    import yaml
+
+    config = {"model": {"name_or_path": str(model)},
+              "data": {"train_path": str(data), "max_length": 512, **(data_opts or {})},
+              "train": {"deepspeed": str(REPO / "ds_configs" / f"{deepspeed}.json"),
+                        **{k: str(v) if isinstance(v, Path) else v for k, v in train.items()}}}
+    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
     return Path(path)
 
 
