@@ -165,8 +165,8 @@ def plot_relative_quality(view: dict, judges: str = "an LLM judge"):
     models.sort(key=lambda mv: mv[1]["relative"])
     labels = [f"{m} (reference)" if m == view["reference"] else m for m, _ in models]
     values = [v["relative"] for _, v in models]
-    lower = [v["relative"] - v["ci"][0] if v["ci"] else 0 for _, v in models]
-    upper = [v["ci"][1] - v["relative"] if v["ci"] else 0 for _, v in models]
+    lower = [max(0.0, v["relative"] - v["ci"][0]) if v["ci"] else 0 for _, v in models]
+    upper = [max(0.0, v["ci"][1] - v["relative"]) if v["ci"] else 0 for _, v in models]
     colors = [COLORS["reference"] if m == view["reference"] else COLORS["model_2"] for m, _ in models]
     fig, ax = plt.subplots(figsize=(8, 0.55 * len(models) + 1.6))
     bars = ax.barh(labels, values, color=colors, xerr=[lower, upper], capsize=3,
@@ -242,8 +242,9 @@ def plot_ratings(result: dict, judges: str = "an LLM judge"):
 
     models = list(result["models"].items())[::-1]
     values = [m["rating"] for _, m in models]
-    lower = [m["rating"] - m["ci"][0] if m["ci"] else 0 for _, m in models]
-    upper = [m["ci"][1] - m["rating"] if m["ci"] else 0 for _, m in models]
+    # a point estimate can sit just outside its percentile interval (a model that wins every battle): no whisker
+    lower = [max(0.0, m["rating"] - m["ci"][0]) if m["ci"] else 0 for _, m in models]
+    upper = [max(0.0, m["ci"][1] - m["rating"]) if m["ci"] else 0 for _, m in models]
     fig, ax = plt.subplots(figsize=(8, 0.55 * len(models) + 1.6))
     ax.errorbar(values, range(len(models)), xerr=[lower, upper], fmt="o", color=COLORS["model_2"], capsize=4)
     for y, (name, m) in enumerate(models):

@@ -67,6 +67,10 @@ def rate(loaded: Sequence[JudgmentFile], options: Options | None = None) -> dict
     record = _records(battles, names)
     models = {m: {"rating": round(float(point[i]), 1), "ci": interval(boot[:, i], options.level), **record[m]}
               for i, m in enumerate(names)}
+    for entry in models.values():
+        if entry["ties"] == 0 and 0 in (entry["wins"], entry["losses"]):
+            entry["note"] = (f"{'won' if entry['losses'] == 0 else 'lost'} every battle: no finite maximum-likelihood "
+                             "rating, the value is held by the prior")
     ranked = dict(sorted(models.items(), key=lambda kv: -kv[1]["rating"]))
     for rank, entry in enumerate(ranked.values(), start=1):
         entry["rank"] = rank
@@ -110,7 +114,7 @@ def format_ratings(result: dict) -> str:
     for model, m in result["models"].items():
         ci = f"[{m['ci'][0]:.0f}, {m['ci'][1]:.0f}]" if m["ci"] else "n/a"
         lines.append(f"  {m['rank']:<5}{model:<30}{m['rating']:>8.0f}  {ci:<17}"
-                     f"{m['wins']:>4}/{m['ties']}/{m['losses']}")
+                     f"{m['wins']:>4}/{m['ties']}/{m['losses']}" + (f"  ({m['note']})" if "note" in m else ""))
     return "\n".join(lines)
 
 

@@ -127,7 +127,8 @@ def _ratings_table(ratings: dict) -> list[str]:
     lines = [f"## Ratings (Bradley-Terry, Elo scale) from {ratings['battles']} pairwise battles", "",
              "| rank | model | rating | 95% interval | wins / ties / losses |", "|---:|---|---:|---|---|"]
     for model, m in ratings["models"].items():
-        lines.append(f"| {m['rank']} | `{model}` | {m['rating']:.0f} | {_ci(m['ci'], 1, 0).strip()} | "
+        note = f" ({m['note']})" if "note" in m else ""
+        lines.append(f"| {m['rank']} | `{model}` | {m['rating']:.0f}{note} | {_ci(m['ci'], 1, 0).strip()} | "
                      f"{m['wins']} / {m['ties']} / {m['losses']} |")
     return lines + [""]
 

@@ -11,7 +11,7 @@ Replies are driven by markers inside the prompt text, so concurrent requests sta
 - `#fake:400xK` / `#fake:429xK` / `#fake:500xK`: the first K requests with this exact prompt fail with that status;
   `#fake:429xKra` adds `Retry-After: 1`; `#fake:slowxK`: the first K requests sleep 2 s first.
 Non-judge prompts get `reply to: <question> (messages=M)`; a requested model named `...-qN` adds
-`quality=Q` with Q = N-1, N or N+1 chosen by a hash of the prompt (so answers differ per question).
+`quality=Q` with Q = N-1, N or N+1 chosen by a hash of the prompt and model (answers differ per question).
 GET /stats returns request counts.
 """
 from __future__ import annotations
@@ -142,7 +142,8 @@ def make_handler(state: FakeJudgeState):
                 text = f"reply to: {content[:40]} (messages={len(messages)})"
                 level = re.search(r"-q(\d+)$", str(body.get("model", "")))
                 if level:
-                    jitter = int(hashlib.sha1(content.encode()).hexdigest(), 16) % 3 - 1
+                    seed = (content + str(body.get("model"))).encode()
+                    jitter = int(hashlib.sha1(seed).hexdigest(), 16) % 3 - 1
                     text += f" quality={max(1, min(10, int(level.group(1)) + jitter))}"
             self._send(200, {"id": "x", "object": "chat.completion", "model": body.get("model"),
                              "choices": [{"index": 0, "finish_reason": "stop",
