@@ -166,34 +166,40 @@ def _model_of(answers: dict[object, Answer]) -> str:
 
 def judge_one(task: JudgeTask, client: ChatClient, max_tokens: int = 1024, temperature: float = 0.0) -> dict:
     """Ask the judge about one task (both games in pairwise mode) and return its record."""
-    record = {"question_id": task.question.question_id}
-    record.update({"model": task.models[0]} if task.mode is JudgeMode.SINGLE
-                  else {"model_1": task.models[0], "model_2": task.models[1]})
     if task.mode is JudgeMode.SINGLE:
-        messages = task.prompt.render(task.question, task.answers, task.turn)
-        text = client.complete(messages, max_tokens=max_tokens, temperature=temperature)
-        grade = task.prompt.parse(text)
-        record.update(judge=[client.model, task.prompt.name], user_prompt=messages[-1]["content"], judgment=text,
-                      score=grade.score)
+        record = _single_record(task, client, max_tokens, temperature)
     else:
-        games = [_play(task, client, shown, max_tokens, temperature)
-                 for shown in ((0, 1), (1, 0))[:2 if task.swap else 1]]
-        winners = [WINNER_OF_GAME[g].get(v.winner, ERROR) if v.parsed else ERROR
-                   for g, (_, _, v) in enumerate(games)]
-        record.update(g1_winner=winners[0], g2_winner=winners[-1], judge=[client.model, task.prompt.name])
-        for g in (0, 1):
-            prompt, text, _ = games[g] if g < len(games) else (None, None, None)
-            record.update({f"g{g + 1}_user_prompt": prompt, f"g{g + 1}_judgment": text})
+        record = _pair_record(task, client, max_tokens, temperature)
     record.update(turn=task.turn, tstamp=round(time.time(), 3), key=task.key, mode=task.mode.value,
                   category=task.question.category)
-    if task.mode is JudgeMode.SINGLE:
-        record.update(failure=grade.failure.value if grade.failure else None,
-                      answer_length=len(task.answers[0][task.turn - 1]))
-    else:
-        record.update(games=len(games),
-                      g1_scores=_scores(games[0][2]), g2_scores=_scores(games[1][2]) if len(games) > 1 else None,
-                      failures=[v.failure.value if v.failure else None for _, _, v in games],
-                      answer_lengths=[len(a[task.turn - 1]) for a in task.answers])
+    return record
+
+
+def _single_record(task: JudgeTask, client: ChatClient, max_tokens: int, temperature: float) -> dict:
+    messages = task.prompt.render(task.question, task.answers, task.turn)
+    text = client.complete(messages, max_tokens=max_tokens, temperature=temperature)
+    grade = task.prompt.parse(text)
+    return {"question_id": task.question.question_id, "model": task.models[0],
+            "judge": [client.model, task.prompt.name], "user_prompt": messages[-1]["content"], "judgment": text,
+            "score": grade.score, "failure": grade.failure.value if grade.failure else None,
+            "answer_length": len(task.answers[0][task.turn - 1])}
+
+
+def _pair_record(task: JudgeTask, client: ChatClient, max_tokens: int, temperature: float) -> dict:
+    games = [_play(task, client, shown, max_tokens, temperature)
+             for shown in ((0, 1), (1, 0))[:2 if task.swap else 1]]
+    winners = [WINNER_OF_GAME[g].get(verdict.winner, ERROR) if verdict.parsed else ERROR
+               for g, (_, _, verdict) in enumerate(games)]
+    record = {"question_id": task.question.question_id, "model_1": task.models[0], "model_2": task.models[1],
+              # one game: FastChat's own convention for a single judgment (g2_winner = g1_winner)
+              "g1_winner": winners[0], "g2_winner": winners[-1], "judge": [client.model, task.prompt.name]}
+    for g in (0, 1):
+        prompt, text, _ = games[g] if g < len(games) else (None, None, None)
+        record.update({f"g{g + 1}_user_prompt": prompt, f"g{g + 1}_judgment": text})
+    record.update(games=len(games), g1_scores=_scores(games[0][2]),
+                  g2_scores=_scores(games[1][2]) if len(games) > 1 else None,
+                  failures=[verdict.failure.value if verdict.failure else None for _, _, verdict in games],
+                  answer_lengths=[len(a[task.turn - 1]) for a in task.answers])
     return record
 
 

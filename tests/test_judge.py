@@ -135,6 +135,16 @@ def test_mt_bench_prompts_verdicts_multi_turn_and_missing_reference(tmp_path, se
         "n": 6, "score_1": None, "wins_1": 2, "ties": 2, "wins_2": 2, "inconsistent": 1, "excluded": 1}
 
 
+def test_no_swap_plays_one_game_recorded_as_fastchat_does(tmp_path, server):
+    tasks = plan(tmp_path, rows=SINGLE_TURN[:2], prompts="vicuna", swap=False).tasks
+    out = tmp_path / "one.jsonl"
+    assert run_judge(tasks, client(server), out, progress=False).written == 2
+    q2 = {r["question_id"]: r for r in lines(out)}[2]  # alpha shown first gets the +1 bias: 8 vs 7
+    assert (q2["games"], q2["g1_winner"], q2["g2_winner"], q2["g2_judgment"]) == (1, "model_1", "model_1", None)
+    summary = summary_of(out)[0]
+    assert (summary["wins_1"], summary["wins_2"], summary["consistency"]["judged_both_orders"]) == (1, 1, 0)
+
+
 def test_failed_requests_write_nothing_and_are_retried_next_run(tmp_path, server):
     rows = QUESTIONS[:1] + [(7, "generic", ["Q7"], None, ["quality=2 #fake:500x3"], ["quality=3"])]
     tasks = plan(tmp_path, rows=rows).tasks
