@@ -100,7 +100,7 @@ def _add_judge(p) -> None:
     p.add_argument("--max-tokens", type=int, default=2048, help="judge reply length (FastChat: 2048)")
     p.add_argument("--temperature", type=float, default=0.0)
     _add_client_flags(p, "--model", "judge model name (default: $DS_VICUNA_JUDGE_MODEL)")
-    p.set_defaults(func=cmd_judge)
+    p.set_defaults(func=_reported(cmd_judge))
 
 
 def _add_reading_flags(p) -> None:
@@ -120,7 +120,7 @@ def _add_summarize(p) -> None:
                    help="print a JSON list: per file in input order, one object per model pair, then grades")
     _add_reading_flags(p)
     _add_stats_flags(p)
-    p.set_defaults(func=cmd_summarize)
+    p.set_defaults(func=_reported(cmd_summarize))
 
 
 def _add_rate(p) -> None:
@@ -129,7 +129,7 @@ def _add_rate(p) -> None:
     p.add_argument("--plot", help="also write a PNG of the ratings with their intervals here")
     _add_reading_flags(p)
     _add_stats_flags(p)
-    p.set_defaults(func=cmd_rate)
+    p.set_defaults(func=_reported(cmd_rate))
 
 
 def _add_plot(p) -> None:
@@ -139,7 +139,7 @@ def _add_plot(p) -> None:
     p.add_argument("--reference", help="the model at 100%% in relative_quality.png (default: first pair's model_1)")
     p.add_argument("--ratings", action="store_true", help="also draw ratings.png (judgment files only)")
     _add_reading_flags(p)
-    p.set_defaults(func=cmd_plot)
+    p.set_defaults(func=_reported(cmd_plot))
 
 
 def _add_run(p) -> None:
@@ -165,7 +165,21 @@ def _add_run(p) -> None:
     p.add_argument("--backoff", type=float, default=1.0, help="first retry wait in seconds, doubled per retry")
     _add_stats_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=_reported(cmd_run))
+
+
+def _reported(command):
+    """Bad input (a file, line, field or flag named in the message) exits 2 with that message, not a traceback."""
+    def run(args) -> int:
+        from ds_vicuna.eval.records import RecordError
+
+        try:
+            return command(args)
+        except (RecordError, ValueError, KeyError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def _client(args):
@@ -300,6 +314,8 @@ def cmd_plot(args) -> int:
     if args.ratings:
         from ds_vicuna.eval.ratings import rate
 
+        if not loaded:
+            raise ValueError("--ratings needs judgment files (summary JSON holds no battles)")
         ratings = rate(loaded)
     written, skipped = plot_all(summaries, args.out_dir, loaded=loaded, reference=args.reference,
                                 ratings=ratings)

@@ -143,3 +143,12 @@ def test_unknown_layout_names_file_and_line(tmp_path):
     bad.write_text(json.dumps({"question_id": 1, "something": 2}) + "\n")
     with pytest.raises(RecordError, match="j.jsonl:1: not a judgment record of a known layout"):
         summarize_loaded(read_judgments(bad))
+
+
+def test_cli_bad_input_is_a_message_naming_the_file_not_a_traceback(tmp_path):
+    bad = tmp_path / "j.jsonl"
+    bad.write_text('{"question_id": 1, "model": "m", "score": 5}\n{oops\n')
+    done = subprocess.run([sys.executable, "-m", "ds_vicuna.eval.cli", "summarize", str(bad)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"error: {bad}:2: not valid JSON" in done.stderr
