@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ds_vicuna.eval.judge_prompts import JudgePrompt, PromptSet, load_prompt_set
+from ds_vicuna.eval.judge_prompts import JudgeMode, JudgePrompt, PromptSet, load_prompt_set
 from ds_vicuna.eval.records import RecordError, iter_jsonl
 from ds_vicuna.eval.score_parsing import VICUNA_PAIR, parse_pair_scores, parse_pairwise, parse_single_score
 
@@ -203,11 +203,14 @@ def _read_pair(reader: _Reader, line: int, record: dict, where: str) -> None:
         return
     if "g1_winner" in record:
         _require(record, where, "g2_winner")
-        n_games = record.get("games", 2)
+        # FastChat's pair records made from two single grades (m1_score/m2_score) hold one verdict twice
+        n_games = record.get("games", 1 if "m1_score" in record else 2)
         stored_winners = [record["g1_winner"], record["g2_winner"]][:n_games]
     else:
         n_games, stored_winners = 1, [record["winner"]]
     prompt = reader.prompts.get(prompt_name)
+    if prompt is not None and prompt.mode is not JudgeMode.PAIRWISE:
+        prompt = None  # FastChat's pair records made from two single grades (m1_score/m2_score): keep the winner
     reader.out.stored_kept += prompt is None
     games = []
     for g in range(n_games):
@@ -241,10 +244,10 @@ def _game(shown_first: str, winner: str | None, score_a, score_b, shown_winner: 
     return Game(shown_first, winner, float(s1), float(s2))
 
 
-def _read_single(reader: _Reader, line: int, record: dict, where: str) -> None:
+def _read_single(reader: _Reader, line: int, record: dict, where: str, source: str | None = None) -> None:
     turn = record.get("turn", 1)
     judge, prompt_name = _judge_of(record)
-    reader.source("ds-vicuna" if "key" in record else "fastchat")
+    reader.source(source or ("ds-vicuna" if "key" in record else "fastchat"))
     reader.judge(judge)
     if not reader.first((record["question_id"], turn, record["model"])):
         return
@@ -284,11 +287,10 @@ def _read_review(reader: _Reader, line: int, record: dict, where: str) -> None:
 
 
 def _read_per_order(reader: _Reader, line: int, record: dict, where: str) -> None:
+    if record["mode"] == "single":
+        return _read_single(reader, line, {**record, "judgment": record.get("text")}, where, "ds-vicuna-per-order")
     reader.source("ds-vicuna-per-order")
     reader.judge(record.get("judge"))
-    if record["mode"] == "single":
-        single = {**record, "judgment": record.get("text")}
-        return _read_single(reader, line, single, where)
     _require(record, where, "model_1", "model_2", "order")
     models = (record["model_1"], record["model_2"])
     turn = record.get("turn", 1)
