@@ -111,6 +111,9 @@ def _add_reading_flags(p) -> None:
                         "(reproduces figures published from them)")
     p.add_argument("--judge-prompts", action="append", default=[],
                    help="extra judge prompt file whose prompt names appear in the judgments (repeatable)")
+    p.add_argument("--answers", nargs="+", default=[],
+                   help="answer files of the judged models, for answer lengths and the length-controlled "
+                        "preference where the judgments do not record lengths (FastChat's)")
 
 
 def _add_summarize(p) -> None:
@@ -264,9 +267,14 @@ def _options(args):
 
 
 def _read(args, paths):
-    from ds_vicuna.eval.judgments import read_many
+    from ds_vicuna.eval.answer_files import load_answers
+    from ds_vicuna.eval.judgments import attach_answer_lengths, read_many
 
-    return read_many(paths, _categories(args), stored=args.stored_scores, prompt_sets=_prompt_sets(args))
+    loaded = read_many(paths, _categories(args), stored=args.stored_scores, prompt_sets=_prompt_sets(args))
+    answers = [load_answers(p) for p in args.answers]
+    for file in loaded:
+        attach_answer_lengths(file, answers)
+    return loaded
 
 
 def cmd_summarize(args) -> int:

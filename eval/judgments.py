@@ -318,3 +318,24 @@ def read_many(paths: Sequence[str | Path], categories: dict | None = None, *, st
               prompt_sets: Sequence[PromptSet] = ()) -> list[JudgmentFile]:
     """`read_judgments` for each path, in order."""
     return [read_judgments(p, categories, stored=stored, prompt_sets=prompt_sets) for p in paths]
+
+
+def attach_answer_lengths(loaded: JudgmentFile, answers: Sequence[dict]) -> int:
+    """Fill in answer lengths (characters of the judged turn) from answer files, for judgment layouts that do not
+    record them (FastChat's). `answers`: `answer_files.load_answers` results. Returns how many items got them."""
+    turns = {(a.model_id, qid): a.turns for file in answers for qid, a in file.items()}
+
+    def length(model, qid, turn):
+        found = turns.get((model, qid))
+        return len(found[turn - 1]) if found and len(found) >= turn else None
+
+    filled = 0
+    for item in loaded.pairs:
+        pair = (length(item.model_1, item.question_id, item.turn), length(item.model_2, item.question_id, item.turn))
+        if item.lengths is None and None not in pair:
+            item.lengths, filled = pair, filled + 1
+    for single in loaded.singles:
+        if single.length is None:
+            single.length = length(single.model, single.question_id, single.turn)
+            filled += single.length is not None
+    return filled

@@ -152,3 +152,14 @@ def test_cli_bad_input_is_a_message_naming_the_file_not_a_traceback(tmp_path):
                           text=True, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"error: {bad}:2: not valid JSON" in done.stderr
+
+
+def test_answer_files_give_lengths_to_judgments_without_them():
+    answers = sorted((ASSETS / "fastchat" / "model_answer").glob("*.jsonl"))
+    out = json.loads(run_cli(FASTCHAT_PAIR, FASTCHAT_SINGLE, "--json", "--answers", *answers))
+    vicuna = out[0]
+    # vicuna-13b's answers are "A thorough answer. " x (i + 1 + turn), gpt-3.5-turbo's "Short. " x the same
+    assert vicuna["length"]["vicuna-13b"]["n"] == 7 and vicuna["length"]["gpt-3.5-turbo"]["n"] == 7
+    assert vicuna["length"]["vicuna-13b"]["mean_chars"] > 2 * vicuna["length"]["gpt-3.5-turbo"]["mean_chars"]
+    assert vicuna["lc_preference_2"] is not None and vicuna["ci"]["lc_preference_2"]
+    assert out[2]["models"]["vicuna-13b"]["length"]["n"] == 4
