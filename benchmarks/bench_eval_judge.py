@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.fake_openai_judge
 
-from ds_vicuna.eval.answer import load_answers  # noqa: E402
+from ds_vicuna.eval.answer_files import load_answers  # noqa: E402
 from ds_vicuna.eval.judge import plan_tasks, run_judge  # noqa: E402
 from ds_vicuna.eval.judge_client import ChatClient, RetryPolicy  # noqa: E402
 from ds_vicuna.eval.judge_prompts import JudgeMode, load_prompt_set  # noqa: E402

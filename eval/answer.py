@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-from ds_vicuna.eval.answer_files import Answer, answer_record, load_answers  # noqa: F401 (re-exported)
+from ds_vicuna.eval.answer_files import answer_record, load_answers
 from ds_vicuna.eval.judge_client import ChatClient, map_concurrent
 from ds_vicuna.eval.questions import Question
 from ds_vicuna.eval.records import AppendWriter

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import statistics as pystats
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 

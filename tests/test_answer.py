@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from fake_openai_judge import start_server
 
-from ds_vicuna.eval.answer import ApiBackend, fastchat_temperature, load_answers, run_answers
+from ds_vicuna.eval.answer import ApiBackend, fastchat_temperature, run_answers
+from ds_vicuna.eval.answer_files import load_answers
 from ds_vicuna.eval.judge_client import ChatClient, RetryPolicy
 from ds_vicuna.eval.questions import load_questions
 from ds_vicuna.eval.records import RecordError

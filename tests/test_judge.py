@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fake_openai_judge import start_server
 
-from ds_vicuna.eval.answer import load_answers
+from ds_vicuna.eval.answer_files import load_answers
 from ds_vicuna.eval.judge import existing_keys, plan_tasks, run_judge
 from ds_vicuna.eval.judge_client import ChatClient, RetryPolicy
 from ds_vicuna.eval.judge_prompts import JudgeMode, load_prompt_set
