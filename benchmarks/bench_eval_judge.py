@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.fake_openai_judge
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # what tests/test_judge.py imports
 
 from ds_vicuna.eval.answer_files import load_answers  # noqa: E402
 from ds_vicuna.eval.judge import plan_tasks, run_judge  # noqa: E402
