@@ -17,7 +17,10 @@ setup(
     packages=find_packages(include=["ds_vicuna", "ds_vicuna.*"]) + list(STAGE_FOLDERS),
     package_dir=STAGE_FOLDERS,
     package_data={"ds_vicuna": ["data/*.json", "data/*.jsonl", "data/*.txt"],
-                  "ds_vicuna.serve": ["static/*"], "ds_vicuna.eval": ["questions/*.jsonl"]},
+                  "ds_vicuna.serve": ["static/*"],
+                  "ds_vicuna.eval": ["questions/*.jsonl", "data/fastchat/*.jsonl", "data/fastchat/*/*.jsonl",
+                                     "data/fastchat/*/*/*.jsonl", "data/fastchat/LICENSE",
+                                     "data/fastchat/README.md"]},
     install_requires=[
         "torch>=2.1",
         "transformers>=4.56",
@@ -35,6 +38,7 @@ setup(
         "accelerate",
         "gguf",
         "matplotlib",
+        "numpy",
         "waitress",
     ],
     extras_require={
