@@ -14,78 +14,8 @@ from ds_vicuna.serve.api import APIConfig, create_app, iter_sse
 from ds_vicuna.serve.controller import Controller
 from ds_vicuna.serve.controller import create_app as controller_app
 from ds_vicuna.serve.moderation import Moderator
-from ds_vicuna.serve.protocol import DoneEvent, ErrorEvent, TextEvent, TokenLogprob, to_line
-
-CONTROLLER = "http://controller"
-SECRET = "s3cret"
-
-
-class FakeResponse:
-    def __init__(self, status: int, body=None, lines=(), broken_after: int | None = None):
-        self.status_code, self._body, self._lines, self._broken_after = status, body, list(lines), broken_after
-
-    def json(self):
-        return self._body
-
-    def iter_lines(self):
-        for i, line in enumerate(self._lines):
-            if self._broken_after is not None and i >= self._broken_after:
-                raise ConnectionError("connection reset")
-            yield line.rstrip(b"\n")
-        if self._broken_after is not None:
-            raise ConnectionError("connection reset")
-
-    def close(self):
-        pass
-
-    def raise_for_status(self):
-        assert self.status_code == 200
-
-
-def events(*texts, finish="stop", prompt_tokens=3):
-    """A worker's reply lines, written by the worker's own encoder (`serve.protocol`)."""
-    return [to_line(TextEvent(t)) for t in texts] + [to_line(DoneEvent(finish, prompt_tokens, len(texts)))]
-
-
-class FakeHTTP:
-    """`requests`-like: the controller is a Flask test client, each worker a function(body) -> FakeResponse.
-
-    `controller_down` makes every controller call fail as a refused connection; `payloads` and `headers` record
-    what each worker call carried.
-    """
-
-    def __init__(self, controller_client, workers: dict):
-        self.controller, self.workers, self.calls = controller_client, workers, []
-        self.payloads, self.headers, self.controller_down = [], [], False
-
-    def get(self, url, timeout=None, headers=None, **kwargs):
-        if self.controller_down:
-            raise ConnectionError("refused")
-        reply = self.controller.get(url[len(CONTROLLER):], headers=headers)
-        return FakeResponse(reply.status_code, reply.get_json())
-
-    def post(self, url, json=None, timeout=None, stream=False, headers=None):
-        if url.startswith(CONTROLLER):
-            if self.controller_down:
-                raise ConnectionError("refused")
-            reply = self.controller.post(url[len(CONTROLLER):], json=json, headers=headers)
-            return FakeResponse(reply.status_code, reply.get_json())
-        address = url.rsplit("/", 1)[0]
-        self.calls.append(address)
-        self.payloads.append(json)
-        self.headers.append(headers)
-        behaviour = self.workers[address]
-        if isinstance(behaviour, Exception):
-            raise behaviour
-        return behaviour(json)
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from ds_vicuna.serve.protocol import TextEvent, to_line
+from serve_fakes import CONTROLLER, SECRET, FakeClock, FakeHTTP, FakeResponse, events, logprob_worker
 
 
 @pytest.fixture
@@ -414,26 +344,6 @@ def test_closing_a_job_stream_before_reading_it_closes_the_worker_connection():
 
 
 # ---- logprobs and echo, in OpenAI's shapes --------------------------------------------------------------------
-def lp(token: str, logprob, *top) -> TokenLogprob:
-    return TokenLogprob(token, logprob, tuple(top))
-
-
-def logprob_worker(body):
-    """A worker that honours `logprobs`/`echo` the way the contract says: per-event tokens, held-back tokens in
-    `done.logprobs`, one entry per prompt token (the first `None`) in `done.prompt_logprobs`."""
-    params = body["params"]
-    want, echo = params["logprobs"], params["echo"]
-    prompt = (lp("Say", None), lp(" hi", -2.0, (" hi", -2.0), (" yo", -2.5))) if want and echo else ()
-    if params["max_tokens"] == 0:
-        return FakeResponse(200, lines=[to_line(DoneEvent("length", 2, 0, prompt_logprobs=prompt))])
-    first = lp("He", -0.5, ("He", -0.5), ("Hi", -1.5)) if want else None
-    second = lp("llo", -0.25, ("llo", -0.25), ("y", -2.0)) if want else None
-    stop = lp("<|im_end|>", -0.1, ("<|im_end|>", -0.1), ("!", -3.0)) if want else None
-    keep = lambda *tokens: tuple(t for t in tokens if t is not None)  # noqa: E731
-    return FakeResponse(200, lines=[to_line(TextEvent("He", keep(first))), to_line(TextEvent("llo", keep(second))),
-                                    to_line(DoneEvent("stop", 2, 3, logprobs=keep(stop), prompt_logprobs=prompt))])
-
-
 def test_chat_logprobs_and_top_logprobs(stack):
     client, _ = stack({"http://w1": logprob_worker})
     body = client.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 2}).get_json()
