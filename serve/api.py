@@ -182,7 +182,12 @@ class Upstream:
             raise ControllerDown(f"HTTP {reply.status_code}")
         self._controller_state(True)
         if reply.status_code != 200:
-            raise APIError.from_body(body, reply.status_code)
+            err = APIError.from_body(body, reply.status_code)
+            if err.code is ErrorCode.INVALID_WORKER_SECRET:  # our configuration, not the client's request
+                log.error("the controller %s refused this API server's worker secret (--worker-secret)",
+                          self.controller)
+                raise APIError(ErrorCode.INTERNAL, "the API server is misconfigured (the controller refused it)")
+            raise err
         return body or {}
 
     def pick(self, model: str, exclude: list[str]) -> str:

@@ -29,7 +29,7 @@ def stack():
         for address in workers:
             controller.register(address, ["m"])
         http.workers.update(workers)
-        app = create_app(APIConfig(CONTROLLER, worker_secret=SECRET, **config), http=http, clock=clock)
+        app = create_app(APIConfig(CONTROLLER, **{"worker_secret": SECRET, **config}), http=http, clock=clock)
         client = app.test_client()
         client.controller, client.clock = controller, clock
         return client, http
@@ -523,3 +523,12 @@ def test_metrics_in_prometheus_text_format(stack):
     assert samples[("ds_vicuna_generation_tokens_total", ())] == 6
     assert samples[("ds_vicuna_time_to_first_token_seconds_count", ())] == 2
     assert samples[("ds_vicuna_generation_tokens_per_second", ())] == pytest.approx(6 / 30)
+
+
+def test_an_api_server_with_the_wrong_worker_secret_is_a_server_error_not_the_clients(stack, caplog):
+    client, http = stack({"http://w1": ok_worker}, worker_secret="wrong")
+    with caplog.at_level(logging.ERROR, logger="ds_vicuna.serve"):
+        reply = client.post("/v1/chat/completions", json=CHAT)
+    assert_error(reply, 500, "internal_error")
+    assert http.calls == [] and any("--worker-secret" in r.getMessage() for r in caplog.records)
+    assert client.get("/health").status_code == 503
