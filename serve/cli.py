@@ -222,7 +222,7 @@ def _reachable_name(host: str) -> str:
     """What other hosts call this one: `host` itself unless it is a wildcard address."""
     import socket
 
-    return socket.getfqdn() if host in ("0.0.0.0", "::", "") else host
+    return socket.gethostname() if host in ("0.0.0.0", "::", "") else host
 
 
 def _join_instructions(args, controller_url: str, secret_given: bool) -> str:

@@ -3,8 +3,8 @@ from local files. Its log-likelihood of every choice must equal what lm-eval's o
 weights: prompt scoring through the API (token-id prompts, echo + logprobs) is exact.
 
     pip install -e '.[harness]'          # lm-eval is an optional extra; these tests skip without it
-    lm_eval --model local-completions --tasks TASK --include_path DIR \\
-        --model_args model=NAME,base_url=http://127.0.0.1:8000/v1/completions,tokenizer=MODEL_DIR,tokenizer_backend=huggingface
+    lm_eval --model local-completions --tasks TASK --include_path DIR --model_args \\
+        model=NAME,base_url=http://127.0.0.1:8000/v1/completions,tokenizer=MODEL_DIR,tokenizer_backend=huggingface
 
 The first test scores through the API with a worker that computes log-probabilities with the model itself (what
 the worker contract asks of the engine); the second runs the real `serve all` stack.

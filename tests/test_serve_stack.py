@@ -286,8 +286,8 @@ def test_a_non_streaming_request_is_cancelled_when_its_client_goes_away(stack):
             assert time.monotonic() < deadline, "the request never reached a worker"
             time.sleep(0.05)
     closed_at = time.monotonic()
-    while sum(queue_length(w) for w in workers) > 0:
-        assert time.monotonic() - closed_at < 10, "the job kept running after its client left"
+    while sum(queue_length(w) for w in workers) > 0:  # 400 tokens take this model far longer than 3 s here
+        assert time.monotonic() - closed_at < 3, "the job kept running after its client left"
         time.sleep(0.1)
     metrics = requests.get(f"{stack['base']}/metrics", headers=headers(), timeout=10).text
     assert 'ds_vicuna_requests_total{endpoint="/v1/chat/completions",status="499"} 1.0' in metrics
