@@ -40,10 +40,13 @@ setup(
         "matplotlib",
         "numpy",
         "waitress",
+        "prometheus_client",
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "hypothesis", "openai", "selenium"],
         "flash": ["flash-attn>=2.5"],
+        # lm-evaluation-harness against our server (tests/test_lm_eval.py); heavy, so not in dev
+        "harness": ["lm-eval>=0.4.5"],
     },
     entry_points={"console_scripts": ["ds-vicuna=ds_vicuna.cli:main"]},
 )
