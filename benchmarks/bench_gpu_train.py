@@ -28,14 +28,16 @@ ARMS = ("2048:zero3:sdpa", "4096:zero3:sdpa", "4096:zero3:flex_attention", "2048
         "4096:zero3_offload:sdpa")
 SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
          "num_key_value_heads": 4}
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2}  # --tiny: the same plumbing on CPU in seconds (tests/test_gpu_check.py)
 WORDS = ("the model learns from conversations users shared and answers questions about code science history "
          "travel cooking music math language writing planning python function error install server data "
          "table chart memory speed explain example because however therefore first second finally").split()
 
 
-def write_sharegpt_like(path: Path, n: int, seed: int = 0, max_words: int = 1700) -> Path:
+def write_sharegpt_like(path: Path, n: int, max_words: int, seed: int = 0) -> Path:
     """ShareGPT JSONL: 1-6 exchanges, log-normal question/answer lengths (median ~20 / ~150 words), at most
-    `max_words` words per conversation (under 2048 tokens: the trainer refuses longer samples)."""
+    `max_words` words per conversation (the trainer refuses samples longer than max length)."""
     rng = random.Random(seed)
     with open(path, "w") as fh:
         for i in range(n):
@@ -52,7 +54,7 @@ def write_sharegpt_like(path: Path, n: int, seed: int = 0, max_words: int = 1700
     return path
 
 
-def write_random_model(folder: Path, tokenizer_dir: Path) -> Path:
+def write_random_model(folder: Path, tokenizer_dir: Path, shape: dict) -> Path:
     """The ~1.2B Llama (bf16, random init on the GPU) + tokenizer, saved once; reused by every arm."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -61,10 +63,10 @@ def write_random_model(folder: Path, tokenizer_dir: Path) -> Path:
         return folder
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **SHAPE)
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **shape)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(config).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     partial = folder.with_name(folder.name + ".partial")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
@@ -94,7 +96,7 @@ def run_arm(arm: str, model: Path, data: Path, work: Path, args) -> dict:
         "--train_path", str(data), "--max_length", max_length, "--batching", "pack",
         "--cache_dir", str(work / f"cache_{max_length}"), "--micro_batch_size", str(micro),
         "--global_batch_size", str(micro * max(1, rows // micro)), "--max_steps", str(steps), "--epochs", "1",
-        "--save_every", "1000000", "--learning_rate", "1e-5", "--warmup_ratio", "0", "--precision", "bf16",
+        "--save_every", "1000000", "--learning_rate", "1e-5", "--warmup_ratio", "0", "--precision", "auto",
         "--deepspeed", str(REPO / "ds_configs" / f"{deepspeed}.json"), "--output_dir", str(out)])
     launch = init_distributed()
     run = setup(cfg, preflight(cfg), launch)
@@ -127,6 +129,7 @@ def main() -> int:
     parser.add_argument("--micro-tokens", type=int, default=8192, help="packed tokens per forward pass")
     parser.add_argument("--conversations", type=int, default=2500)
     parser.add_argument("--work-dir", default="/tmp/ds_vicuna_bench_gpu")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model, allowed on CPU: checks the plumbing")
     parser.add_argument("--json", help="write the results here too")
     parser.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm in this process
     args = parser.parse_args()
@@ -134,14 +137,14 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     import torch
 
-    if not torch.cuda.is_available():
-        print("bench_gpu_train: no CUDA device; nothing measured", file=sys.stderr)
-        if args.json:
-            Path(args.json).write_text(json.dumps({"skipped": "no CUDA device", "arms": []}) + "\n")
-        return 0
     if args.arm:
         result = run_arm(args.arm, work / "model", work / "sharegpt_like.jsonl", work, args)
         print("BENCH_RESULT " + json.dumps(result), flush=True)
+        return 0
+    if not torch.cuda.is_available() and not args.tiny:
+        print("bench_gpu_train: no CUDA device; nothing measured", file=sys.stderr)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"skipped": "no CUDA device", "arms": []}) + "\n")
         return 0
     tokenizer = Path(args.tokenizer) if args.tokenizer else None
     if tokenizer is None:
@@ -149,8 +152,9 @@ def main() -> int:
         from ds_vicuna.models import embedded_model_path
 
         tokenizer = embedded_model_path()
-    model = write_random_model(work / "model", tokenizer)
-    write_sharegpt_like(work / "sharegpt_like.jsonl", args.conversations)
+    model = write_random_model(work / "model", tokenizer, TINY if args.tiny else SHAPE)
+    shortest = min(int(arm.split(":")[0]) for arm in args.arms)
+    write_sharegpt_like(work / "sharegpt_like.jsonl", args.conversations, max_words=min(1700, shortest // 2))
     results = []
     for arm in args.arms:
         started = time.monotonic()
@@ -169,8 +173,9 @@ def main() -> int:
         result["wall_s"] = round(time.monotonic() - started, 1)
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
-        summary = {"model": "Llama ~1.2B (TinyLlama shape, SmolLM2 vocabulary), bf16, packing, 1 GPU",
-                   "device": torch.cuda.get_device_name(), "arms": results}
+        summary = {"model": "Llama ~1.2B (TinyLlama shape, SmolLM2 vocabulary), bf16, packing, 1 GPU"
+                   if not args.tiny else "tiny Llama (plumbing check)",
+                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "arms": results}
         if args.json:  # after every arm: a run stopped by its time budget keeps what it measured
             Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n{'arm':<28}{'tok/s/GPU':>11}{'MFU':>8}{'peak GiB':>10}")

@@ -250,7 +250,7 @@ def all_reduce_sum(values: list, device) -> list[float]:
     import torch
     import torch.distributed as dist
 
-    tensor = torch.stack([torch.as_tensor(v, device=device).to(torch.float64) for v in values])  # [len(values)]
+    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])  # [len(values)]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
     return tensor.tolist()

@@ -95,3 +95,21 @@ def test_report_of_a_skipped_suite(gpu_check, tmp_path):
 def test_check_refuses_without_the_bundle(gpu_check, tmp_path, capsys):
     assert gpu_check.main(["check", "--wheels", str(tmp_path)]) == 2
     assert "make gpu-wheels" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_plumbing_on_cpu(tmp_path):
+    """bench_gpu_train.py's arm (config overrides, setup + fit, metrics) on a tiny model on CPU, so the GPU run
+    can only fail for GPU reasons."""
+    import sys
+
+    from tiny_llama import run_checked
+
+    out = tmp_path / "bench.json"
+    run_checked([sys.executable, REPO / "benchmarks/bench_gpu_train.py", "--tiny", "--arms", "512:zero3:sdpa",
+                 "--steps", "3", "--warmup", "1", "--conversations", "60", "--tokens-per-step", "1024",
+                 "--micro-tokens", "512", "--work-dir", tmp_path / "work", "--json", out], timeout=600)
+    (arm,) = json.loads(out.read_text())["arms"]
+    assert "error" not in arm, arm
+    assert arm["steps_timed"] == 2 and arm["accumulation"] == 2 and arm["tokens_per_s"] > 0
+    assert arm["mfu"] is None and len(arm["losses"]) == 3  # no GPU peak to divide by on CPU
