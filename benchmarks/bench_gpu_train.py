@@ -8,7 +8,7 @@ Model: TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads, MLP
 tokenizer (49,152 tokens + the template's), untied, random weights written once to --work-dir (no weights travel).
 Data: 2500 synthetic ShareGPT-like conversations (1-6 exchanges, log-normal turn lengths, a long tail up to the
 max length), tokenized with the vicuna_v1.1 template and packed into rows of max length. Each arm trains
-`--steps` optimizer steps (20; 8 with offload, where the CPU optimizer dominates), each of `--tokens-per-step` packed
+`--steps` optimizer steps (15; 6 with offload, where the CPU optimizer dominates), each of `--tokens-per-step` packed
 tokens (micro-batch rows x accumulation), gradient checkpointing off, and runs in its own process (no checkpoint is
 written). Figures skip the first `--warmup` steps: real (non-padding) tokens/s, and MFU = model FLOPs (6 x matmul
 parameters x tokens + attention, `train_metrics.step_flops`) / time / the GPU's dense bf16 peak.
@@ -122,10 +122,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", default=None, help="SmolLM2 tokenizer folder (default: the embedded model's)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), help="MAX_LENGTH:DS_CONFIG:ATTENTION")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--offload-steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--offload-steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--tokens-per-step", type=int, default=32768)
+    parser.add_argument("--tokens-per-step", type=int, default=16384)
     parser.add_argument("--micro-tokens", type=int, default=8192, help="packed tokens per forward pass")
     parser.add_argument("--conversations", type=int, default=2500)
     parser.add_argument("--work-dir", default="/tmp/ds_vicuna_bench_gpu")

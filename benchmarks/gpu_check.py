@@ -44,7 +44,7 @@ GPU_PYTHON = "3.12"
 PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in range(39, 16, -1)] + ["manylinux2014_x86_64", "manylinux1_x86_64"]
 MAX_BUNDLE_MIB = 48  # the whole working tree travels in 64 MiB
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-BUDGETS_S = {"install": 150, "tests": 270, "loss_memory": 60, "bench_train": 300}  # ~9 min in all, at most 13
+BUDGETS_S = {"install": 150, "tests": 330, "loss_memory": 60, "bench_train": 280}  # ~9 min expected, 14 at most
 NO_GPU_EXIT = 3
 
 

@@ -127,12 +127,14 @@ REPEATED_STEPS = 6
 
 
 def repeated_batch_config(tmp: Path, deepspeed: str) -> Path:
-    """Four short conversations packed into one 512-token row = the whole global batch: every step trains on
-    the same batch (the dataset, re-shuffled inside the row each epoch), 6 epochs of 1 step, a checkpoint every 2."""
+    """Four short conversations (~600 tokens) packed into one 1024-token row = the whole global batch: every step
+    trains on the same batch (re-shuffled inside the row each epoch), 6 epochs of 1 step, a checkpoint every 2.
+    (Positions restart per conversation, so the row fits the tiny model's 512 positions.)"""
     model = make_tiny_model(tmp / "model")
     data = write_conversations(tmp / "train.jsonl", n=4, seed=5, max_words=12)
     return write_train_config(tmp / f"{deepspeed}.yaml", model, data, deepspeed=deepspeed,
-                              data_opts={"batching": "pack"}, learning_rate=3.0e-3, warmup_ratio=0.0,
+                              data_opts={"batching": "pack", "max_length": 1024}, learning_rate=3.0e-3,
+                              warmup_ratio=0.0,
                               lr_scheduler="constant", epochs=REPEATED_STEPS, global_batch_size=1,
                               micro_batch_size=1, save_every=2, keep_last=5)
 

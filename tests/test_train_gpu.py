@@ -42,8 +42,8 @@ def attention_kernels() -> list:
 @pytest.mark.parametrize("attn", attention_kernels())
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)], ids=["bf16", "fp32"])
 def test_packed_rows_match_conversations_alone_gpu(attn, dtype, tol):
-    if attn == "flash_attention_2" and dtype == torch.float32:
-        pytest.skip("flash_attention_2 runs in 16-bit only")
+    if attn != "sdpa" and dtype == torch.float32:  # flash: 16-bit only; flex: each shape compiles (time budget)
+        pytest.skip(f"{attn} is checked in bf16, the training precision")
     packed_rows_match_alone("cuda", dtype, attn, tol)
 
 
