@@ -24,14 +24,15 @@ VOCAB = 512
 LENGTHS = (7, 5, 9)
 
 
-def tiny_llama(device: str, dtype: torch.dtype, attn: str = "sdpa", tied: bool = False, seed: int = 0):
+def tiny_llama(device: str, dtype: torch.dtype, attn: str = "sdpa", tied: bool = False, seed: int = 0,
+               init_range: float = 0.02):
     """A random 2-layer Llama (hidden 64, vocab 512) on `device` in `dtype`, KV cache off (packing-ready)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=tied, attn_implementation=attn)
+                         tie_word_embeddings=tied, attn_implementation=attn, initializer_range=init_range)
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     configure_model_for_packing(model)
     return model
@@ -99,8 +100,9 @@ def per_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 def packed_rows_match_alone(device: str, dtype: torch.dtype, attn: str, tol: float) -> float:
     """Per-token losses of three conversations packed in one row (and, for flash attention, flattened) equal
     those of each conversation run alone, within `tol` (relative norm error, returned); without isolation
-    (plain causal attention over the row) they must differ by more."""
-    model, convs = tiny_llama(device, dtype, attn=attn), conversations()
+    (plain causal attention over the row) the later conversations' losses must differ 5x more than that.
+    Weights drawn with std 0.1 (not 0.02) so attention is sharp enough for the leak to show (~8% in fp32)."""
+    model, convs = tiny_llama(device, dtype, attn=attn, init_range=0.1), conversations()
     flatten = attn.startswith("flash_attention")
     batch = collate([convs], "pack", sum(LENGTHS) + 3, pad_token_id=0, flatten=flatten)  # 3 padding tokens
     batch = {k: v.to(device) for k, v in batch.items() if k != "num_label_tokens"}
@@ -116,9 +118,10 @@ def packed_rows_match_alone(device: str, dtype: torch.dtype, attn: str, tol: flo
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
         error = relative_error(per_token_losses(logits, batch["labels"])[:real - 1], expected)
         causal = model(input_ids=batch["input_ids"]).logits  # no isolation: later conversations see earlier ones
-        leak = relative_error(per_token_losses(causal, batch["labels"])[:real - 1], expected)
+        later = slice(LENGTHS[0], real - 1)  # the first conversation sees nothing else either way
+        leak = relative_error(per_token_losses(causal, batch["labels"])[later], expected[later])
     assert expected.sum() > 0 and error <= tol, (attn, dtype, error)
-    assert leak > 10 * max(error, tol), (attn, dtype, leak, error)
+    assert leak > 5 * max(error, tol), (attn, dtype, leak, error)
     return error
 
 

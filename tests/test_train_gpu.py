@@ -5,7 +5,8 @@
   different order between runs); export loads in plain transformers on the GPU and equals the engine's
   parameters bit for bit (bf16) and the fp32 master copy (--dtype fp32).
 - packed rows give each conversation's own per-token losses with SDPA, flex_attention and flash_attention_2
-  (the last two where installed); relative norm error <= 1e-5 in fp32, <= 2e-2 in bf16.
+  (the last two where installed); relative norm error <= 1e-5 in fp32, <= 5e-3 in bf16 (10x what CPU bf16 shows),
+  and without isolation 5x that.
 - the chunked loss equals the plain full-logits loss, gradients included (bf16 <= 2e-2, fp32 <= 1e-4).
 - gradient checkpointing on/off and chunked/plain loss give the same ZeRO-3 gradients (bf16 <= 2e-2).
 
@@ -40,7 +41,7 @@ def attention_kernels() -> list:
 
 @gpu
 @pytest.mark.parametrize("attn", attention_kernels())
-@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 5e-3), (torch.float32, 1e-5)], ids=["bf16", "fp32"])
 def test_packed_rows_match_conversations_alone_gpu(attn, dtype, tol):
     if attn != "sdpa" and dtype == torch.float32:  # flash: 16-bit only; flex: each shape compiles (time budget)
         pytest.skip(f"{attn} is checked in bf16, the training precision")
@@ -113,8 +114,9 @@ def cpu_run(tmp_path_factory):
     return tmp, config, train_run(tmp, config, "first", False)
 
 
-def test_packed_rows_match_conversations_alone_cpu():
-    packed_rows_match_alone("cpu", torch.float32, "sdpa", 1e-5)
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 5e-3), (torch.float32, 1e-5)], ids=["bf16", "fp32"])
+def test_packed_rows_match_conversations_alone_cpu(dtype, tol):
+    packed_rows_match_alone("cpu", dtype, "sdpa", tol)
 
 
 @pytest.mark.slow
