@@ -48,6 +48,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_batching.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_loss_memory.py
 	$(PY) benchmarks/bench_serve.py --max-tokens 16
 
 # The GPU tier (benchmarks/gpu_check.py). gpu-check uses the GPU machine's own python (its CUDA torch), never $(VENV).
