@@ -5,7 +5,8 @@ import torch
 
 from device_checks import chunked_loss_matches_plain, packed_batch, tiny_llama
 from ds_vicuna.encoding import IGNORE_INDEX
-from ds_vicuna.loss import LossHeadError, count_label_tokens, linear_cross_entropy_sum, shifted_labels, token_loss_sum
+from ds_vicuna.linear_cross_entropy import linear_cross_entropy_sum
+from ds_vicuna.loss import LossHeadError, count_label_tokens, shifted_labels, token_loss_sum
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])

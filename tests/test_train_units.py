@@ -92,3 +92,13 @@ def test_peak_flops_by_device_name():
     assert peak_flops("bf16", "NVIDIA H200") == 989e12 and peak_flops("bf16", "NVIDIA H20") == 148e12
     assert peak_flops("fp32", "NVIDIA A100-SXM4-80GB") == 156e12
     assert peak_flops("bf16", "Some Future GPU") is None
+
+
+def test_importing_the_trainer_does_not_import_torch():
+    """`python -m ds_vicuna.train` imports the trainer before its stop-signal handler is installed: a slow torch
+    import there would let a SIGTERM/SIGUSR1 during start-up kill the rank (tests/test_launch.py)."""
+    import subprocess
+    import sys
+
+    code = "import sys, ds_vicuna.train, ds_vicuna.train_cli; print(sorted(m for m in sys.modules if m == 'torch'))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
