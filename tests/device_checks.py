@@ -4,7 +4,7 @@ for a GPU reason.
 
     from device_checks import chunked_loss_matches_plain, packed_rows_match_alone
     chunked_loss_matches_plain("cuda", torch.bfloat16, tied=True, tol=2e-2)
-    run = train_run(tmp, repeated_batch_config(tmp, "zero3"), "a", gpu=True)   # the real trainer, one process
+    run = train_run(tmp, repeated_batch_config(tmp, "zero3", "bf16"), "a", gpu=True)   # the real trainer, one process
 """
 from __future__ import annotations
 
@@ -129,15 +129,15 @@ def packed_rows_match_alone(device: str, dtype: torch.dtype, attn: str, tol: flo
 REPEATED_STEPS = 6
 
 
-def repeated_batch_config(tmp: Path, deepspeed: str) -> Path:
+def repeated_batch_config(tmp: Path, deepspeed: str, precision: str) -> Path:
     """Four short conversations (~600 tokens) packed into one 1024-token row = the whole global batch: every step
     trains on the same batch (re-shuffled inside the row each epoch), 6 epochs of 1 step, a checkpoint every 2.
     (Positions restart per conversation, so the row fits the tiny model's 512 positions.)"""
     model = make_tiny_model(tmp / "model")
     data = write_conversations(tmp / "train.jsonl", n=4, seed=5, max_words=12)
     return write_train_config(tmp / f"{deepspeed}.yaml", model, data, deepspeed=deepspeed,
-                              data_opts={"batching": "pack", "max_length": 1024}, learning_rate=3.0e-3,
-                              warmup_ratio=0.0,
+                              data_opts={"batching": "pack", "max_length": 1024}, precision=precision,
+                              learning_rate=3.0e-3, warmup_ratio=0.0,
                               lr_scheduler="constant", epochs=REPEATED_STEPS, global_batch_size=1,
                               micro_batch_size=1, save_every=2, keep_last=5)
 

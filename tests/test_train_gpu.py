@@ -81,7 +81,7 @@ def test_gradient_checkpointing_and_chunked_loss_keep_zero3_gradients_gpu(tmp_pa
 @pytest.fixture(scope="module", params=["zero3", "zero3_offload"])
 def gpu_run(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"gpu_{request.param}")
-    config = repeated_batch_config(tmp, request.param)
+    config = repeated_batch_config(tmp, request.param, "bf16")
     return tmp, config, request.param, train_run(tmp, config, "first", True)
 
 
@@ -110,7 +110,7 @@ def test_export_loads_in_transformers_and_equals_the_engine_gpu(gpu_run, tmp_pat
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cpu_twin")
-    config = repeated_batch_config(tmp, "zero3")
+    config = repeated_batch_config(tmp, "zero3", "fp32")
     return tmp, config, train_run(tmp, config, "first", False)
 
 
