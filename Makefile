@@ -46,7 +46,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_batching.py
 	$(PY) benchmarks/bench_train.py
-	$(PY) benchmarks/bench_serve.py --max-tokens 16
+	$(PY) benchmarks/bench_serve.py
 
 clean:
 	rm -rf $(VENV) .torch_extensions .pytest_cache

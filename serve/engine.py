@@ -375,11 +375,16 @@ class BatchEngine:
 
     # ---- prefill --------------------------------------------------------------------------------------
     def _queue_prefill(self, rows: list[_Row], front: bool = False) -> None:
-        """Short contexts prefill together; a long one, or one whose prompt is scored, prefills alone."""
+        """Short contexts prefill together; a long one prefills alone, in chunks.
+
+        A group that scores a prompt keeps the logits of every position, at most `prefill_chunk` of them per step;
+        without chunking a scored prompt prefills alone, so that buffer stays one prompt long.
+        """
         for row in rows:
             if row.scores_prompt:
                 del row.prompt_logprobs[1:]  # a retried row scores its prompt again from the start
-        alone = [r for r in rows if r.scores_prompt or (self.prefill_chunk and len(r.context) > self.prefill_chunk)]
+        alone = [r for r in rows if len(r.context) > self.prefill_chunk > 0 or
+                 (r.scores_prompt and not self.prefill_chunk)]
         together = [r for r in rows if r not in alone]
         groups = ([self._group(together)] if together else []) + [self._group([r]) for r in alone]
         if front:

@@ -170,9 +170,10 @@ def test_a_running_stream_keeps_flowing_while_a_long_prompt_is_prefilled(smol_to
     assert whole.count("running") <= 1
 
 
-def test_logprobs_are_the_raw_distribution_and_echo_scores_the_prompt(smol_tokenizer, monkeypatch):
+@pytest.mark.parametrize("chunk", [16, 64])  # the two prompts prefill alone in chunks / together, left-padded
+def test_logprobs_are_the_raw_distribution_and_echo_scores_the_prompt(smol_tokenizer, monkeypatch, chunk):
     """Each generated token's logprob (and top alternatives) equal log_softmax of a teacher-forced forward, before
-    temperature; echo scores every prompt token (the first has None); chunked prefill included."""
+    temperature; echo scores every prompt token (the first has None)."""
     fed: dict[int, list[int]] = {}
     advance = BatchEngine._advance
 
@@ -182,11 +183,11 @@ def test_logprobs_are_the_raw_distribution_and_echo_scores_the_prompt(smol_token
 
     monkeypatch.setattr(BatchEngine, "_advance", spy)
     model = random_llama(smol_tokenizer)
-    engine = BatchEngine(model, smol_tokenizer, [], prefill_chunk=16)
+    engine = BatchEngine(model, smol_tokenizer, [], prefill_chunk=chunk)
     prompt = long_prompt(smol_tokenizer, 40)
-    sampled = GenerationJob(prompt, SamplingParams(max_tokens=6, temperature=0.7, seed=3, logprobs=True,
-                                                   top_logprobs=3, echo=True))
-    greedy = GenerationJob(prompt[:25], SamplingParams(max_tokens=6, temperature=0.0, logprobs=True))
+    sampled = GenerationJob(prompt[:25], SamplingParams(max_tokens=6, temperature=0.7, seed=3, logprobs=True,
+                                                        top_logprobs=3, echo=True))
+    greedy = GenerationJob(prompt, SamplingParams(max_tokens=6, temperature=0.0, logprobs=True))
     engine.run_batch([sampled, greedy])
     for job, top in ((sampled, 3), (greedy, 0)):
         events = drain(job)
@@ -208,9 +209,10 @@ def test_logprobs_are_the_raw_distribution_and_echo_scores_the_prompt(smol_token
                 assert [t for t, _ in entry.top] == [smol_tokenizer.decode([i]) for i in ids.tolist()]
                 assert [v for _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-4)
         if job is sampled:
-            scored = done.prompt_logprobs
-            assert len(scored) == len(prompt) and scored[0].logprob is None and scored[0].top == ()
-            want = [reference[j - 1, prompt[j]].item() for j in range(1, len(prompt))]
+            scored, scored_ids = done.prompt_logprobs, job.prompt_ids
+            assert len(scored) == len(scored_ids) and scored[0].logprob is None and scored[0].top == ()
+            assert [lp.token for lp in scored] == [smol_tokenizer.decode([i]) for i in scored_ids]
+            want = [reference[j - 1, scored_ids[j]].item() for j in range(1, len(scored_ids))]
             assert [lp.logprob for lp in scored[1:]] == pytest.approx(want, abs=1e-4)
             assert all(len(lp.top) == 3 for lp in scored[1:])
         else:
