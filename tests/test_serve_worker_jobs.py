@@ -6,11 +6,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from serve_helpers import collect, drain, fail_forward, force_tokens, random_llama
+from serve_helpers import fail_forward, force_tokens, random_llama
 
 from ds_vicuna.chat_model import ChatModel
 from ds_vicuna.serve.engine import GenerationJob, SamplingParams
-from ds_vicuna.serve.protocol import DoneEvent, ErrorEvent, TextEvent
+from ds_vicuna.serve.protocol import DoneEvent, ErrorEvent
 from ds_vicuna.serve.schemas import APIError, ErrorCode
 from ds_vicuna.serve.worker import Worker, create_app
 
