@@ -179,7 +179,7 @@ class IncrementalText:
         safe = len(self.text)
         while safe > self.emitted and self.text[safe - 1] == "\ufffd":  # an unfinished UTF-8 sequence
             safe -= 1
-        safe -= self._partial_stop_suffix(self.text[:safe])
+        safe -= self._partial_stop_suffix(self.text[max(0, safe - self._longest_stop):safe])
         return self._release(max(safe, self.emitted)), False
 
     def finish(self) -> str:

@@ -32,11 +32,11 @@ from ds_vicuna.serve.schemas import DEFAULT_MAX_TOKENS, APIError, ErrorCode
 
 log = logging.getLogger("ds_vicuna.serve.worker")
 
-# The worker's request body ("params"): name -> (accepted types, default). Checked again here although the API
+# The worker's request body ("params"): (name, accepted types, default). Checked again here although the API
 # validated it: the worker is reachable by anyone holding the secret, and one bad job must not reach the engine.
-_PARAMS = {"max_tokens": ((int, type(None)), None), "temperature": ((int, float), 1.0), "top_p": ((int, float), 1.0),
-           "seed": ((int, type(None)), None), "stop": ((list, tuple), ()), "logprobs": ((bool,), False),
-           "top_logprobs": ((int, type(None)), 0), "echo": ((bool,), False)}
+_PARAMS = (("max_tokens", (int, type(None)), None), ("temperature", (int, float), 1.0), ("top_p", (int, float), 1.0),
+           ("seed", (int, type(None)), None), ("stop", (list, tuple), ()), ("logprobs", (bool,), False),
+           ("top_logprobs", (int, type(None)), 0), ("echo", (bool,), False))
 
 
 class Worker:
@@ -115,7 +115,7 @@ class Worker:
         if not isinstance(raw, dict):
             raise APIError(ErrorCode.INVALID_TYPE, "'params' must be an object", "params")
         values = {}
-        for name, (types, default) in _PARAMS.items():
+        for name, types, default in _PARAMS:
             value = raw.get(name, default)
             if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
                 raise APIError(ErrorCode.INVALID_TYPE, f"'{name}' has the wrong type ({type(value).__name__})", name)

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.gpu
 
 QUESTIONS = ["What is the capital of France?", "Name the largest planet in the solar system.",
              "What is 2 + 2?", "Which ocean is the largest?", "Translate 'thank you' into French.",
-             "What colour is the sky on a clear day?", "Who wrote Romeo and Juliet?", "How many legs does a spider have?"]
+             "What colour is the sky on a clear day?", "Who wrote Romeo and Juliet?",
+             "How many legs does a spider have?"]
 MAX_TOKENS = 24
 MIN_MARGIN = 0.5  # logits: a greedy step closer than this is a near-tie bf16 rounding may flip either way
 
@@ -34,8 +35,9 @@ def reference(chat, question: str) -> tuple[str, float]:
     prompt = torch.tensor([chat.encoder.encode_prompt(messages)], device=chat.device)  # [1, T]
     with torch.no_grad():
         out = chat.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=MAX_TOKENS,
-                                  do_sample=False, eos_token_id=chat.stop_token_ids, pad_token_id=chat.stop_token_ids[0],
-                                  output_logits=True, return_dict_in_generate=True)
+                                  do_sample=False, eos_token_id=chat.stop_token_ids,
+                                  pad_token_id=chat.stop_token_ids[0], output_logits=True,
+                                  return_dict_in_generate=True)
     new = out.sequences[0, prompt.shape[1]:].tolist()
     new = new[:next((i for i, t in enumerate(new) if t in chat.stop_token_ids), len(new))]
     margins = [float(step[0].float().topk(2).values.diff().abs()) for step in out.logits[:len(new) + 1]]
