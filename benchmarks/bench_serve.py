@@ -165,8 +165,7 @@ class OwnStack:
     def __init__(self, model: str, max_batch_size: int, extra: list[str] = ()):
         self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-u", "-m", "ds_vicuna.serve", "all", "--model", model,
-                                      "--port", str(self.port), "--max-batch-size", str(max_batch_size),
-                                      "--max-queue", "256", *extra],
+                                      "--port", str(self.port), "--max-batch-size", str(max_batch_size), *extra],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.ready, self.lines = threading.Event(), []
         threading.Thread(target=self._read, daemon=True).start()
