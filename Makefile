@@ -49,7 +49,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_batching.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_loss_memory.py
-	$(PY) benchmarks/bench_serve.py --max-tokens 16
+	$(PY) benchmarks/bench_serve.py
 
 # The GPU tier (benchmarks/gpu_check.py). gpu-check uses the GPU machine's own python (its CUDA torch), never $(VENV).
 GPU_WHEELS ?= .gpu_wheels

@@ -46,7 +46,7 @@ setup(
         "dev": ["pytest", "pytest-timeout", "hypothesis", "openai", "selenium"],
         "flash": ["flash-attn>=2.5"],
         # lm-evaluation-harness against our server (tests/test_lm_eval.py); heavy, so not in dev
-        "harness": ["lm-eval>=0.4.5"],
+        "harness": ["lm-eval[api]>=0.4.5"],
     },
     entry_points={"console_scripts": ["ds-vicuna=ds_vicuna.cli:main"]},
 )

@@ -71,23 +71,19 @@ def launch_training(train: Path, out: Path, ranks: int, overrides: list[str]) ->
 
 
 def answer(model_dir: Path, question: str = QUESTION, max_new_tokens: int = 48) -> str:
-    """Greedy reply of the model in `model_dir`, prompted with the training template."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Greedy reply of the model in `model_dir`, prompted with the training template.
 
-    from ds_vicuna.encoding import get_encoder
+    Loaded and generated the way the serving worker does it (`ds_vicuna.chat_model`, `serve.engine`).
+    """
+    from ds_vicuna.chat_model import load_chat_model
+    from ds_vicuna.serve.engine import generate_replies
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    encoder = get_encoder(tokenizer, TEMPLATE)
-    prompt = torch.tensor([encoder.encode_prompt([{"role": "user", "content": question}])])  # [1, T]
-    stops = [tokenizer.convert_tokens_to_ids(s) for s in encoder.stop_strings()]
-    with torch.no_grad():
-        output = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                                do_sample=False, eos_token_id=stops, pad_token_id=stops[0],
-                                stop_strings=["USER:"], tokenizer=tokenizer)  # a base model runs on into the next turn
-    text = tokenizer.decode(output[0, prompt.shape[1]:], skip_special_tokens=True)
-    return text.removesuffix("USER:").strip()
+    chat = load_chat_model(str(model_dir), template=TEMPLATE)
+    reply = generate_replies(chat, [[{"role": "user", "content": question}]], max_new_tokens,
+                             stop=["USER:"])[0]  # the base model runs on into the next turn
+    if reply is None:
+        raise SystemExit(f"[demo] generation failed for {model_dir}")
+    return reply.strip()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,65 +141,22 @@ class ApiBackend:
 
 
 class LocalBackend:
-    """Batched, left-padded `generate` from a local Hugging Face checkpoint (or `embedded`).
+    """Replies from a local Hugging Face checkpoint (or `embedded`), batched the way the serving worker batches.
 
-    The prompt is built by the same encoder training used (`ds_vicuna.encoding`), with the template the
-    checkpoint names in its `ds_vicuna.json`; generation stops at the template's stop strings.
+    The model is loaded by `ds_vicuna.chat_model.load_chat_model` (template, stops and context length from the
+    checkpoint's `ds_vicuna.json`) and replies come from the worker's own engine
+    (`ds_vicuna.serve.engine.generate_replies`), so a local answer is what the served model would answer.
     """
 
-    def __init__(self, model: str, max_new_tokens: int = 512, temperature: float = 0.0, device: str | None = None):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, model: str, max_new_tokens: int = 512, temperature: float = 0.0, device: str | None = None,
+                 dtype: str = "auto"):
+        from ds_vicuna.chat_model import load_chat_model
 
-        from ds_vicuna.encoding import get_encoder
-        from ds_vicuna.model_meta import read_model_meta
-        from ds_vicuna.models import resolve_model_path
-
-        path = resolve_model_path(model)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
-        self.encoder = get_encoder(self.tokenizer, read_model_meta(path)["template"])
-        self.stops = [s for s in self.encoder.stop_strings() if s]
-        self.stop_ids, self.stop_texts = _split_stops(self.tokenizer, self.stops)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
-            else self.tokenizer.eos_token_id
+        self.chat = load_chat_model(model, device=device or "auto", dtype=dtype)
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
 
     def generate(self, conversations: Sequence[list[dict]]) -> list[str | None]:
-        import torch
+        from ds_vicuna.serve.engine import generate_replies
 
-        prompts = [self.encoder.encode_prompt(c) for c in conversations]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])  # (B, T) left-padded
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])  # (B, T)
-        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 \
-            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        with torch.no_grad():
-            out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                      max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
-                                      eos_token_id=self.stop_ids, stop_strings=self.stop_texts or None,
-                                      tokenizer=self.tokenizer, **sampling)
-        return [self._reply(row[width:].tolist()) for row in out]  # row: (T + new,)
-
-    def _reply(self, ids: list[int]) -> str:
-        text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        cut_at = [self.tokenizer.eos_token, self.tokenizer.pad_token, *self.stops]
-        ends = [text.find(s) for s in cut_at if s and s in text]
-        return (text[:min(ends)] if ends else text).strip()
-
-
-def _split_stops(tokenizer, stops: list[str]) -> tuple[list[int], list[str]]:
-    """Stops that are one vocabulary token become eos ids (checked per step for free); the rest stay strings
-    for transformers' StopStringCriteria, which costs a scan per step."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    texts = []
-    for stop in stops:
-        token_id = tokenizer.convert_tokens_to_ids(stop)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and \
-                tokenizer.convert_ids_to_tokens(token_id) == stop:
-            ids.append(token_id)
-        else:
-            texts.append(stop)
-    return sorted(set(ids)), texts
+        replies = generate_replies(self.chat, conversations, self.max_new_tokens, self.temperature)
+        return [None if reply is None else reply.strip() for reply in replies]  # FastChat strips answers too

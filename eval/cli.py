@@ -53,6 +53,9 @@ def _add_answer(p) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="new tokens per reply")
     p.add_argument("--temperature", type=_temperature, default=0.0,
                    help="0 = greedy; 'fastchat' = FastChat's per-category MT-bench temperatures")
+    p.add_argument("--device", default="auto", help="local model: auto | cuda | cuda:N | cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="local model: auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU")
     _add_client_flags(p, "--api-model", "endpoint model name when answering from --base-url")
     p.set_defaults(func=cmd_answer)
 
@@ -200,7 +203,12 @@ def cmd_answer(args) -> int:
     per_category = fastchat_temperature if args.temperature == PER_CATEGORY else None
     temperature = 0.0 if per_category else args.temperature
     if args.model:
-        backend = LocalBackend(args.model, max_new_tokens=args.max_tokens, temperature=temperature)
+        try:
+            backend = LocalBackend(args.model, max_new_tokens=args.max_tokens, temperature=temperature,
+                                   device=args.device, dtype=args.dtype)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         model_id, chunk = args.model_id or _local_model_id(args.model), args.batch_size
     else:
         if not args.api_model:

@@ -23,6 +23,8 @@ import sys
 import threading
 
 DEFAULT_CONTROLLER = "http://127.0.0.1:21001"
+DTYPES = ("auto", "bf16", "fp16", "fp32")  # = ds_vicuna.chat_model.DTYPES (not imported: it would load torch)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # = ds_vicuna.chat_model.DEVICE_MAPS
 
 
 def register(subparsers) -> None:
@@ -83,6 +85,15 @@ def _worker_args(p) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder, or 'embedded' (SmolLM2-135M-Instruct)")
     p.add_argument("--model-name", help="name clients use (default: the folder name)")
     p.add_argument("--template", help="chat template (default: from the checkpoint's ds_vicuna.json)")
+    p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (default auto: the GPU when there "
+                   "is one). A multi-GPU node runs one worker per GPU: --device cuda:0, --device cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="weights precision (default auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU)")
+    p.add_argument("--device-map", choices=DEVICE_MAPS,
+                   help="spread one model over every visible GPU (for a model too big for one GPU)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens prefilled between two decode steps, so long prompts do not stall running "
+                   "streams (default: 256 on CPU, 2048 on GPU; 0 = whole prompts at once)")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="waiting + running requests before 429")
     p.add_argument("--heartbeat-interval", type=float, default=2.0)
@@ -151,15 +162,24 @@ def _build_api(args, controller_url: str, secret: str | None):
 def _build_worker(args, controller_url: str | None, server_url: str, secret: str | None):
     import requests
 
-    from ds_vicuna.serve.worker import Worker, load_model
+    from ds_vicuna.chat_model import load_chat_model
+    from ds_vicuna.serve.worker import Worker
+    from ds_vicuna.templates import TemplateError
 
     if args.torch_threads:
         import torch
 
         torch.set_num_threads(args.torch_threads)
-    loaded = load_model(args.model, args.template, args.model_name)
+    try:
+        loaded = load_chat_model(args.model, args.template, args.model_name, device=args.device, dtype=args.dtype,
+                                 device_map=args.device_map)
+    except (FileNotFoundError, ValueError, TemplateError) as err:
+        raise SystemExit(f"ds-vicuna serve: error: {err}") from None
+    placement = getattr(loaded.model, "hf_device_map", None) and "several devices (--device-map)" or loaded.device
+    print(f"loaded {loaded.name} on {placement} as {str(loaded.dtype).removeprefix('torch.')}, template "
+          f"{loaded.template}, context {loaded.context_length} tokens", flush=True)
     return Worker(loaded, server_url, controller_url, requests, args.max_batch_size, args.max_queue, secret,
-                  args.heartbeat_interval)
+                  args.heartbeat_interval, prefill_chunk=args.prefill_chunk)
 
 
 class Servers:

@@ -1,27 +1,56 @@
-"""Batched generation: requests that wait together decode together in one left-padded batch.
+"""Batched generation: continuous batching with chunked prefill on one causal LM.
 
-    engine = BatchEngine(model, tokenizer, stop_token_ids=[...], max_batch_size=8)
-    engine.add(jobs); engine.step()   # the worker's scheduler thread: admit waiting jobs, decode one token
+    engine = BatchEngine(model, tokenizer, stop_token_ids=[...], max_batch_size=8, prefill_chunk=256)
+    engine.add(jobs); engine.step()   # the worker's scheduler thread: queue new jobs, run one step
     engine.run_batch(jobs)            # or: run these jobs to completion
+    generate_replies(chat, conversations, max_tokens=512)   # eval answer / demo: replies of a ChatModel
 
-One `forward` per step serves every live row through the KV cache. New requests join between steps: they are
-prefilled together as a left-padded mini-batch and their cache is merged into the running one. Rows that finish
-(stop token, stop string, max_tokens, cancelled) are cut out of the batch and its cache
-(`DynamicCache.batch_select_indices`), so the remaining rows do not pay for them. Sampling is per row: its own
-temperature, top_p and seeded `torch.Generator`.
+One `step()` is one decode step for every running row, then at most `prefill_chunk` prompt tokens of the jobs
+waiting to join. A long prompt is prefilled in chunks across several steps, so running streams keep getting a
+token per step while it loads; short prompts that arrive together are prefilled together as one left-padded
+mini-batch. When a prompt is fully prefilled its first token is sampled and its KV cache is merged into the
+running one (the shorter cache is left-padded with masked positions). Rows that finish (stop token, stop string,
+max_tokens, cancelled) are cut out of the batch and its cache, so the remaining rows do not pay for them.
 
-Text streams per row through `IncrementalText`, which only releases characters that are final: never half of a
-multi-byte UTF-8 character and never a prefix of a stop string that may still complete.
+Every tensor and random generator lives on the model's device (inputs on the input embeddings' device, sampling
+on the output head's device, for a model spread over GPUs too). Sampling is per row: its own temperature, top_p
+and seeded `torch.Generator`. Logprobs are of the raw distribution (log_softmax of the logits, before
+temperature and top_p), as vLLM and OpenAI report them.
+
+No job can hurt another: a bad job (e.g. a seed torch rejects) or a row whose sampling fails gets its own
+`ErrorEvent`; a failed prefill of several prompts is retried one prompt at a time; a failed decode step (whose
+cache may be half-written) sends the running rows back to be prefilled again from their prompt plus the tokens
+generated so far, and they continue where they were (seeded sampling included). Nothing here raises.
+
+Text streams per row through `IncrementalText`, which decodes only a few tokens per step and only releases
+characters that are final: never half of a multi-byte UTF-8 character and never a prefix of a stop string that
+may still complete.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import enum
+import inspect
+import logging
+import math
 import queue
+import secrets
 import threading
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
-from ds_vicuna.serve.protocol import DoneEvent, ErrorEvent, Event, TextEvent
+from ds_vicuna.serve.protocol import DoneEvent, ErrorEvent, Event, TextEvent, TokenLogprob
+from ds_vicuna.serve.schemas import ErrorCode
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2 ** 63 - 1
+MAX_TOP_LOGPROBS = 20
+DEFAULT_PREFILL_CHUNK = {"cpu": 256, "cuda": 2048}  # prompt tokens per step; a CPU step must stay short
+GREEDY_BELOW = 1e-5  # temperatures this small are greedy (dividing logits by them overflows to inf/NaN)
+MAX_RECOMPUTES = 3  # times a row may be re-prefilled after failed decode steps before it is failed
+_LOGPROB_BLOCK = 128  # prompt positions per log_softmax when scoring a prompt (bounds the [n, vocab] buffer)
 
 
 class FinishReason(str, enum.Enum):
@@ -32,13 +61,53 @@ class FinishReason(str, enum.Enum):
 
 @dataclass
 class SamplingParams:
-    """Per-request generation settings (already validated by `schemas`)."""
+    """Per-request generation settings (checked by `problem()`; the worker answers 400 for a bad one).
+
+    Attributes:
+        max_tokens: new tokens at most; 0 only prefills (prompt scoring with `echo`).
+        temperature: 0 (or below 1e-5) is greedy.
+        top_p: nucleus sampling mass in (0, 1].
+        seed: seeds the row's own generator (0..2**63-1); None draws one.
+        stop: texts that end the reply (never part of it).
+        logprobs: report each generated token's logprob.
+        top_logprobs: with `logprobs`, the most likely alternatives per position (0..20).
+        echo: with `logprobs`, also score every prompt token (`DoneEvent.prompt_logprobs`).
+    """
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    echo: bool = False
+
+    def problem(self) -> tuple[str, str] | None:
+        """(parameter, message) for the first invalid field, or None when all are valid."""
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not is_int(self.max_tokens) or self.max_tokens < 0:
+            return "max_tokens", f"'max_tokens' must be a non-negative integer, got {self.max_tokens!r}"
+        for name, value, low_open in (("temperature", self.temperature, False), ("top_p", self.top_p, True)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                    or value < 0 or (low_open and value == 0):
+                return name, f"'{name}' must be a finite number {'> 0' if low_open else '>= 0'}, got {value!r}"
+        if self.top_p > 1:
+            return "top_p", f"'top_p' must be at most 1, got {self.top_p!r}"
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            return "seed", f"'seed' must be an integer in [0, {MAX_SEED}], got {self.seed!r}"
+        if not all(isinstance(s, str) for s in self.stop):
+            return "stop", "'stop' must be a list of strings"
+        if not is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            return "top_logprobs", (f"'top_logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}], "
+                                    f"got {self.top_logprobs!r}")
+        return None
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.echo and self.logprobs
 
 
 @dataclass
@@ -46,29 +115,63 @@ class GenerationJob:
     """One request inside the worker: its prompt ids, settings and the queue its events go to.
 
     Events put on `events` (`serve.protocol`): a `TextEvent` for each released piece, then exactly one
-    `DoneEvent` or `ErrorEvent`.
+    `DoneEvent` or `ErrorEvent`. `reply_lead` is text the template expects the model to write before the
+    reply proper (vicuna_v1.1's space after "ASSISTANT:"); it is dropped from the reply's start.
     """
 
     prompt_ids: list[int]
     params: SamplingParams
     events: "queue.Queue[Event]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    reply_lead: str = ""
+
+
+def chat_job(chat, prompt_ids: list[int], params: SamplingParams) -> GenerationJob:
+    """A job answering a chat turn of `chat` (a ChatModel): the template's stop strings end it, its lead is dropped."""
+    stop = tuple(dict.fromkeys(tuple(params.stop) + tuple(chat.stop_strings)))
+    return GenerationJob(list(prompt_ids), dataclasses.replace(params, stop=stop), reply_lead=chat.reply_lead)
 
 
 class IncrementalText:
-    """Turns a growing list of token ids into final text pieces; finds stop strings across token boundaries."""
+    """Turns a growing list of token ids into final text pieces; finds stop strings across token boundaries.
 
-    def __init__(self, tokenizer, stop: Sequence[str]):
+    Each `add` decodes only a short window (a few tokens before the unreleased ones), the way vLLM and TGI
+    detokenize incrementally, so a long reply costs the same per token as a short one. The window starts in the
+    prompt (`context_ids`), so the first token decodes as it reads after the prompt (its leading space kept).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        stop: texts that end the reply; the reply is cut before the first one.
+        context_ids: the prompt (its last few ids are decoded as left context).
+        lead: text to drop from the reply's start when the reply begins with it.
+    """
+
+    CONTEXT = 5  # prompt tokens of left context
+    MAX_PENDING = 4  # a UTF-8 character spans at most 4 byte tokens: longer undecodable runs are released as is
+
+    def __init__(self, tokenizer, stop: Sequence[str], context_ids: Sequence[int] = (), lead: str = ""):
         self._tokenizer = tokenizer
         self._stop = [s for s in stop if s]
+        self._longest_stop = max((len(s) for s in self._stop), default=0)
+        self._lead = lead
+        self._lead_checked = not lead
+        self._window = list(context_ids[-self.CONTEXT:])
+        self._read = len(self._window)  # window ids before this index are already in `text`
         self.ids: list[int] = []
-        self.text = ""  # decoded text of `ids`, up to a stop string once one is found
-        self.emitted = 0  # characters of `text` already released
+        self.text = ""  # the reply's text so far, up to a stop string once one is found
+        self.emitted = 0  # characters of `text` already released (or dropped as the lead)
 
     def add(self, token_id: int) -> tuple[str, bool]:
         """Append one token; returns (newly final text, hit_stop_string)."""
         self.ids.append(token_id)
-        self.text = self._tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._window.append(token_id)
+        self._decode_window()
+        if not self._lead_checked:
+            if len(self.text) < len(self._lead) and self._lead.startswith(self.text):
+                return "", False  # could still be the lead
+            self._lead_checked = True
+            if self.text.startswith(self._lead):
+                self.emitted = len(self._lead)
         hit = self._find_stop()
         if hit is not None:
             self.text = self.text[:hit]
@@ -76,16 +179,31 @@ class IncrementalText:
         safe = len(self.text)
         while safe > self.emitted and self.text[safe - 1] == "\ufffd":  # an unfinished UTF-8 sequence
             safe -= 1
-        safe -= self._partial_stop_suffix(self.text[:safe])
+        safe -= self._partial_stop_suffix(self.text[max(0, safe - self._longest_stop):safe])
         return self._release(max(safe, self.emitted)), False
 
     def finish(self) -> str:
         """Release whatever is held back when generation ends for another reason."""
+        if self._read < len(self._window):  # undecoded tail (e.g. an unfinished UTF-8 byte run)
+            self._decode_window(force=True)
+        if not self._lead_checked and self._lead.startswith(self.text):
+            self.emitted = len(self.text)  # the reply was (part of) the lead and nothing else
         return self._release(len(self.text))
 
+    def _decode_window(self, force: bool = False) -> None:
+        """Move newly decodable text from the window into `text`; keep a window of left context."""
+        decode = self._tokenizer.decode
+        before = decode(self._window[:self._read], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        after = decode(self._window, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        pending = len(self._window) - self._read
+        if not force and pending < self.MAX_PENDING and (len(after) <= len(before) or after.endswith("\ufffd")):
+            return  # nothing new yet, or half a character: wait for the next token
+        self.text += after[len(before):]
+        self._window = self._window[self._read:]
+        self._read = len(self._window)
+
     def _find_stop(self) -> int | None:
-        longest = max((len(s) for s in self._stop), default=0)
-        start = max(0, self.emitted - longest)
+        start = max(0, self.emitted - self._longest_stop)
         hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
         return min(hits) if hits else None
 
@@ -105,35 +223,73 @@ class IncrementalText:
         return piece
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
     job: GenerationJob
     text: IncrementalText
-    generator: "object"  # torch.Generator
-    generated: int = 0
+    generator: Any  # torch.Generator on the sampling device
+    generated: int = 0  # completion tokens so far (a stop token is not one)
+    tokens: list[int] = field(default_factory=list)  # sampled ids fed back: the context is prompt + tokens
+    pending: list[TokenLogprob] = field(default_factory=list)  # logprobs not yet sent with a text event
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    recomputes: int = 0
+    finished: bool = False
+
+    @property
+    def context(self) -> list[int]:
+        return self.job.prompt_ids + self.tokens
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Still has prompt positions to score (echo + logprobs)."""
+        return self.job.params.wants_prompt_logprobs and len(self.prompt_logprobs) < len(self.job.prompt_ids)
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """Rows being prefilled together: their left-padded contexts and the cache built so far."""
+
+    rows: list[_Row]
+    input_ids: Any  # [b, T] left-padded
+    mask: Any  # [b, T] 1 on real tokens
+    positions: Any  # [b, T]
+    cache: Any
+    done: int = 0  # columns prefilled so far
+
+    @property
+    def width(self) -> int:
+        return int(self.input_ids.shape[1])
 
 
 class BatchEngine:
-    """Continuous batching on one causal LM: rows join between decode steps and leave when they finish.
-
-    `add(jobs)` prefills new jobs as one left-padded mini-batch and merges their KV cache into the running batch
-    (the shorter cache is left-padded with masked positions); `step()` decodes one token for every running row.
-    Finished rows are cut out of the batch and its cache, and cache columns no row attends to are trimmed.
+    """Continuous batching with chunked prefill on one causal LM (see the module docstring).
 
     Args:
-        model: a Hugging Face causal LM in eval mode.
+        model: a Hugging Face causal LM in eval mode, on one device or spread over several (device_map).
         tokenizer: its tokenizer (pad token needed; EOS is used when missing).
         stop_token_ids: ids that end a reply (template stop tokens and EOS); never shown to the client.
-        max_batch_size: rows decoded together.
+        max_batch_size: rows decoded together (running plus being prefilled).
+        prefill_chunk: prompt tokens prefilled per step; None picks by device (CPU 256, CUDA 2048); 0 prefills
+            each prompt batch in one piece.
     """
 
-    def __init__(self, model, tokenizer, stop_token_ids: Sequence[int], max_batch_size: int = 8):
+    def __init__(self, model, tokenizer, stop_token_ids: Sequence[int], max_batch_size: int = 8,
+                 prefill_chunk: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset(int(i) for i in stop_token_ids)
         self.max_batch_size = max_batch_size
+        self.device = model.get_input_embeddings().weight.device
+        output = model.get_output_embeddings()
+        self.sample_device = output.weight.device if output is not None else self.device
+        self.prefill_chunk = DEFAULT_PREFILL_CHUNK.get(self.device.type, 2048) if prefill_chunk is None \
+            else int(prefill_chunk)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
+        self._token_texts: dict[int, str] = {}
+        # transformers 5.x calls the KV cache argument `cache` (`past_key_values` is deprecated); 4.x knows only that
+        self._cache_arg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+        self._prefilling: "collections.deque[_Prefill]" = collections.deque()
         self._reset()
 
     def _reset(self) -> None:
@@ -144,11 +300,17 @@ class BatchEngine:
 
     @property
     def active(self) -> int:
-        return len(self.rows)
+        """Rows running or being prefilled."""
+        return len(self.rows) + sum(len(group.rows) for group in self._prefilling)
 
     @property
     def free_slots(self) -> int:
-        return self.max_batch_size - len(self.rows)
+        return self.max_batch_size - self.active
+
+    @property
+    def prefilling(self) -> int:
+        """Rows still being prefilled."""
+        return sum(len(group.rows) for group in self._prefilling)
 
     def run_batch(self, jobs: Sequence[GenerationJob]) -> None:
         """Generate for `jobs` (and any running rows) until all finish. Never raises."""
@@ -157,76 +319,204 @@ class BatchEngine:
             self.step()
 
     def add(self, jobs: Sequence[GenerationJob]) -> None:
-        """Prefill new jobs and let them join the running batch. Never raises: a failure ends its jobs."""
-        if not jobs:
-            return
-        import torch
-
-        rows = [self._new_row(job) for job in jobs]
-        try:
-            with torch.inference_mode():
-                self._prefill(rows)
-        except Exception as err:  # one bad prompt batch must not kill the worker; its clients are told
-            self._fail(rows, err)
+        """Queue new jobs to be prefilled by the next steps. Never raises: a bad job gets its ErrorEvent."""
+        rows = []
+        for job in jobs:
+            try:
+                rows.append(self._new_row(job))
+            except Exception as err:  # a bad job is its client's error, never the worker's
+                code = ErrorCode.INVALID_VALUE if isinstance(err, ValueError) else ErrorCode.WORKER_FAILED
+                job.events.put(ErrorEvent(f"{err}", code.value))
+        self._queue_prefill(rows)
 
     def step(self) -> None:
-        """One decode step for every running row. Never raises: a failure ends every running job."""
-        if not self.rows:
+        """One decode step for every running row, then up to `prefill_chunk` prompt tokens. Never raises."""
+        if self.rows:
+            self._guarded_decode()
+        if self._prefilling:
+            self._prefill_some()
+
+    def abort(self, message: str) -> None:
+        """End every running and waiting row with an ErrorEvent (the worker is going away)."""
+        rows = self.rows + [row for group in self._prefilling for row in group.rows]
+        self._prefilling.clear()
+        self._reset()
+        self._fail(rows, message)
+
+    # ---- rows -----------------------------------------------------------------------------------------
+    def _new_row(self, job: GenerationJob) -> _Row:
+        import torch
+
+        problem = job.params.problem()
+        if problem is not None:
+            raise ValueError(problem[1])
+        if not job.prompt_ids:
+            raise ValueError("the prompt is empty")
+        generator = torch.Generator(device=self.sample_device)
+        generator.manual_seed(job.params.seed if job.params.seed is not None else secrets.randbits(63))
+        row = _Row(job, IncrementalText(self.tokenizer, job.params.stop, job.prompt_ids, job.reply_lead), generator)
+        if job.params.wants_prompt_logprobs:
+            row.prompt_logprobs.append(TokenLogprob(self._token_text(job.prompt_ids[0]), None))
+        return row
+
+    def _fail(self, rows: list[_Row], message: str, code: ErrorCode = ErrorCode.WORKER_FAILED) -> None:
+        for row in rows:
+            if not row.finished:
+                row.finished = True
+                row.job.events.put(ErrorEvent(message, code.value))
+
+    def _token_text(self, token_id: int) -> str:
+        """A token's text decoded alone (OpenAI's `token` field), cached per id."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False,
+                                                                        clean_up_tokenization_spaces=False)
+        return text
+
+    # ---- prefill --------------------------------------------------------------------------------------
+    def _queue_prefill(self, rows: list[_Row], front: bool = False) -> None:
+        """Short contexts prefill together; a long one prefills alone, in chunks.
+
+        A group that scores a prompt keeps the logits of every position, at most `prefill_chunk` of them per step;
+        without chunking a scored prompt prefills alone, so that buffer stays one prompt long.
+        """
+        for row in rows:
+            if row.scores_prompt:
+                del row.prompt_logprobs[1:]  # a retried row scores its prompt again from the start
+        alone = [r for r in rows if len(r.context) > self.prefill_chunk > 0 or
+                 (r.scores_prompt and not self.prefill_chunk)]
+        together = [r for r in rows if r not in alone]
+        groups = ([self._group(together)] if together else []) + [self._group([r]) for r in alone]
+        if front:
+            self._prefilling.extendleft(reversed(groups))
+        else:
+            self._prefilling.extend(groups)
+
+    def _group(self, rows: list[_Row]) -> _Prefill:
+        import torch
+        from transformers import DynamicCache
+
+        width = max(len(row.context) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=self.device)  # [b, T]
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)  # [b, T]
+        for i, row in enumerate(rows):
+            context = row.context
+            input_ids[i, width - len(context):] = torch.tensor(context, dtype=torch.long, device=self.device)
+            mask[i, width - len(context):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, T]
+        return _Prefill(rows, input_ids, mask, positions, DynamicCache(config=self.model.config))
+
+    def _prefill_some(self) -> None:
+        """Spend one step's prefill budget on the waiting groups, oldest first."""
+        import torch
+
+        budget = self.prefill_chunk or math.inf
+        while self._prefilling and budget > 0:
+            group = self._prefilling[0]
+            if all(row.job.cancelled.is_set() for row in group.rows):
+                self._prefilling.popleft()
+                for row in group.rows:
+                    self._finish(row, FinishReason.CANCELLED)
+                continue
+            left = group.width - group.done
+            columns = left if budget == math.inf else int(max(1, min(left, budget // len(group.rows))))
+            budget -= columns * len(group.rows)
+            try:
+                with torch.inference_mode():
+                    last_logits = self._prefill_chunk(group, columns)
+            except Exception as err:
+                self._prefilling.popleft()
+                self._prefill_failed(group, err)
+                continue
+            if last_logits is not None:
+                self._prefilling.popleft()
+                self._join(group, last_logits)
+
+    def _prefill_chunk(self, group: _Prefill, columns: int):
+        """Prefill the next `columns` positions of a group; its last logits [b, V] once the group is done."""
+        start, end = group.done, group.done + columns
+        scoring = [i for i, row in enumerate(group.rows) if row.scores_prompt]
+        out = self.model(input_ids=group.input_ids[:, start:end], attention_mask=group.mask[:, :end],
+                         position_ids=group.positions[:, start:end], use_cache=True,
+                         logits_to_keep=0 if scoring else 1, **{self._cache_arg: group.cache})
+        for i in scoring:
+            self._score_prompt(group, i, out.logits[i], start, end)  # [columns, V]
+        group.done = end
+        return out.logits[:, -1, :] if end == group.width else None
+
+    def _score_prompt(self, group: _Prefill, i: int, logits, start: int, end: int) -> None:
+        """Logprobs of the prompt tokens that logits at columns [start, end) of row i predict."""
+        import torch
+
+        row = group.rows[i]
+        prompt = row.job.prompt_ids
+        pad = group.width - len(row.context)
+        first, last = max(start, pad), min(end, pad + len(prompt) - 1)  # column c predicts prompt[c - pad + 1]
+        for block in range(first, last, _LOGPROB_BLOCK):
+            stop = min(block + _LOGPROB_BLOCK, last)
+            targets = prompt[block - pad + 1:stop - pad + 1]
+            logprobs = torch.log_softmax(logits[block - start:stop - start].float(), dim=-1)  # [n, V]
+            index = torch.tensor(targets, device=logprobs.device).unsqueeze(-1)  # [n, 1]
+            row.prompt_logprobs += self._entries(logprobs, index, row.job.params.top_logprobs, targets)
+
+    def _entries(self, logprobs, index, top: int, token_ids: list[int]) -> list[TokenLogprob]:
+        """TokenLogprob per row of `logprobs` [n, V] for the tokens `index` [n, 1], with `top` alternatives."""
+        chosen = logprobs.gather(-1, index).squeeze(-1).tolist()  # [n]
+        if top:
+            values, ids = logprobs.topk(top, dim=-1)  # [n, top]
+            tops = [tuple(zip(map(self._token_text, i), v)) for i, v in zip(ids.tolist(), values.tolist())]
+        else:
+            tops = [()] * len(chosen)
+        return [TokenLogprob(self._token_text(t), c, alt) for t, c, alt in zip(token_ids, chosen, tops)]
+
+    def _prefill_failed(self, group: _Prefill, err: Exception) -> None:
+        """Retry a failed group's rows one at a time; a row that fails alone gets its ErrorEvent."""
+        live = [row for row in group.rows if not row.finished]
+        if len(live) > 1:
+            log.warning("prefill of %d prompts failed (%s: %s); retrying them one at a time", len(live),
+                        type(err).__name__, err)
+            for row in reversed(live):
+                self._queue_prefill([row], front=True)
             return
+        log.warning("prefill failed for one job: %s: %s", type(err).__name__, err)
+        self._fail(live, f"generation failed: {type(err).__name__}: {err}")
+
+    def _join(self, group: _Prefill, last_logits) -> None:
+        """Sample each prefilled row's next token and merge the rows that go on into the running batch."""
+        import torch
+
+        keep, next_ids = self._advance_all(group.rows, last_logits)
+        if not keep:
+            return
+        try:
+            with torch.inference_mode():
+                cache, mask, next_ids = _select(group.cache, group.mask, next_ids, keep)
+                rows = [group.rows[i] for i in keep]
+                if self.rows:
+                    cache, mask = _merge(self._cache, self._mask, cache, mask)
+                    next_ids = torch.cat([self._next, next_ids], dim=0)
+                    rows = self.rows + rows
+        except Exception as err:  # the running cache may be half-merged: rebuild every row's cache
+            self._recompute(self.rows + [group.rows[i] for i in keep], err)
+            return
+        self.rows, self._cache, self._mask, self._next = rows, cache, mask, next_ids
+
+    # ---- decode ---------------------------------------------------------------------------------------
+    def _guarded_decode(self) -> None:
         import torch
 
         try:
             with torch.inference_mode():
                 self._decode_step()
         except Exception as err:
-            rows = self.rows
-            self._reset()
-            self._fail(rows, err)
-
-    def _fail(self, rows: list[_Row], err: Exception) -> None:
-        for row in rows:
-            row.job.events.put(ErrorEvent(f"generation failed: {type(err).__name__}: {err}"))
-
-    def _new_row(self, job: GenerationJob) -> _Row:
-        import torch
-
-        generator = torch.Generator()
-        generator.manual_seed(job.params.seed if job.params.seed is not None else torch.seed())
-        return _Row(job, IncrementalText(self.tokenizer, job.params.stop), generator)
-
-    def _prefill(self, rows: list[_Row]) -> None:
-        import torch
-        from transformers import DynamicCache
-
-        longest = max(len(r.job.prompt_ids) for r in rows)
-        input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)  # [b, T] left-padded
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)  # [b, T]
-        for i, row in enumerate(rows):
-            ids = row.job.prompt_ids
-            input_ids[i, longest - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            mask[i, longest - len(ids):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, T]
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
-        next_ids = self._sample_all(out.logits[:, -1, :].float(), rows)  # [b, 1]
-        keep = self._advance_all(rows, next_ids)
-        if not keep:
-            return
-        cache, mask, next_ids = _select(cache, mask, next_ids, keep)
-        if self.rows:
-            cache, mask = _merge(self._cache, self._mask, cache, mask)
-            next_ids = torch.cat([self._next, next_ids], dim=0)
-        self.rows = self.rows + [rows[i] for i in keep]
-        self._cache, self._mask, self._next = cache, mask, next_ids
+            self._recompute(self.rows, err)
 
     def _decode_step(self) -> None:
         mask = torch_cat_ones(self._mask)  # [B, T+1]
         positions = mask.sum(-1, keepdim=True) - 1  # [B, 1] each row's own position
-        out = self.model(input_ids=self._next, attention_mask=mask, position_ids=positions,
-                         past_key_values=self._cache, use_cache=True, logits_to_keep=1)
-        next_ids = self._sample_all(out.logits[:, -1, :].float(), self.rows)  # [B, 1]
-        keep = self._advance_all(self.rows, next_ids)
+        out = self.model(input_ids=self._next, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{self._cache_arg: self._cache})
+        keep, next_ids = self._advance_all(self.rows, out.logits[:, -1, :])
         if not keep:
             self._reset()
             return
@@ -235,22 +525,71 @@ class BatchEngine:
             self.rows = [self.rows[i] for i in keep]
         self._mask, self._next = mask, next_ids
 
-    def _sample_all(self, logits, rows: list[_Row]):
+    def _recompute(self, rows: list[_Row], err: Exception) -> None:
+        """The running cache is lost: prefill the unfinished rows again from prompt + generated tokens."""
+        self._reset()
+        live = [row for row in rows if not row.finished]
+        log.warning("a batch step failed (%s: %s); re-prefilling %d running rows", type(err).__name__, err, len(live))
+        again = []
+        for row in live:
+            row.recomputes += 1
+            if row.recomputes > MAX_RECOMPUTES:
+                self._fail([row], f"generation failed: {type(err).__name__}: {err}")
+            else:
+                again.append(row)
+        self._queue_prefill(again, front=True)
+
+    # ---- sampling and streaming -----------------------------------------------------------------------
+    def _advance_all(self, rows: list[_Row], logits) -> tuple[list[int], Any]:
+        """Sample and feed each row's next token; (indices of rows still running, their next ids [k, 1])."""
         import torch
 
-        return torch.tensor([[self._sample(logits[i], row)] for i, row in enumerate(rows)], dtype=torch.long)
+        logits = logits.float()  # [b, V]
+        choices: list = logits.argmax(-1).tolist()  # greedy for all, then sampled rows replace theirs
+        for i, row in enumerate(rows):
+            params = row.job.params
+            if params.max_tokens == 0 and not row.tokens:
+                choices[i] = None  # prefill only (prompt scoring)
+            elif params.temperature >= GREEDY_BELOW:
+                try:
+                    choices[i] = self._sample(logits[i], row)
+                except Exception as err:
+                    choices[i] = err
+        entries = self._generated_logprobs(rows, logits, choices)
+        keep = []
+        for i, row in enumerate(rows):
+            try:
+                if isinstance(choices[i], Exception):
+                    raise choices[i]
+                if choices[i] is None:
+                    self._finish(row, FinishReason.LENGTH)
+                elif not self._advance(row, choices[i], entries.get(i)):
+                    keep.append(i)
+            except Exception as err:  # this row's sampling or text failed; the others go on
+                self._fail([row], f"generation failed: {type(err).__name__}: {err}")
+        next_ids = torch.tensor([[choices[i]] for i in keep], dtype=torch.long, device=self.device)  # [k, 1]
+        return keep, next_ids
 
-    def _advance_all(self, rows: list[_Row], next_ids) -> list[int]:
-        """Feed each row its sampled token; the indices of rows still running."""
-        return [i for i, row in enumerate(rows) if not self._advance(row, int(next_ids[i, 0]))]
+    def _generated_logprobs(self, rows: list[_Row], logits, choices: list) -> dict[int, TokenLogprob]:
+        """Raw-distribution logprobs of the chosen tokens, for the rows that asked."""
+        import torch
+
+        wanted = [i for i, row in enumerate(rows) if row.job.params.logprobs and isinstance(choices[i], int)
+                  and not isinstance(choices[i], bool)]
+        if not wanted:
+            return {}
+        logprobs = torch.log_softmax(logits[wanted], dim=-1)  # [w, V]
+        index = torch.tensor([[choices[i]] for i in wanted], device=logprobs.device)  # [w, 1]
+        top = max(rows[i].job.params.top_logprobs for i in wanted)
+        entries = self._entries(logprobs, index, top, [choices[i] for i in wanted])
+        return {i: dataclasses.replace(e, top=e.top[:rows[i].job.params.top_logprobs])
+                for i, e in zip(wanted, entries)}
 
     def _sample(self, logits, row: _Row) -> int:
-        """Greedy at temperature 0, else nucleus sampling with the row's own generator."""
+        """Nucleus sampling at the row's temperature with the row's own generator (on the logits' device)."""
         import torch
 
         params = row.job.params
-        if params.temperature <= 0:
-            return int(logits.argmax())
         probs = torch.softmax(logits / params.temperature, dim=-1)  # [V]
         if params.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
@@ -259,17 +598,26 @@ class BatchEngine:
             return int(order[torch.multinomial(sorted_probs, 1, generator=row.generator)])
         return int(torch.multinomial(probs, 1, generator=row.generator))
 
-    def _advance(self, row: _Row, token_id: int) -> bool:
+    def _advance(self, row: _Row, token_id: int, logprob: TokenLogprob | None) -> bool:
         """Feed one sampled token to a row; returns True when the row is finished (its 'done' event sent)."""
         job = row.job
         if job.cancelled.is_set():
             return self._finish(row, FinishReason.CANCELLED)
         if token_id in self.stop_token_ids:
+            if logprob is not None and job.params.echo:
+                # Prompt scoring (echo + logprobs, e.g. lm-evaluation-harness: max_tokens=1, reads the entries
+                # after the prompt) needs the sampled token's entry even when it is a stop token; its text is
+                # never part of the reply.
+                row.pending.append(logprob)
             return self._finish(row, FinishReason.STOP)
         row.generated += 1
+        row.tokens.append(token_id)
+        if logprob is not None:
+            row.pending.append(logprob)
         piece, hit_stop = row.text.add(token_id)
         if piece:
-            job.events.put(TextEvent(piece))
+            job.events.put(TextEvent(piece, tuple(row.pending)))
+            row.pending.clear()
         if hit_stop:
             return self._finish(row, FinishReason.STOP)
         if row.generated >= job.params.max_tokens:
@@ -279,9 +627,51 @@ class BatchEngine:
     def _finish(self, row: _Row, reason: FinishReason) -> bool:
         rest = row.text.finish()  # text held back for a stop string that never completed
         if rest:
-            row.job.events.put(TextEvent(rest))
-        row.job.events.put(DoneEvent(reason.value, len(row.job.prompt_ids), row.generated))
+            row.job.events.put(TextEvent(rest, tuple(row.pending)))
+            row.pending.clear()
+        prompt_logprobs = tuple(row.prompt_logprobs) if row.job.params.wants_prompt_logprobs else ()
+        row.job.events.put(DoneEvent(reason.value, len(row.job.prompt_ids), row.generated, tuple(row.pending),
+                                     prompt_logprobs))
+        row.finished = True
         return True
+
+
+def generate_replies(chat, conversations: Sequence[Sequence], max_tokens: int, temperature: float = 0.0,
+                     top_p: float = 1.0, stop: Sequence[str] = (), max_batch_size: int | None = None,
+                     prefill_chunk: int | None = None) -> list[str | None]:
+    """Replies of a ChatModel to conversations (each ending with the user's turn), batched like the worker.
+
+    The same engine, prompt, stops and lead handling as a served reply, so `eval answer` with a local model
+    writes what the served model would answer. A reply is None where generation failed or the prompt leaves
+    no room in the context (logged).
+    """
+    engine = BatchEngine(chat.model, chat.tokenizer, chat.stop_token_ids, max_batch_size or max(len(conversations), 1),
+                         prefill_chunk)
+    jobs: list[GenerationJob | None] = []
+    for messages in conversations:
+        prompt = chat.encoder.encode_prompt(messages)
+        room = chat.context_length - len(prompt)
+        if room < 1:
+            log.warning("a %d-token prompt leaves no room in the %d-token context", len(prompt), chat.context_length)
+            jobs.append(None)
+            continue
+        jobs.append(chat_job(chat, prompt, SamplingParams(min(max_tokens, room), temperature, top_p,
+                                                          stop=tuple(stop))))
+    engine.run_batch([job for job in jobs if job is not None])
+    return [None if job is None else _reply_text(job) for job in jobs]
+
+
+def _reply_text(job: GenerationJob) -> str | None:
+    parts = []
+    while True:
+        event = job.events.get_nowait()
+        if isinstance(event, TextEvent):
+            parts.append(event.text)
+        elif isinstance(event, DoneEvent):
+            return "".join(parts)
+        else:
+            log.warning("generation failed: %s", event.message)
+            return None
 
 
 def torch_cat_ones(mask):
@@ -295,9 +685,10 @@ def _select(cache, mask, next_ids, keep: list[int]):
     """Keep rows `keep` of the cache, mask and next tokens; drop leading columns no remaining row attends to."""
     import torch
 
-    index = torch.tensor(keep, dtype=torch.long)
-    cache.batch_select_indices(index)
-    mask, next_ids = mask[index], next_ids[index]
+    index = torch.tensor(keep, dtype=torch.long, device=mask.device)
+    if len(keep) < mask.shape[0]:
+        cache.batch_select_indices(index)
+        mask = mask[index]
     first = int(mask.any(0).nonzero()[0, 0])  # the earliest position any remaining row attends to
     if first > 0:
         for layer in cache.layers:

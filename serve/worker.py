@@ -1,15 +1,19 @@
 """Model worker: loads one checkpoint, batches concurrent requests, streams tokens back.
 
     ds-vicuna serve worker --model PATH|embedded --controller http://127.0.0.1:21001 --port 21002 \
-        --worker-secret S [--template T] [--max-batch-size 8] [--max-queue 64]
+        --worker-secret S [--device cuda:0] [--dtype auto] [--template T] [--max-batch-size 8] [--max-queue 64]
 
-Prompts are built by `ds_vicuna.encoding.get_encoder(tokenizer, template).encode_prompt(messages)`, the same code
-that built the training samples, and the template's stop strings end every reply. The template name is read
-from the checkpoint's `ds_vicuna.json` (a plain Hugging Face folder uses its own chat template).
+The model is loaded by `ds_vicuna.chat_model.load_chat_model`, the one loader `eval answer` and the demo use:
+device, dtype, template, stop tokens and context length come from there (the template and stops from the
+checkpoint's `ds_vicuna.json`; a plain Hugging Face folder uses its own chat template). Prompts are built by
+the same encoder that built the training samples; a reply never contains the template's stop string and comes
+without the template's leading separator, so a client's history renders the way training rendered it.
 
 A scheduler thread runs `engine.BatchEngine`: between decode steps it admits waiting requests into free batch
-slots (up to `max_batch_size` rows decode together) and finished rows leave at once. A full queue answers 429; a
-prompt plus max_tokens beyond the model's context answers 400.
+slots (up to `max_batch_size` rows decode together), long prompts are prefilled in chunks while the others keep
+streaming, and finished rows leave at once. A full queue answers 429; a prompt plus max_tokens beyond the
+model's context answers 400. One job's failure is that job's error event; if the scheduler thread dies anyway,
+`Worker.healthy` turns False, waiting clients get an error event and new requests are refused.
 
 The worker registers with the controller and heartbeats its queue length and health; a controller that refuses
 the secret ends the worker (`RegistrationRefused`), one that forgot it (restarted) gets a new registration.
@@ -22,57 +26,22 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
+from ds_vicuna.chat_model import ChatModel
 from ds_vicuna.messages import MessageError, validate_messages
-from ds_vicuna.serve.engine import BatchEngine, GenerationJob, SamplingParams
+from ds_vicuna.serve.engine import BatchEngine, GenerationJob, SamplingParams, chat_job
 from ds_vicuna.serve.http_util import SECRET_HEADER
 from ds_vicuna.serve.protocol import DoneEvent, ErrorEvent, Event, TextEvent, is_final, to_line
 from ds_vicuna.serve.schemas import DEFAULT_MAX_TOKENS, APIError, ErrorCode
 
 log = logging.getLogger("ds_vicuna.serve.worker")
 
-
-@dataclass
-class LoadedModel:
-    """A model ready to serve: weights, tokenizer, encoder and the limits read from its config."""
-
-    name: str
-    model: object
-    tokenizer: object
-    encoder: object  # ds_vicuna.encoding.ConversationEncoder
-    stop_token_ids: list[int]
-    context_length: int
-
-
-def load_model(model: str, template: str | None = None, name: str | None = None) -> LoadedModel:
-    """Load a checkpoint folder (or "embedded") for serving.
-
-    Args:
-        model: a local Hugging Face checkpoint folder or "embedded".
-        template: chat template name; default: the one in the checkpoint's ds_vicuna.json.
-        name: the model name clients use; default: the folder name.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ds_vicuna.encoding import get_encoder
-    from ds_vicuna.model_meta import read_model_meta
-    from ds_vicuna.models import resolve_model_path
-
-    path = resolve_model_path(model)
-    template = template or read_model_meta(path)["template"]
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    encoder = get_encoder(tokenizer, template)
-    vocab = tokenizer.get_vocab()
-    stop_ids = {vocab[s] for s in encoder.stop_strings() if s in vocab}
-    if tokenizer.eos_token_id is not None:
-        stop_ids.add(tokenizer.eos_token_id)
-    context = int(getattr(lm.config, "max_position_embeddings", 0) or tokenizer.model_max_length)
-    return LoadedModel(name or Path(path).name, lm, tokenizer, encoder, sorted(stop_ids), context)
+# The worker's request body ("params"): (name, accepted types, default). Checked again here although the API
+# validated it: the worker is reachable by anyone holding the secret, and one bad job must not reach the engine.
+_PARAMS = (("max_tokens", (int, type(None)), None), ("temperature", (int, float), 1.0), ("top_p", (int, float), 1.0),
+           ("seed", (int, type(None)), None), ("stop", (list, tuple), ()), ("logprobs", (bool,), False),
+           ("top_logprobs", (int, type(None)), 0), ("echo", (bool,), False))
 
 
 class RegistrationRefused(RuntimeError):
@@ -80,12 +49,12 @@ class RegistrationRefused(RuntimeError):
 
 
 class Worker:
-    """Request intake, batching scheduler and controller heartbeats for one LoadedModel.
+    """Request intake, batching scheduler and controller heartbeats for one ChatModel.
 
     Nothing runs until `start()`; `stop()` ends the threads.
 
     Args:
-        loaded: the model to serve.
+        loaded: the model to serve (`ds_vicuna.chat_model.load_chat_model`).
         address: this worker's URL as the controller should call it.
         controller: the controller's URL, or None to run unregistered (tests).
         http: an object with `post(url, json=..., headers=..., timeout=...)` (e.g. requests.Session).
@@ -93,10 +62,12 @@ class Worker:
         max_queue: waiting + running requests before new ones get 429.
         secret: the controller's worker-registration secret.
         heartbeat_interval: seconds between heartbeats.
+        prefill_chunk: prompt tokens prefilled per scheduler step (None: by device; 0: whole prompts).
     """
 
-    def __init__(self, loaded: LoadedModel, address: str, controller: str | None, http, max_batch_size: int = 8,
-                 max_queue: int = 64, secret: str | None = None, heartbeat_interval: float = 2.0):
+    def __init__(self, loaded: ChatModel, address: str, controller: str | None, http, max_batch_size: int = 8,
+                 max_queue: int = 64, secret: str | None = None, heartbeat_interval: float = 2.0,
+                 prefill_chunk: int | None = None):
         self.loaded = loaded
         self.address = address
         self.controller = controller.rstrip("/") if controller else None
@@ -104,7 +75,8 @@ class Worker:
         self.max_queue = max_queue
         self.secret = secret
         self.heartbeat_interval = heartbeat_interval
-        self.engine = BatchEngine(loaded.model, loaded.tokenizer, loaded.stop_token_ids, max_batch_size)
+        self.engine = BatchEngine(loaded.model, loaded.tokenizer, loaded.stop_token_ids, max_batch_size,
+                                  prefill_chunk)
         self._waiting: list[GenerationJob] = []
         self._running = 0
         self._lock = threading.Condition()
@@ -113,6 +85,15 @@ class Worker:
         self.refused: str | None = None  # why the controller refused us; set before `stopped` is
         self.stopped = threading.Event()  # the worker ended itself (registration refused): its process exits
         self._said_unhealthy = False
+        self._scheduler: threading.Thread | None = None
+        self._scheduler_error: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        """False once the scheduler thread has died (the worker can no longer generate)."""
+        if self._scheduler_error is not None:
+            return False
+        return self._scheduler is None or self._scheduler.is_alive() or self._stopping.is_set()
 
     # ---- intake ---------------------------------------------------------------------------------------
     def prompt_ids(self, body: dict) -> list[int]:
@@ -139,32 +120,57 @@ class Worker:
     def make_job(self, body: dict) -> GenerationJob:
         """Validate a worker request and build its job (does not queue it).
 
+        Chat requests get the template's stop strings and reply lead; raw prompts are continued as they are.
+
         Raises:
-            APIError: bad fields, or prompt + max_tokens beyond the context length.
+            APIError: bad fields (naming the parameter), or prompt + max_tokens beyond the context length.
         """
         ids = self.prompt_ids(body)
-        params = body.get("params") or {}
-        room = self.loaded.context_length - len(ids)
-        max_tokens = params.get("max_tokens")
-        if max_tokens is None:
-            max_tokens = min(DEFAULT_MAX_TOKENS, room)
-        if room < 1 or len(ids) + max_tokens > self.loaded.context_length:
+        params = self._sampling_params(body.get("params") or {}, len(ids))
+        if "messages" in body:
+            return chat_job(self.loaded, ids, params)
+        return GenerationJob(ids, params)
+
+    def _sampling_params(self, raw: dict, prompt_tokens: int) -> SamplingParams:
+        if not isinstance(raw, dict):
+            raise APIError(ErrorCode.INVALID_TYPE, "'params' must be an object", "params")
+        values = {}
+        for name, types, default in _PARAMS:
+            value = raw.get(name, default)
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise APIError(ErrorCode.INVALID_TYPE, f"'{name}' has the wrong type ({type(value).__name__})", name)
+            values[name] = value
+        context = self.loaded.context_length
+        room = context - prompt_tokens
+        if values["max_tokens"] is None:
+            values["max_tokens"] = max(0, min(DEFAULT_MAX_TOKENS, room))
+        values["stop"], values["top_logprobs"] = tuple(values["stop"]), values["top_logprobs"] or 0
+        params = SamplingParams(**values)
+        problem = params.problem()
+        if problem is not None:
+            raise APIError(ErrorCode.INVALID_VALUE, problem[1], problem[0])
+        scoring_only = params.echo and params.max_tokens == 0
+        if prompt_tokens + params.max_tokens > context or (room < 1 and not scoring_only):
             raise APIError(ErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                           f"This model's maximum context length is {self.loaded.context_length} tokens. However, "
-                           f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in the messages, "
-                           f"{max_tokens} in the completion). Please reduce the length of the messages or "
-                           "completion.", "messages")
-        stop = tuple(params.get("stop") or ())
-        return GenerationJob(ids, SamplingParams(int(max_tokens), float(params.get("temperature", 1.0)),
-                                                 float(params.get("top_p", 1.0)), params.get("seed"), stop))
+                           f"This model's maximum context length is {context} tokens. However, you requested "
+                           f"{prompt_tokens + max(params.max_tokens, 1)} tokens ({prompt_tokens} in the messages, "
+                           f"{max(params.max_tokens, 1)} in the completion). Please reduce the length of the "
+                           "messages or completion.", "messages")
+        if params.max_tokens == 0 and not params.echo:
+            raise APIError(ErrorCode.INVALID_VALUE, "'max_tokens' may be 0 only with 'echo' (prompt scoring)",
+                           "max_tokens")
+        return params
 
     def submit(self, job: GenerationJob) -> None:
         """Queue a job for the scheduler.
 
         Raises:
-            APIError: QUEUE_FULL when `max_queue` requests are already waiting or running.
+            APIError: QUEUE_FULL when `max_queue` requests are already waiting or running; WORKER_FAILED when the
+                scheduler has died.
         """
         with self._lock:
+            if not self.healthy:
+                raise APIError(ErrorCode.WORKER_FAILED, "this worker cannot generate (its scheduler stopped)")
             if len(self._waiting) + self._running >= self.max_queue:
                 raise APIError(ErrorCode.QUEUE_FULL, f"the worker's queue is full ({self.max_queue} requests); "
                                "retry shortly")
@@ -185,6 +191,9 @@ class Worker:
                     if self._stopping.is_set():
                         yield ErrorEvent("the worker is shutting down")
                         return
+                    if not self.healthy:
+                        yield ErrorEvent("the worker's scheduler stopped")
+                        return
                     continue
                 yield event
                 if is_final(event):
@@ -193,13 +202,6 @@ class Worker:
             job.cancelled.set()
 
     # ---- threads --------------------------------------------------------------------------------------
-    @property
-    def healthy(self) -> bool:
-        """False once the scheduler thread has died. (The worker side of issue 14 owns this rule; this is the
-        least version the heartbeat and /health need.)"""
-        scheduler = self._threads[0] if self._threads else None
-        return scheduler is None or scheduler.is_alive()
-
     def start(self) -> None:
         """Start the scheduler and (with a controller) the heartbeat thread; tries to register first.
 
@@ -214,7 +216,8 @@ class Worker:
             except Exception as err:  # e.g. the controller starts later: heartbeats retry the registration
                 log.warning("could not register with %s yet (%s); retrying every %.1f s", self.controller, err,
                             self.heartbeat_interval)
-        self._threads = [threading.Thread(target=self._schedule_loop, name="scheduler", daemon=True)]
+        self._scheduler = threading.Thread(target=self._schedule_loop, name="scheduler", daemon=True)
+        self._threads = [self._scheduler]
         if self.controller:
             self._threads.append(threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True))
         for thread in self._threads:
@@ -239,14 +242,29 @@ class Worker:
             return jobs
 
     def _schedule_loop(self) -> None:
-        """Admit waiting jobs into free batch slots between decode steps; idle-wait only when nothing runs."""
+        """Admit waiting jobs into free batch slots between steps; idle-wait only when nothing runs.
+
+        The engine never raises for a job; should anything else break this loop, every waiting and running job
+        gets an error event and the worker reports itself unhealthy instead of hanging its clients.
+        """
         engine = self.engine
-        while not self._stopping.is_set():
-            jobs = self.take_jobs(engine.free_slots, timeout=None if engine.active else 0.5)
-            engine.add(jobs)
-            engine.step()
+        try:
+            while not self._stopping.is_set():
+                jobs = self.take_jobs(engine.free_slots, timeout=None if engine.active else 0.5)
+                engine.add(jobs)
+                engine.step()
+                with self._lock:
+                    self._running = engine.active
+        except BaseException as err:
+            log.exception("the scheduler thread died; this worker stops taking requests")
+            self._scheduler_error = f"{type(err).__name__}: {err}"
             with self._lock:
-                self._running = engine.active
+                waiting, self._waiting = self._waiting, []
+                self._running = 0
+            message = "the worker's scheduler stopped"
+            for job in waiting:
+                job.events.put(ErrorEvent(message))
+            engine.abort(message)
 
     # ---- the controller ---------------------------------------------------------------------------------
     def _headers(self) -> dict:

@@ -116,14 +116,11 @@ class FakeClock:
 def save_tiny_checkpoint(folder, tokenizer):
     """A random 2-layer Llama over `tokenizer` (e.g. SmolLM2's, with its chat template), saved as a checkpoint
     folder that `serve worker --model FOLDER` loads in a second: a working engine, not a good model."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from serve_helpers import random_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = random_llama(tokenizer, max_positions=512)
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

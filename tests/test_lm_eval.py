@@ -139,8 +139,6 @@ def test_lm_eval_local_completions_scores_through_the_api(model_dir, task_dir, r
     assert params["echo"] and params["logprobs"] and params["max_tokens"] == 1 and "prompt_ids" in http.payloads[0]
 
 
-@pytest.mark.xfail(strict=True, reason="needs the worker side of issue 14 (logprobs/echo in serve/engine.py, "
-                   "branch issue-14-worker); remove this marker when both are merged")
 def test_lm_eval_local_completions_against_the_real_stack(model_dir, task_dir, reference):
     from ds_vicuna.launch_env import free_port
     from test_serve_stack import start, stop

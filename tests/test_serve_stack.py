@@ -324,11 +324,6 @@ def test_killed_worker_is_dropped_and_requests_keep_succeeding(stack):
         assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
 
 
-WORKER_SIDE = ("needs the worker side of issue 14 (logprobs and echo in serve/engine.py, branch issue-14-worker); "
-               "remove this marker when both are merged")
-
-
-@pytest.mark.xfail(strict=True, reason=WORKER_SIDE)
 def test_logprobs_and_prompt_scoring_match_the_model(stack):
     """Through the official client: greedy chat logprobs are the top alternatives, and an echoed prompt's
     log-probabilities equal a plain forward pass of the same model."""

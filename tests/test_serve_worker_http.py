@@ -10,7 +10,8 @@ import time
 import pytest
 
 from ds_vicuna.serve.protocol import DoneEvent, parse_line
-from ds_vicuna.serve.worker import LoadedModel, RegistrationRefused, Worker, create_app
+from ds_vicuna.chat_model import ChatModel
+from ds_vicuna.serve.worker import RegistrationRefused, Worker, create_app
 
 SECRET = "s3cret"
 CONTROLLER = "http://controller"
@@ -18,16 +19,9 @@ CONTROLLER = "http://controller"
 
 @pytest.fixture(scope="module")
 def loaded(smol_tokenizer):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from serve_helpers import random_llama
 
-    from ds_vicuna.encoding import get_encoder
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return LoadedModel("tiny", LlamaForCausalLM(config).eval(), smol_tokenizer,
-                       get_encoder(smol_tokenizer, "tokenizer"), [smol_tokenizer.eos_token_id], 512)
+    return ChatModel.build(random_llama(smol_tokenizer, max_positions=512), smol_tokenizer, "tokenizer", name="tiny")
 
 
 class Reply:
