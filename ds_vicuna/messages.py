@@ -22,8 +22,32 @@ class MessageError(ValueError):
 
 @dataclass(frozen=True)
 class Message:
+    """One turn.
+
+    Attributes:
+        role: who speaks.
+        content: the text.
+        weight: 1 = an assistant reply is trained on; 0 = it stays in the context but carries no label (OpenAI's
+            fine-tuning `weight`). Always 1 for system and user turns.
+        truncated: an assistant reply cut short to fit the training length (`ds-vicuna data split`): its text is
+            trained on, but the stop token after it is not, so the model never learns to stop mid-word.
+    """
+
     role: Role
     content: str
+    weight: int = 1
+    truncated: bool = False
+
+    def __post_init__(self):
+        if self.weight not in (0, 1) or isinstance(self.weight, bool):
+            raise MessageError(f"weight must be 0 or 1, got {self.weight!r}")
+        if self.role is not Role.ASSISTANT and (self.weight != 1 or self.truncated):
+            raise MessageError(f"weight and truncated apply to assistant messages only, not {self.role.value!r}")
+
+    @property
+    def trained(self) -> bool:
+        """An assistant reply that carries labels (weight 1)."""
+        return self.role is Role.ASSISTANT and self.weight == 1
 
     def as_dict(self) -> dict:
         return {"role": self.role.value, "content": self.content}
@@ -49,7 +73,15 @@ def to_message(raw: MessageLike, where: str = "message") -> Message:
         raise MessageError(f"{where}.role: unknown role {role!r} (expected system, user or assistant)") from None
     if not isinstance(content, str):
         raise MessageError(f"{where}.content: expected a string, got {type(content).__name__}")
-    return Message(role, content)
+    weight, truncated = raw.get("weight", 1), raw.get("truncated", False)
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise MessageError(f"{where}.weight: expected 0 or 1, got {weight!r}")
+    if not isinstance(truncated, bool):
+        raise MessageError(f"{where}.truncated: expected true or false, got {truncated!r}")
+    try:
+        return Message(role, content, weight=int(weight), truncated=truncated)
+    except MessageError as e:
+        raise MessageError(f"{where}: {e}") from None
 
 
 def validate_messages(messages: Iterable[MessageLike], *, require_final_user: bool = False) -> list[Message]:
