@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ds_vicuna.clean import (Cleaner, CleanOptions, Fix, SkipReason, clean_conversation, clean_file, clean_text,
-                             content_hash, fix_roles, looks_like_html, read_blocked_words, split_code_blocks)
+                             content_hash, fix_roles, is_html_export, read_blocked_words, split_code_blocks)
 from ds_vicuna.formats import BadRecord, Conversation, load_conversations
 from ds_vicuna.messages import Message, Role
 
@@ -72,8 +72,11 @@ def test_clean_text_artifacts_and_whitespace(raw, cleaned):
 def test_split_code_blocks_and_html_detection():
     text = "a\n```py\nx\n```\nb\n~~~\ny"
     assert split_code_blocks(text) == [(False, "a"), (True, "```py\nx\n```"), (False, "b"), (True, "~~~\ny")]
-    assert looks_like_html("<p>hi</p>") and looks_like_html("a<br>b")
-    assert not looks_like_html("```html\n<p>hi</p>\n```") and not looks_like_html("if a < b and c > d")
+    assert is_html_export("<p>hi</p>") and is_html_export(SHAREGPT_CODE)
+    for markdown in ("a<br>b", "```html\n<p>hi</p>\n```", "if a < b and c > d", "Use the `<br>` tag",
+                     "<p>one</p> and then <p>two</p>", "<div> opens a block, </p> closes a paragraph",
+                     "<p>unclosed <b>bold</p>"):
+        assert not is_html_export(markdown), markdown
 
 
 def test_fix_roles_merges_and_drops_with_counts():
