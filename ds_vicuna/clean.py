@@ -123,8 +123,9 @@ _PAGE_COUNTER = re.compile(r"^\s*\d+ / \d+(?=\S|\s*\n|\s*$)\s*")
 _COPY_CHARS = re.compile(r"Copy\d+ chars / \d+ words")
 # "Copy code" where a text export glued the code block's header: on the fence line (```bashCopy code) or as the
 # first code line (pythonCopy code, pythonCopy codeimport os); group 1 the language, group 2 code after it.
-_COPY_CODE_ON_FENCE = re.compile(r"^([ \t]*)([\w+#.-]*?)[ \t]*(?:Copy code)+(.*)$")
-_COPY_CODE_LINE = re.compile(r"^[ \t]*([\w+#.-]*?)[ \t]*(?:Copy code)+(.*)$")
+# The glued code starts right after "Copy code": "Copy code later" is a line of text, not a header.
+_COPY_CODE_ON_FENCE = re.compile(r"^([ \t]*)([\w+#.-]*?)[ \t]*(?:Copy code)+(|\S.*)$")
+_COPY_CODE_LINE = re.compile(r"^[ \t]*([\w+#.-]*?)[ \t]*(?:Copy code)+(|\S.*)$")
 _LANGUAGE_CLASS = re.compile(r"^(?:language|lang)-(.+)$")
 _HARD_BREAK = re.compile(r"\S {2,}$")
 
@@ -314,7 +315,8 @@ def clean_text(text: str, role: Role = Role.ASSISTANT, fixes: Counter | None = N
     fixes = Counter() if fixes is None else fixes
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text, counters = _PAGE_COUNTER.subn("", text, count=1)
-    fixes[Fix.PAGE_COUNTER] += counters
+    if counters:
+        fixes[Fix.PAGE_COUNTER] += 1
     if role is Role.ASSISTANT and is_html_export(text):
         text = html_to_markdown(text)
         fixes[Fix.HTML_CONVERTED] += 1
