@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import os
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
@@ -68,6 +69,8 @@ def ordered_map(make_worker: Callable[..., Callable[[Any], Any]], args: tuple, i
         return
     if context not in multiprocessing.get_all_start_methods():
         context = "spawn"
+    if context == "fork":  # a forked Rust tokenizer must not use its thread pool (HF tokenizers would warn)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     window = window or 4 * workers
     pending: deque = deque()
     with multiprocessing.get_context(context).Pool(workers, _init_worker, (make_worker, args)) as pool:
