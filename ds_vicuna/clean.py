@@ -42,7 +42,7 @@ from typing import Iterable, Sequence
 
 from ds_vicuna.formats import BadRecord, Conversation, ConversationReader, write_conversations
 from ds_vicuna.messages import Message, MessageError, Role, validate_messages
-from ds_vicuna.parallel import HashIndex, hash64, ordered_map
+from ds_vicuna.parallel import HashSet, hash64, ordered_map
 
 
 class SkipReason(str, enum.Enum):
@@ -550,7 +550,7 @@ def clean_file(source: str | os.PathLike, output: str | os.PathLike, options: Cl
 
     report = CleanReport(str(source), str(output))
     reader = ConversationReader(source, skip_bad=skip_bad, skips=report.skipped)
-    seen = HashIndex()
+    seen = HashSet()
     bar = tqdm(total=reader.size, desc="clean", unit="B", unit_scale=True, disable=not progress)
     processed = 0
 
@@ -560,7 +560,7 @@ def clean_file(source: str | os.PathLike, output: str | os.PathLike, options: Cl
             processed += 1
             bar.update(reader.bytes_read - bar.n)
             report.fixes.update(fixes)
-            if isinstance(result, Conversation) and seen.setdefault(content_hash(result.messages)) is not None:
+            if isinstance(result, Conversation) and not seen.add(content_hash(result.messages)):
                 result = SkipReason.DUPLICATE
             if isinstance(result, SkipReason):
                 report.skipped[result] += 1

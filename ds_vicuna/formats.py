@@ -19,7 +19,7 @@ Every record becomes a `Conversation(id, messages)` of `ds_vicuna.messages.Messa
 checked here (JSON, fields, roles, types, unique ids); the conversation's *structure* (role order, empty turns)
 is the cleaning stage's job. Two records with the same `id` are an error naming both (with `skip_bad`, the later
 one is skipped and counted as `duplicate_id`, as FastChat's cleaner drops it), because every later stage names
-its output after the id. Files are read lazily, JSON lists included, so memory does not grow with the file.
+its output after the id; ids are remembered as 64-bit hashes (see `ds_vicuna.parallel.HashSet`). Files are read lazily, JSON lists included, so memory does not grow with the file.
 The canonical on-disk form this package writes is ShareGPT JSONL (a turn carries `weight`/`truncated` only
 when they are not the default).
 """
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ds_vicuna.messages import Message, MessageError, Role
-from ds_vicuna.parallel import HashIndex, hash64
+from ds_vicuna.parallel import HashSet, hash64
 
 # ShareGPT exports name the speakers after the product that answered; all of them are the assistant.
 SHAREGPT_ROLES = {
@@ -348,20 +348,18 @@ class ConversationReader:
         return self._counter[0]
 
     def __iter__(self) -> Iterator[Conversation]:
-        ids = HashIndex()
-        is_list = None
+        ids = HashSet()
         for where, position, record in _iter_raw(self.path, self._counter):
             try:
                 if isinstance(record, FormatError):
                     raise record
                 conv = record_to_conversation(record, where, f"{self.path.stem}-{position}")
-                first = ids.setdefault(hash64(conv.id), position)
-                if first is not None:
-                    is_list = _is_json_list(self.path) if is_list is None else is_list
-                    earlier = f"record {first}" if is_list else f"line {first}"
-                    raise FormatError(f"{where}: duplicate id {conv.id!r}: {self.path}: {earlier} has it too (ids "
-                                      "must be unique: later stages name their output after them)",
-                                      BadRecord.DUPLICATE_ID)
+                if not ids.add(hash64(conv.id)):
+                    earlier = None if self.skip_bad else self._first_with_id(conv.id, position)
+                    if self.skip_bad or earlier is not None:  # (else: two ids with one hash; both are fine)
+                        raise FormatError(f"{where}: duplicate id {conv.id!r}: {earlier or 'an earlier record'} has "
+                                          "it too (ids must be unique: later stages name their output after them)",
+                                          BadRecord.DUPLICATE_ID)
             except FormatError as e:
                 # A broken JSON list cannot be read past the error, so that one is never skippable.
                 if not self.skip_bad or (e.reason is BadRecord.MALFORMED_JSON and _is_json_list(self.path)):
@@ -369,6 +367,16 @@ class ConversationReader:
                 self.skips[e.reason] += 1
                 continue
             yield conv
+
+
+    def _first_with_id(self, conv_id: str, before: int) -> str | None:
+        """Where the first record with this id is (read again: only when a duplicate stops the run)."""
+        for where, position, record in _iter_raw(self.path, [0]):
+            if position >= before:
+                return None
+            if isinstance(record, dict) and str(record.get("id", f"{self.path.stem}-{position}")) == conv_id:
+                return where
+        return None
 
 
 def iter_conversations(path: str | os.PathLike, skip_bad: bool = False,

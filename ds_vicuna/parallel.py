@@ -1,14 +1,14 @@
 """Streaming helpers shared by the data stages: an ordered, bounded process map and a compact hash index.
 
-    from ds_vicuna.parallel import ordered_map, HashIndex, hash64
+    from ds_vicuna.parallel import HashSet, hash64, ordered_map
     for result in ordered_map(make_cleaner, (options,), records, workers=4):   # results in input order
         ...
-    seen = HashIndex()
-    first = seen.setdefault(hash64(text), line)    # None the first time, else the first value stored
+    seen = HashSet()
+    is_new = seen.add(hash64(text))
 
 `ordered_map` keeps the output independent of the number of workers (results come back in input order) and its
 memory independent of the input size (at most `window` chunks are in flight, the input is read lazily).
-`HashIndex` remembers millions of 64-bit hashes in 16 bytes each (two numpy arrays), where a Python set of
+`HashSet` remembers millions of 64-bit hashes in 8-16 bytes each (one numpy array), where a Python set of
 strings or ints costs 60-100 bytes an entry.
 """
 from __future__ import annotations
@@ -87,56 +87,49 @@ def hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
-class HashIndex:
-    """64-bit keys -> 64-bit values, open addressing with linear probing in two numpy arrays (16 bytes a slot).
+class HashSet:
+    """A set of 64-bit keys: open addressing with linear probing in one numpy array (8 bytes a slot, at most half
+    full), where a Python set of ints or strings costs 60-100 bytes an entry.
 
     Used to find duplicates among millions of records in bounded memory. Keys are hashes (`hash64`): two
     different records collide with probability about n^2 / 2^65 (3e-8 for a million records).
     """
 
     def __init__(self, capacity: int = 1 << 12):
-        size = 1 << max(4, (capacity - 1).bit_length())
-        self._keys = np.zeros(size, dtype=np.uint64)
-        self._values = np.zeros(size, dtype=np.uint64)
+        self._keys = np.zeros(1 << max(4, (capacity - 1).bit_length()), dtype=np.uint64)
         self._count = 0
 
     def __len__(self) -> int:
         return self._count
 
+    @staticmethod
+    def _key(key: int) -> int:
+        return (key & 0xFFFFFFFFFFFFFFFF) or 1  # 0 marks an empty slot
+
     def _slot(self, key: int) -> int:
-        mask = len(self._keys) - 1
-        slot = key & mask
         keys = self._keys
+        mask = len(keys) - 1
+        slot = key & mask
         while True:
             found = int(keys[slot])
             if found == 0 or found == key:
                 return slot
             slot = (slot + 1) & mask
 
-    def setdefault(self, key: int, value: int = 0) -> int | None:
-        """Store `value` under `key` unless the key is there already.
-
-        Returns:
-            None when the key was new (now stored), else the value stored first.
-        """
-        key = (key & 0xFFFFFFFFFFFFFFFF) or 1  # 0 marks an empty slot
+    def add(self, key: int) -> bool:
+        """Add a key; True when it was new, False when it was there already."""
+        key = self._key(key)
         slot = self._slot(key)
         if self._keys[slot]:
-            return int(self._values[slot])
-        self._keys[slot], self._values[slot] = key, value
+            return False
+        self._keys[slot] = key
         self._count += 1
         if 2 * self._count > len(self._keys):
-            self._grow()
-        return None
+            old = self._keys[self._keys != 0]
+            self._keys = np.zeros(2 * len(self._keys), dtype=np.uint64)
+            for k in old.tolist():
+                self._keys[self._slot(k)] = k
+        return True
 
     def __contains__(self, key: int) -> bool:
-        return bool(self._keys[self._slot((key & 0xFFFFFFFFFFFFFFFF) or 1)])
-
-    def _grow(self) -> None:
-        keys, values = self._keys, self._values
-        used = np.flatnonzero(keys)
-        self._keys = np.zeros(2 * len(keys), dtype=np.uint64)
-        self._values = np.zeros(2 * len(keys), dtype=np.uint64)
-        for key, value in zip(keys[used].tolist(), values[used].tolist()):
-            slot = self._slot(key)
-            self._keys[slot], self._values[slot] = key, value
+        return bool(self._keys[self._slot(self._key(key))])

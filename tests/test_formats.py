@@ -168,7 +168,7 @@ def test_duplicate_ids_name_both_records_or_are_counted(tmp_path):
              {"id": "b", "conversations": [{"from": "human", "value": "two"}]},
              {"id": "dup_a", "conversations": [{"from": "human", "value": "three"}]}]
     jsonl = _write(tmp_path / "d.jsonl", "".join(json.dumps(r) + "\n" for r in lines))
-    with pytest.raises(FormatError, match=r"d\.jsonl:3: duplicate id 'dup_a': .*d\.jsonl: line 1 has it too") as err:
+    with pytest.raises(FormatError, match=r"d\.jsonl:3: duplicate id 'dup_a': .*d\.jsonl:1 has it too") as err:
         load_conversations(jsonl)
     assert err.value.reason is BadRecord.DUPLICATE_ID
     as_list = _write(tmp_path / "d.json", json.dumps(lines))
@@ -199,3 +199,13 @@ def test_json_list_is_streamed_across_read_blocks(tmp_path, monkeypatch):
                           ("[", "not closed")):
         with pytest.raises(FormatError, match=message):
             list(formats.iter_records(_write(tmp_path / "x.json", text)))
+
+
+def test_hash_set_grows_and_remembers():
+    from ds_vicuna.parallel import HashSet, hash64
+
+    seen = HashSet(capacity=4)
+    keys = [hash64(f"id-{i}") for i in range(5000)] + [0, 2**64 - 1]
+    assert all(seen.add(k) for k in keys) and len(seen) == len(keys)
+    assert not any(seen.add(k) for k in keys) and all(k in seen for k in keys)
+    assert hash64("x") not in seen and hash64("é") == hash64("é") != hash64("e")
