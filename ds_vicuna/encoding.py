@@ -309,6 +309,11 @@ class ConversationEncoder:
         assert len(labels) == len(ids) == len(offsets)
         return ExplainedEncoding(layout.text, ids, labels, offsets)
 
+    def count_tokens(self, messages: Sequence[MessageLike]) -> int:
+        """`len(encode(messages)["input_ids"])`, without building labels (what splitting measures with)."""
+        ids, _, _ = self._tokens(self.layout(validate_messages(messages)))
+        return len(ids)
+
     def encode_prompt(self, messages: Sequence[MessageLike]) -> list[int]:
         """Token ids the model sees at inference: the conversation so far plus the assistant header."""
         msgs = validate_messages(messages, require_final_user=True)

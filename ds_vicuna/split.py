@@ -84,7 +84,7 @@ class Splitter:
 
     def length(self, messages: list[Message]) -> int:
         """Tokens of the conversation under the template, exactly as training encodes it."""
-        return len(self.encoder.encode(messages)["input_ids"])
+        return self.encoder.count_tokens(messages)
 
     def fits(self, messages: list[Message]) -> bool:
         return self.length(messages) <= self.max_length

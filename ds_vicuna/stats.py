@@ -148,7 +148,7 @@ class _Measure:
     def __call__(self, conv: Conversation) -> tuple[Conversation, int | None]:
         if self.encoder is None:
             return conv, None
-        return conv, len(self.encoder.encode(conv.messages)["input_ids"])
+        return conv, self.encoder.count_tokens(conv.messages)
 
 
 def stats_file(source: str | os.PathLike, model: str | None = None, template: str = "vicuna_v1.1",

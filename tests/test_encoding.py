@@ -176,7 +176,7 @@ def check_properties(tokenizer, template, messages):
     encoder = get_encoder(tokenizer, template)
     explained = encoder.explain(messages)
     ids, labels = explained.input_ids, explained.labels
-    assert len(ids) == len(labels) == len(explained.offsets)
+    assert len(ids) == len(labels) == len(explained.offsets) == encoder.count_tokens(messages)
     assert all(label in (IGNORE_INDEX, tid) for tid, label in zip(ids, labels))
     replies = [m for m in messages if m["role"] == "assistant"]
     stop = encoder.stop_strings()[0]
