@@ -121,11 +121,10 @@ _BUTTON_LINE = re.compile(r"^\s*(Copy code|Copy to clipboard|Regenerate response
 # "1 / 1" page counters stuck to the start of a turn ("1 / 1Who are you?"); "3 / 4 of a cup" is left alone.
 _PAGE_COUNTER = re.compile(r"^\s*\d+ / \d+(?=\S|\s*\n|\s*$)\s*")
 _COPY_CHARS = re.compile(r"Copy\d+ chars / \d+ words")
-# "Copy code" where a text export glued the code block's header: on the fence line (```bashCopy code) or as the
+# "Copy code" where a text export glued the code block's header: after the fence (```bashCopy code) or as the
 # first code line (pythonCopy code, pythonCopy codeimport os); group 1 the language, group 2 code after it.
 # The glued code starts right after "Copy code": "Copy code later" is a line of text, not a header.
-_COPY_CODE_ON_FENCE = re.compile(r"^([ \t]*)([\w+#.-]*?)[ \t]*(?:Copy code)+(|\S.*)$")
-_COPY_CODE_LINE = re.compile(r"^[ \t]*([\w+#.-]*?)[ \t]*(?:Copy code)+(|\S.*)$")
+_COPY_CODE = re.compile(r"^[ \t]*([\w+#.-]*?)[ \t]*(?:Copy code)+(|\S.*)$")
 _LANGUAGE_CLASS = re.compile(r"^(?:language|lang)-(.+)$")
 _HARD_BREAK = re.compile(r"\S {2,}$")
 
@@ -266,10 +265,10 @@ def _clean_code_block(block: str, fixes: Counter) -> str | None:
     """Drop the "Copy code" header a text export glued to a block's fence or first line; None: nothing is left."""
     lines = block.split("\n")
     fence = _FENCE.match(lines[0]).group(0)
-    glued = _COPY_CODE_ON_FENCE.match(lines[0][len(fence):])
+    glued = _COPY_CODE.match(lines[0][len(fence):])
     if glued:  # ```bashCopy code / ```pythonCopy codeimport os
-        lines[0:1] = [fence + glued.group(2)] + ([glued.group(3)] if glued.group(3) else [])
-    elif len(lines) > 1 and (glued := _COPY_CODE_LINE.match(lines[1])):  # ```\npythonCopy code[import os]
+        lines[0:1] = [fence + glued.group(1)] + ([glued.group(2)] if glued.group(2) else [])
+    elif len(lines) > 1 and (glued := _COPY_CODE.match(lines[1])):  # ```\npythonCopy code[import os]
         language = lines[0][len(fence):].strip() or glued.group(1)
         lines[0:2] = [fence + language] + ([glued.group(2)] if glued.group(2) else [])
     closed = len(lines) > 1 and _CLOSING_FENCE.match(lines[-1]) is not None
