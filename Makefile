@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_batching.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_serve.py --max-tokens 16
+	$(PY) benchmarks/bench_data.py --sizes 20000 2000
 
 clean:
 	rm -rf $(VENV) .torch_extensions .pytest_cache
