@@ -210,3 +210,25 @@ def load_checkpoint(engine, folder: str | os.PathLike, *, rank: int) -> Training
     if rng_file.is_file():
         restore_rng_state(torch.load(rng_file, weights_only=False))
     return TrainingProgress.from_dict(client_state[PROGRESS_KEY])
+
+
+SHAPE_KEYS = (("data", "train_path"), ("data", "max_length"), ("data", "mask"), ("data", "batching"),
+              ("data", "max_samples"), ("train", "global_batch_size"), ("train", "micro_batch_size"),
+              ("train", "seed"), ("train", "epochs"), ("model", "template"))
+
+
+def check_resume_compatible(saved: dict, cfg) -> None:
+    """The data position only means something for the same data/batch shape: disagreements stop the run.
+
+    Args:
+        saved: the resolved config stored in the checkpoint (`TrainingProgress.config`).
+        cfg: this run's `config.Config`.
+
+    Raises:
+        CheckpointError: listing each differing key with both values.
+    """
+    now = cfg.to_dict()
+    diffs = [f"{s}.{k}: checkpoint {saved.get(s, {}).get(k)!r} vs now {now[s][k]!r}"
+             for s, k in SHAPE_KEYS if saved.get(s, {}).get(k) != now[s][k]]
+    if diffs:
+        raise CheckpointError("cannot resume exactly, the run's shape changed:\n  " + "\n  ".join(diffs))

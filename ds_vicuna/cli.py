@@ -18,7 +18,7 @@ import sys
 
 STAGE_MODULES = (
     "ds_vicuna.data_cli",
-    "ds_vicuna.train",
+    "ds_vicuna.train_cli",
     "ds_vicuna.export",
     "ds_vicuna.serve.cli",
     "ds_vicuna.eval.cli",

@@ -151,6 +151,7 @@ class TrainConfig:
     """Keep the newest K complete checkpoints."""
     eval_every: int | None = None
     log_every: int = 1
+    """Write a metrics record (metrics.jsonl, TensorBoard) every N optimizer steps, and at the run's last step."""
     resume: str | None = None
     """`auto` (newest complete checkpoint in output_dir, if any) or a checkpoint folder."""
     stop_after_steps: int | None = None

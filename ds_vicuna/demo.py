@@ -57,7 +57,7 @@ def prepare_data(out: Path, other: int, seed: int = 0) -> Path:
 
 def launch_training(train: Path, out: Path, ranks: int, overrides: list[str]) -> Path:
     """Run `deepspeed --num_gpus RANKS --module ds_vicuna.train configs/demo.yaml ...`; returns the output dir."""
-    from ds_vicuna.train import launcher_command
+    from ds_vicuna.train_cli import launcher_command
 
     output_dir = out / "train"
     argv = ["--train_path", str(train), "--output_dir", str(output_dir),

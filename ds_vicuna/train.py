@@ -15,31 +15,25 @@ as a long one's, whatever the micro-batch size, accumulation or world size.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ds_vicuna.checkpoint import (CheckpointError, TrainingProgress, load_checkpoint, resolve_resume,
+from ds_vicuna.checkpoint import (TrainingProgress, check_resume_compatible, load_checkpoint, resolve_resume,
                                   save_checkpoint)
-from ds_vicuna.config import (Config, ConfigError, fill_deepspeed_config, load_config, load_deepspeed_config,
-                              offloads_optimizer, resolve_precision)
+from ds_vicuna.config import Config, ConfigError, fill_deepspeed_config, load_deepspeed_config, offloads_optimizer, \
+    resolve_precision
 from ds_vicuna.export import TRAIN_CONFIG_FILE
-from ds_vicuna.launch_env import LaunchEnv, detect_launch_env, init_distributed, shutdown_distributed
+from ds_vicuna.launch_env import LaunchEnv, detect_launch_env, init_distributed
+from ds_vicuna.loss import count_label_tokens, token_loss_sum
 from ds_vicuna.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
-
-IGNORE_INDEX = -100
-METRICS_FILE = "metrics.jsonl"
-EXIT_STATUS_FILE_ENV = "DS_VICUNA_EXIT_STATUS_FILE"
-LOSS_PLOT = "loss.png"
-# Dense bf16 peak FLOP/s by GPU name fragment, for MFU (no entry: MFU not logged).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-                   "L4": 121e12, "A6000": 155e12, "4090": 165e12, "V100": 125e12}
+from ds_vicuna.train_metrics import (LOSS_PLOT, MetricsLogger, describe_engine, peak_flops, plot_loss, progress_bar,
+                                     step_flops)
+from ds_vicuna.train_setup import (build_engine, build_model, build_model_config, check_cpu_adam, load_tokenizer)
 
 
 class TrainError(RuntimeError):
@@ -123,23 +117,6 @@ def preflight(cfg: Config) -> dict:
     return ds
 
 
-def check_cpu_adam() -> None:
-    """Build (or load the cached build of) DeepSpeedCPUAdam, which optimizer offload needs.
-
-    Raises:
-        ConfigError: it cannot be built, with what to do instead.
-    """
-    try:
-        from deepspeed.ops.op_builder import CPUAdamBuilder
-
-        CPUAdamBuilder().load(verbose=False)
-    except Exception as err:  # noqa: BLE001 - any build failure means the same thing to the user
-        raise ConfigError(
-            "train.deepspeed offloads the optimizer to CPU, which needs DeepSpeedCPUAdam, but it cannot be built "
-            f"here ({type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else err}). "
-            "Install a C++ compiler (g++) and ninja, or use ds_configs/zero3.json (no offload).") from None
-
-
 # ------------------------------------------------------------------------------------------------------- setup
 
 
@@ -188,19 +165,6 @@ def setup(cfg: Config, ds_base: dict, launch: LaunchEnv) -> Run:
                progress=TrainingProgress(seed=cfg.train.seed, config=cfg.to_dict()))
 
 
-def load_tokenizer(model_path: Path, template: str):
-    """The model's tokenizer plus the template's control tokens; a pad token (EOS) when it has none."""
-    from transformers import AutoTokenizer
-
-    from ds_vicuna.templates import add_template_tokens
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    add_template_tokens(tokenizer, template)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return tokenizer
-
-
 def load_data(cfg: Config, path: str | list, tokenizer, name: str):
     """Tokenize (rank 0 builds the cache, the others wait and read it) and choose the samples to train on.
 
@@ -247,114 +211,6 @@ def samples_of(micro_batch: list) -> list[int]:
     return [i for item in micro_batch for i in (item if isinstance(item, list) else [item])]
 
 
-def build_model_config(model_path: Path, cfg: Config):
-    """AutoConfig with the attention implementation chosen and RoPE stretched to max_length when asked."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path)
-    config.use_cache = False
-    if cfg.model.rope_scaling:
-        base = getattr(config, "max_position_embeddings", cfg.data.max_length)
-        factor = max(1.0, cfg.data.max_length / base)
-        scaling = {"rope_type": cfg.model.rope_scaling, "factor": factor}
-        if isinstance(getattr(config, "rope_parameters", None), dict):  # transformers >= 5 (keeps rope_theta)
-            config.rope_parameters = {**config.rope_parameters, **scaling}
-        else:
-            config.rope_scaling = {**scaling, "type": cfg.model.rope_scaling}
-        config.max_position_embeddings = max(base, cfg.data.max_length)
-    return config
-
-
-def pick_attn_implementation(requested: str) -> str:
-    """auto -> flash_attention_2 (installed + CUDA), else sdpa; explicit values pass through."""
-    import importlib.util
-
-    import torch
-
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
-
-
-def build_model(model_path: Path, model_config, tokenizer, cfg: Config, ds: dict, precision: str):
-    """Load the weights; under ZeRO-3 straight into partitions (HfDeepSpeedConfig must outlive from_pretrained)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    keep_alive = HfDeepSpeedConfig(ds) if ds["zero_optimization"].get("stage") == 3 else None  # noqa: F841
-    model = AutoModelForCausalLM.from_pretrained(model_path, config=model_config, dtype=dtype,
-                                                 attn_implementation=pick_attn_implementation(
-                                                     cfg.model.attn_implementation))
-    embeddings = model.get_input_embeddings().weight
-    rows = embeddings.ds_shape[0] if hasattr(embeddings, "ds_shape") else embeddings.shape[0]  # ZeRO-3: partitioned
-    if len(tokenizer) > rows:  # template tokens were added
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-    if cfg.model.gradient_checkpointing:  # non-reentrant: works with ZeRO-3 partitioned params and frozen inputs
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    return model
-
-
-def build_engine(model, ds: dict, cfg: Config, total_steps: int):
-    """AdamW (DeepSpeedCPUAdam when offloading), the LR schedule, and `deepspeed.initialize`."""
-    import deepspeed
-    import torch
-    from transformers import get_scheduler
-
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    betas = (cfg.train.adam_beta1, cfg.train.adam_beta2)
-    if offloads_optimizer(ds):
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        optimizer = DeepSpeedCPUAdam(groups, lr=cfg.train.learning_rate, betas=betas, adamw_mode=True)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=betas)
-    warmup = math.ceil(cfg.train.warmup_ratio * total_steps)
-
-    def scheduler(opt):
-        return get_scheduler(cfg.train.lr_scheduler, opt, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
-                                           dist_init_required=False)
-    return engine
-
-
-def describe_engine(run: Run) -> str:
-    """One line: ZeRO stage, optimizer and where it lives, precision, batch shape, size of the run."""
-    engine = run.engine
-    where = {}
-    for name, offload in (("offload_optimizer", engine.zero_offload_optimizer()),
-                          ("offload_param", engine.zero_offload_param())):
-        device = getattr(offload, "device", None)
-        where[name] = getattr(device, "value", device) or "none"
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    return (f"ZeRO stage {engine.zero_optimization_stage()}, optimizer {type(inner).__name__} "
-            f"(offload optimizer: {where['offload_optimizer']}, params: {where['offload_param']}), "
-            f"{run.precision}, {run.launch.world_size} rank(s) x micro-batch {run.cfg.train.micro_batch_size} x "
-            f"accumulation {run.grad_accum}, {run.num_params / 1e6:.1f}M parameters, {run.total_steps} steps")
-
-
-def peak_flops(precision: str) -> float | None:
-    """Dense peak FLOP/s of this GPU for `precision` (fp32 counted as TF32 ~ half), or None if unknown."""
-    import torch
-
-    name = torch.cuda.get_device_name()
-    for fragment, flops in PEAK_BF16_FLOPS.items():
-        if fragment in name:
-            return flops / 2 if precision == "fp32" else flops
-    return None
-
-
 # --------------------------------------------------------------------------------------------------------- fit
 
 
@@ -375,23 +231,6 @@ def make_batch(run: Run, data, micro_batch: list) -> dict:
                     run.tokenizer.pad_token_id, flatten=run.flatten_packs)
     batch.pop("num_label_tokens")
     return {k: v.to(run.engine.device) for k, v in batch.items()}
-
-
-def count_label_tokens(batch: dict) -> int:
-    """Tokens that carry a (shifted) label: what the loss is averaged over."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def token_loss_sum(engine, batch: dict):
-    """Forward pass; the summed next-token cross-entropy over labelled tokens (fp32)."""
-    import torch.nn.functional as F
-
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = engine(**inputs).logits  # [B, T, V]
-    shift_logits = logits[:, :-1].float()  # [B, T-1, V]
-    shift_labels = batch["labels"][:, 1:]  # [B, T-1]
-    return F.cross_entropy(shift_logits.flatten(0, 1), shift_labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
 
 
 def loss_step(engine, batch: dict, scale: float) -> float:
@@ -442,14 +281,7 @@ def optimizer_step(run: Run, batches: list[dict], before_update=None) -> tuple[f
     return global_sum / max(global_tokens, 1), global_tokens
 
 
-def step_flops(run: Run, sample_lengths: list[int]) -> float:
-    """Model FLOPs of one step: 6*N per token plus attention 12*layers*hidden*len per token (PaLM's count)."""
-    layers, hidden = run.model_config.num_hidden_layers, run.model_config.hidden_size
-    tokens = sum(sample_lengths)
-    return 6 * run.num_params * tokens + 12 * layers * hidden * sum(n * n for n in sample_lengths)
-
-
-def fit(run: Run, guard: PreemptionGuard, logger: "MetricsLogger") -> tuple[dict[int, float], int]:
+def fit(run: Run, guard: PreemptionGuard, logger: MetricsLogger) -> tuple[dict[int, float], int]:
     """The training loop. Returns ({step: loss} of this run, exit code)."""
     cfg, progress, engine = run.cfg, run.progress, run.engine
     per_step = run.grad_accum * run.launch.world_size
@@ -477,15 +309,17 @@ def fit(run: Run, guard: PreemptionGuard, logger: "MetricsLogger") -> tuple[dict
                   "step_time_s": elapsed, "grad_norm": _grad_norm(engine)}
         if run.peak_flops:
             record["mfu"] = flops / elapsed / (run.peak_flops * run.launch.world_size)
-        logger.log(record)
+        if cfg.train.stop_after_steps and steps_this_run >= cfg.train.stop_after_steps:
+            guard.request()
+        stopping = guard.should_stop()  # collective: every rank agrees
+        if progress.step % cfg.train.log_every == 0 or stopping or progress.step == run.total_steps:
+            logger.log(record)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         if cfg.data.eval_path and cfg.train.eval_every and progress.step % cfg.train.eval_every == 0:
             logger.log({"step": progress.step, "eval_loss": evaluate(run)})
-        if cfg.train.stop_after_steps and steps_this_run >= cfg.train.stop_after_steps:
-            guard.request()
-        if guard.should_stop():
+        if stopping:
             exit_code = REQUEUE_EXIT_CODE if guard.agreed_signal is not None else 0
             break
         if progress.step % cfg.train.save_every == 0 and progress.step < run.total_steps:
@@ -498,15 +332,6 @@ def fit(run: Run, guard: PreemptionGuard, logger: "MetricsLogger") -> tuple[dict
 def _grad_norm(engine) -> float | None:
     norm = engine.get_global_grad_norm()
     return None if norm is None else float(norm)
-
-
-def progress_bar(run: Run):
-    """tqdm on rank 0 (step, loss, lr, tokens/s, ETA); None elsewhere."""
-    if not run.launch.is_main:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=run.total_steps, initial=run.progress.step, desc="train", unit="step", dynamic_ncols=True)
 
 
 def evaluate(run: Run) -> float:
@@ -539,85 +364,7 @@ def save(run: Run) -> Path:
                            tokenizer=run.tokenizer, hf_files={TRAIN_CONFIG_FILE: json.dumps(record, indent=2) + "\n"})
 
 
-# ---------------------------------------------------------------------------------------------- logs and plots
-
-
-class MetricsLogger:
-    """JSONL always (rank 0), TensorBoard when installed; other ranks log nothing."""
-
-    def __init__(self, output_dir: str | Path, enabled: bool):
-        self.enabled = enabled
-        self.path = Path(output_dir) / METRICS_FILE
-        self.tb = None
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
-            except ImportError:
-                self.tb = None
-
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def plot_loss(metrics_path: str | Path, png_path: str | Path) -> Path | None:
-    """Training (and eval) loss against step as a PNG; None when there is nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    if not train:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*train), label="train loss (mean over assistant tokens)")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return Path(png_path)
-
-
 # -------------------------------------------------------------------------------------------------------- main
-
-
-SHAPE_KEYS = (("data", "train_path"), ("data", "max_length"), ("data", "mask"), ("data", "batching"),
-              ("data", "max_samples"), ("train", "global_batch_size"), ("train", "micro_batch_size"),
-              ("train", "seed"), ("train", "epochs"), ("model", "template"))
-
-
-def check_resume_compatible(saved: dict, cfg: Config) -> None:
-    """The data position only means something for the same data/batch shape: disagreements stop the run.
-
-    Raises:
-        CheckpointError: listing each differing key with both values.
-    """
-    now = cfg.to_dict()
-    diffs = [f"{s}.{k}: checkpoint {saved.get(s, {}).get(k)!r} vs now {now[s][k]!r}"
-             for s, k in SHAPE_KEYS if saved.get(s, {}).get(k) != now[s][k]]
-    if diffs:
-        raise CheckpointError("cannot resume exactly, the run's shape changed:\n  " + "\n  ".join(diffs))
 
 
 def train(cfg: Config, launch: LaunchEnv | None = None, guard: PreemptionGuard | None = None) -> TrainResult:
@@ -672,90 +419,9 @@ def train(cfg: Config, launch: LaunchEnv | None = None, guard: PreemptionGuard |
                        engine=run.engine, metrics_path=logger.path, plot_path=plot)
 
 
-def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
-    """`[CONFIG] [--key value ...]` -> (config path or None, overrides); drops the launcher's --local_rank."""
-    argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
-    if argv and not argv[0].startswith("-"):
-        return argv[0], argv[1:]
-    return None, argv
+if __name__ == "__main__":  # `python -m ds_vicuna.train` / `deepspeed --module ds_vicuna.train`
+    import sys
 
+    from ds_vicuna.train_cli import main
 
-def quiet_library_warnings() -> None:
-    """Drop per-step deprecation noise from torch.distributed (DeepSpeed calls the old collective names)."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch.distributed", category=FutureWarning)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m ds_vicuna.train` / the deepspeed launcher. Returns the process exit code."""
-    quiet_library_warnings()
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(__doc__)
-        return 0
-    # First thing, and until the process group is left: a SIGTERM/SIGUSR1 while torch, the model or the data
-    # load, or while the preemption checkpoint is written, must not kill this rank.
-    with PreemptionGuard() as guard:
-        config, overrides = split_argv(argv)
-        try:
-            cfg = load_config(config, overrides)
-            result = train(cfg, guard=guard)
-        except (ConfigError, CheckpointError, TrainError) as err:
-            print(f"ds-vicuna train: error: {err}", file=sys.stderr, flush=True)
-            return 2
-        shutdown_distributed()
-    report_exit_status(result.exit_code)
-    return result.exit_code
-
-
-def report_exit_status(code: int) -> None:
-    """Write a non-zero exit status to `$DS_VICUNA_EXIT_STATUS_FILE` (set by launch/ scripts): torchrun turns a
-    rank's 75 ("checkpointed, restart me") into its own generic failure, so the script reads it here instead."""
-    path = os.environ.get(EXIT_STATUS_FILE_ENV)
-    if code and path:
-        Path(path).write_text(f"{code}\n")
-
-
-def launcher_command(config: str | None, overrides: list[str], ranks: int) -> list[str]:
-    """The `deepspeed --num_gpus N --module ds_vicuna.train ...` command for N ranks on this machine."""
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--module",
-            "ds_vicuna.train", *([config] if config else []), *overrides]
-
-
-def register(subparsers) -> None:
-    """`ds-vicuna train [CONFIG] [--ranks N] [--key value ...]`."""
-    # "+" as the option prefix: every `--section.key value` reaches the config parser untouched.
-    parser = subparsers.add_parser(
-        "train", prefix_chars="+", add_help=False,
-        help="fine-tune with DeepSpeed (one process; --ranks N starts the deepspeed launcher)",
-        description="ds-vicuna train [CONFIG.yaml] [--ranks N] [--section.key value ...]\n\n"
-                    "One process by default; --ranks N runs `deepspeed --num_gpus N --module ds_vicuna.train "
-                    "CONFIG ...` on this machine (multi-node: see launch/). Keys: see ds_vicuna/config.py.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("argv", nargs="*", help="CONFIG.yaml then --key value overrides")
-    parser.set_defaults(func=_run_cli, train_parser=parser)
-
-
-def _run_cli(args) -> int:
-    import subprocess
-
-    argv = list(args.argv)
-    if "-h" in argv or "--help" in argv:
-        args.train_parser.print_help()
-        return 0
-    config = argv.pop(0) if argv and not argv[0].startswith("-") else None
-    ranks = 1
-    if "--ranks" in argv:
-        at = argv.index("--ranks")
-        ranks = int(argv[at + 1])
-        del argv[at:at + 2]
-    if ranks > 1 and detect_launch_env().world_size == 1:
-        command = launcher_command(config, argv, ranks)
-        print("[ds-vicuna] launching: " + " ".join(command), flush=True)
-        return subprocess.call(command)
-    return main(([config] if config else []) + argv)
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -25,6 +25,7 @@ from typing import Iterable, Iterator
 
 from ds_vicuna.serve import schemas
 from ds_vicuna.serve.moderation import Moderator
+from ds_vicuna.serve.protocol import DoneEvent, ErrorEvent, Event, ProtocolError, TextEvent, is_final, parse_line
 from ds_vicuna.serve.schemas import APIError, ErrorCode, GenerationOptions, Usage
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -81,15 +82,15 @@ class Upstream:
     def pick(self, model: str, exclude: list[str]) -> str:
         return self._call("post", "/get_worker_address", json={"model": model, "exclude": exclude})["address"]
 
-    def open(self, model: str, payload: dict) -> Iterator[dict]:
-        """Events of one job ({"text"}..., {"done"} or {"error"}), its first event already received.
+    def open(self, model: str, payload: dict) -> Iterator[Event]:
+        """Events of one job (`serve.protocol`), its first event already received.
 
         Raises:
             APIError: a client error from the worker (e.g. context length), or every attempt failed.
         """
         return self.open_at(model, payload, [])[1]
 
-    def open_at(self, model: str, payload: dict, tried: list[str]) -> tuple[str, Iterator[dict]]:
+    def open_at(self, model: str, payload: dict, tried: list[str]) -> tuple[str, Iterator[Event]]:
         """Like `open`, also returning the worker's address; failed workers are appended to `tried`."""
         last: APIError | None = None
         for _ in range(self.max_attempts):
@@ -106,14 +107,14 @@ class Upstream:
                 tried.append(address)
                 last = err
                 continue
-            if "error" in first:
+            if isinstance(first, ErrorEvent):
                 tried.append(address)
-                last = APIError(ErrorCode.WORKER_FAILED, f"worker failed: {first['error']}")
+                last = APIError(ErrorCode.WORKER_FAILED, f"worker failed: {first.message}")
                 continue
             return address, JobStream(first, events)
         raise last or APIError(ErrorCode.NO_WORKER, f"no worker could serve model '{model}'")
 
-    def _start(self, address: str, payload: dict) -> Iterator[dict]:
+    def _start(self, address: str, payload: dict) -> Iterator[Event]:
         try:
             reply = self.http.post(f"{address}/worker_generate_stream", json=payload, stream=True, timeout=(5, 600))
         except Exception as err:
@@ -125,17 +126,19 @@ class Upstream:
         return self._lines(reply, address)
 
     @staticmethod
-    def _lines(reply, address: str) -> Iterator[dict]:
+    def _lines(reply, address: str) -> Iterator[Event]:
         try:
             for line in reply.iter_lines():
                 if line:
-                    event = json.loads(line)
+                    event = parse_line(line)
                     yield event
-                    if "done" in event or "error" in event:
+                    if is_final(event):
                         return
             raise APIError(ErrorCode.WORKER_FAILED, f"worker {address} closed the stream early")
         except APIError:
             raise
+        except ProtocolError as err:
+            raise APIError(ErrorCode.WORKER_FAILED, f"worker {address} sent a bad event: {err}") from None
         except Exception as err:
             raise APIError(ErrorCode.WORKER_FAILED, f"worker {address} failed mid-stream: "
                            f"{type(err).__name__}") from None
@@ -151,12 +154,13 @@ class Upstream:
             try:
                 address, events = self.open_at(model, payload, tried)
                 for event in events:
-                    if "text" in event:
-                        parts.append(event["text"])
-                    elif "done" in event:
-                        return {"text": "".join(parts), **event["done"]}
+                    if isinstance(event, TextEvent):
+                        parts.append(event.text)
+                    elif isinstance(event, DoneEvent):
+                        return {"text": "".join(parts), "finish_reason": event.finish_reason,
+                                "prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}
                     else:
-                        raise APIError(ErrorCode.WORKER_FAILED, f"worker failed: {event['error']}")
+                        raise APIError(ErrorCode.WORKER_FAILED, f"worker failed: {event.message}")
             except APIError as err:
                 if err.code not in RETRYABLE:
                     raise
@@ -170,14 +174,14 @@ class JobStream:
     """A job's events: `first` (already received), then `events`. `close()` closes `events`, and so the worker
     connection, whether or not iteration began (closing a generator that never started runs no `finally`)."""
 
-    def __init__(self, first: dict, events: Iterator[dict]):
-        self._first: list[dict] = [first]
+    def __init__(self, first: Event, events: Iterator[Event]):
+        self._first: list[Event] = [first]
         self._events = events
 
     def __iter__(self) -> "JobStream":
         return self
 
-    def __next__(self) -> dict:
+    def __next__(self) -> Event:
         return self._first.pop() if self._first else next(self._events)
 
     def close(self) -> None:
@@ -197,15 +201,15 @@ def _json_or_none(reply):
         return None
 
 
-def merge_choices(streams: list[Iterator[dict]]) -> Iterator[tuple[int, dict]]:
+def merge_choices(streams: list[Iterator[Event]]) -> Iterator[tuple[int, Event]]:
     """(choice index, event) from several job streams as they arrive; ends after each stream's last event."""
     if len(streams) == 1:
         yield from ((0, event) for event in _guarded(streams[0]))
         return
-    merged: "queue.Queue[tuple[int, dict]]" = queue.Queue()
+    merged: "queue.Queue[tuple[int, Event]]" = queue.Queue()
     stop = threading.Event()  # the client went away: every pump closes its stream at its next event
 
-    def pump(index: int, stream: Iterator[dict]):
+    def pump(index: int, stream: Iterator[Event]):
         guarded = _guarded(stream)
         try:
             for event in guarded:
@@ -221,22 +225,22 @@ def merge_choices(streams: list[Iterator[dict]]) -> Iterator[tuple[int, dict]]:
     try:
         while open_streams:
             index, event = merged.get()
-            if "done" in event or "error" in event:
+            if is_final(event):
                 open_streams -= 1
             yield index, event
     finally:
         stop.set()
 
 
-def _guarded(stream: Iterator[dict]) -> Iterator[dict]:
-    """A job stream whose failure becomes a final {"error"} event; closing it closes the stream."""
+def _guarded(stream: Iterator[Event]) -> Iterator[Event]:
+    """A job stream whose failure becomes a final `ErrorEvent`; closing it closes the stream."""
     try:
         for event in stream:
             yield event
-            if "done" in event or "error" in event:
+            if is_final(event):
                 return
     except APIError as err:
-        yield {"error": err.message}
+        yield ErrorEvent(err.message, err.code.value)
     finally:
         _close(stream)
 
@@ -264,7 +268,7 @@ class ChatService:
         jobs = [{**payload, "params": options.worker_params(i)} for i in range(options.n)]
         if not options.stream:
             return self._collect(options, jobs, chat)
-        streams: list[Iterator[dict]] = []
+        streams: list[Iterator[Event]] = []
         try:
             for job in jobs:
                 streams.append(self.upstream.open(options.model, job))  # errors surface as HTTP status
@@ -296,7 +300,7 @@ class ChatService:
         build = schemas.chat_response if chat else schemas.completion_response
         return build(schemas.new_id("chatcmpl" if chat else "cmpl"), options.model, choices, usage)
 
-    def _sse(self, options: GenerationOptions, streams: list[Iterator[dict]], chat: bool) -> Iterator[bytes]:
+    def _sse(self, options: GenerationOptions, streams: list[Iterator[Event]], chat: bool) -> Iterator[bytes]:
         rid, created, model = schemas.new_id("chatcmpl" if chat else "cmpl"), int(time.time()), options.model
         usage = Usage()
 
@@ -312,16 +316,15 @@ class ChatService:
         merged = merge_choices(streams)
         try:  # a client that disconnects closes this generator: close every worker stream with it
             for index, event in merged:
-                if "text" in event:
-                    yield chunk(index, event["text"], None)
-                elif "done" in event:
-                    done = event["done"]
-                    usage.prompt_tokens = done["prompt_tokens"]
-                    usage.completion_tokens += done["completion_tokens"]
-                    yield chunk(index, "", done["finish_reason"])
+                if isinstance(event, TextEvent):
+                    yield chunk(index, event.text, None)
+                elif isinstance(event, DoneEvent):
+                    usage.prompt_tokens = event.prompt_tokens
+                    usage.completion_tokens += event.completion_tokens
+                    yield chunk(index, "", event.finish_reason)
                 else:
                     err = APIError(ErrorCode.WORKER_FAILED,
-                                   f"generation failed after streaming began: {event['error']}")
+                                   f"generation failed after streaming began: {event.message}")
                     yield schemas.sse(err.body())
         finally:
             merged.close()

@@ -21,6 +21,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from ds_vicuna.serve.protocol import DoneEvent, ErrorEvent, Event, TextEvent
+
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # a stop token or stop string
@@ -43,13 +45,13 @@ class SamplingParams:
 class GenerationJob:
     """One request inside the worker: its prompt ids, settings and the queue its events go to.
 
-    Events put on `events`: ("text", str) for each released piece, then exactly one
-    ("done", {"finish_reason", "prompt_tokens", "completion_tokens"}) or ("error", message).
+    Events put on `events` (`serve.protocol`): a `TextEvent` for each released piece, then exactly one
+    `DoneEvent` or `ErrorEvent`.
     """
 
     prompt_ids: list[int]
     params: SamplingParams
-    events: "queue.Queue[tuple[str, object]]" = field(default_factory=queue.Queue)
+    events: "queue.Queue[Event]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -183,7 +185,7 @@ class BatchEngine:
 
     def _fail(self, rows: list[_Row], err: Exception) -> None:
         for row in rows:
-            row.job.events.put(("error", f"generation failed: {type(err).__name__}: {err}"))
+            row.job.events.put(ErrorEvent(f"generation failed: {type(err).__name__}: {err}"))
 
     def _new_row(self, job: GenerationJob) -> _Row:
         import torch
@@ -267,7 +269,7 @@ class BatchEngine:
         row.generated += 1
         piece, hit_stop = row.text.add(token_id)
         if piece:
-            job.events.put(("text", piece))
+            job.events.put(TextEvent(piece))
         if hit_stop:
             return self._finish(row, FinishReason.STOP)
         if row.generated >= job.params.max_tokens:
@@ -277,9 +279,8 @@ class BatchEngine:
     def _finish(self, row: _Row, reason: FinishReason) -> bool:
         rest = row.text.finish()  # text held back for a stop string that never completed
         if rest:
-            row.job.events.put(("text", rest))
-        row.job.events.put(("done", {"finish_reason": reason.value, "prompt_tokens": len(row.job.prompt_ids),
-                                     "completion_tokens": row.generated}))
+            row.job.events.put(TextEvent(rest))
+        row.job.events.put(DoneEvent(reason.value, len(row.job.prompt_ids), row.generated))
         return True
 
 

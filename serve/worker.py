@@ -15,7 +15,6 @@ Endpoints: POST /worker_generate_stream (JSON lines), GET /worker_status, /healt
 """
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -25,6 +24,7 @@ from typing import Iterator
 
 from ds_vicuna.messages import MessageError, validate_messages
 from ds_vicuna.serve.engine import BatchEngine, GenerationJob, SamplingParams
+from ds_vicuna.serve.protocol import ErrorEvent, Event, is_final, to_line
 from ds_vicuna.serve.schemas import DEFAULT_MAX_TOKENS, APIError, ErrorCode
 
 log = logging.getLogger("ds_vicuna.serve.worker")
@@ -155,24 +155,19 @@ class Worker:
         with self._lock:
             return len(self._waiting) + self._running
 
-    def stream(self, job: GenerationJob, poll: float = 1.0) -> Iterator[dict]:
-        """Events of a submitted job as dicts; closing the iterator cancels the job."""
+    def stream(self, job: GenerationJob, poll: float = 1.0) -> Iterator[Event]:
+        """Events of a submitted job (`serve.protocol`); closing the iterator cancels the job."""
         try:
             while True:
                 try:
-                    kind, value = job.events.get(timeout=poll)
+                    event = job.events.get(timeout=poll)
                 except queue.Empty:
                     if self._stopping.is_set():
-                        yield {"error": "the worker is shutting down"}
+                        yield ErrorEvent("the worker is shutting down")
                         return
                     continue
-                if kind == "text":
-                    yield {"text": value}
-                elif kind == "done":
-                    yield {"done": value}
-                    return
-                else:
-                    yield {"error": value}
+                yield event
+                if is_final(event):
                     return
         finally:
             job.cancelled.set()
@@ -244,7 +239,7 @@ class Worker:
 
 
 def create_app(worker: Worker, max_content_length: int = 4 * 1024 * 1024):
-    """The worker's Flask app; /worker_generate_stream answers JSON lines: {"text"}..., then {"done"|"error"}."""
+    """The worker's Flask app; /worker_generate_stream answers `serve.protocol` event lines."""
     from flask import Flask, Response, jsonify, request, stream_with_context
 
     from ds_vicuna.serve.http_util import install_error_handlers, json_body
@@ -257,7 +252,7 @@ def create_app(worker: Worker, max_content_length: int = 4 * 1024 * 1024):
     def generate_stream():
         job = worker.make_job(json_body(request))
         worker.submit(job)
-        lines = (json.dumps(event, ensure_ascii=False) + "\n" for event in worker.stream(job))
+        lines = (to_line(event) for event in worker.stream(job))
         return Response(stream_with_context(lines), mimetype="application/x-ndjson")
 
     @app.post("/count_tokens")

@@ -43,3 +43,26 @@ def smol_tokenizer():
     from ds_vicuna.models import embedded_model_path
 
     return AutoTokenizer.from_pretrained(embedded_model_path())
+
+
+def _cuda_missing_reason() -> str | None:
+    """Why `gpu` tests cannot run here, or None when a CUDA device is present."""
+    try:
+        import torch
+    except ImportError:
+        return "needs torch with CUDA (torch is not installed)"
+    if not torch.cuda.is_available():
+        return (f"needs a CUDA GPU (torch {torch.__version__}: torch.cuda.is_available() is False); "
+                "run `make gpu-check` on a GPU machine")
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests skip on a machine without CUDA, with the reason printed by `pytest -ra`."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    reason = _cuda_missing_reason()
+    if reason:
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=reason))

@@ -12,6 +12,7 @@ from ds_vicuna.serve.api import APIConfig, create_app, iter_sse
 from ds_vicuna.serve.controller import Controller
 from ds_vicuna.serve.controller import create_app as controller_app
 from ds_vicuna.serve.moderation import Moderator
+from ds_vicuna.serve.protocol import DoneEvent, TextEvent, to_line
 
 CONTROLLER = "http://controller"
 
@@ -27,7 +28,7 @@ class FakeResponse:
         for i, line in enumerate(self._lines):
             if self._broken_after is not None and i >= self._broken_after:
                 raise ConnectionError("connection reset")
-            yield line.encode()
+            yield line.rstrip(b"\n")
         if self._broken_after is not None:
             raise ConnectionError("connection reset")
 
@@ -39,9 +40,8 @@ class FakeResponse:
 
 
 def events(*texts, finish="stop", prompt_tokens=3):
-    lines = [json.dumps({"text": t}) for t in texts]
-    done = {"finish_reason": finish, "prompt_tokens": prompt_tokens, "completion_tokens": len(texts)}
-    return lines + [json.dumps({"done": done})]
+    """A worker's reply lines, written by the worker's own encoder (`serve.protocol`)."""
+    return [to_line(TextEvent(t)) for t in texts] + [to_line(DoneEvent(finish, prompt_tokens, len(texts)))]
 
 
 class FakeHTTP:
@@ -230,7 +230,7 @@ class EndlessResponse(FakeResponse):
         import time
 
         while not self.closed:
-            yield json.dumps({"text": "x"}).encode()
+            yield to_line(TextEvent("x")).rstrip(b"\n")
             time.sleep(0.005)
 
     def close(self):
@@ -289,12 +289,12 @@ def test_closing_a_job_stream_before_reading_it_closes_the_worker_connection():
 
     def events():
         try:
-            yield from ({"text": "x"} for _ in response.iter_lines())
+            yield from (TextEvent("x") for _ in response.iter_lines())
         finally:
             response.close()
 
     inner = events()
     next(inner)  # the first event, as Upstream.open_at reads it before choosing a worker
-    stream = JobStream({"text": "x"}, inner)
+    stream = JobStream(TextEvent("x"), inner)
     stream.close()
     assert response.closed

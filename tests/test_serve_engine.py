@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ds_vicuna.serve.engine import BatchEngine, GenerationJob, IncrementalText, SamplingParams
+from ds_vicuna.serve.protocol import DoneEvent, TextEvent
 
 
 def feed(tokenizer, text: str, stop=()):
@@ -35,13 +36,13 @@ def test_stop_string_across_tokens_is_cut_and_never_leaked(smol_tokenizer):
 def collect(job: GenerationJob):
     parts, done = [], None
     while done is None:
-        kind, value = job.events.get_nowait()
-        if kind == "text":
-            parts.append(value)
-        elif kind == "done":
-            done = value
+        event = job.events.get_nowait()
+        if isinstance(event, TextEvent):
+            parts.append(event.text)
+        elif isinstance(event, DoneEvent):
+            done = event
         else:
-            raise AssertionError(value)
+            raise AssertionError(event)
     return "".join(parts), done
 
 
@@ -85,8 +86,8 @@ def test_batched_and_joining_rows_match_one_at_a_time(smol_tokenizer):
     while engine.active:
         engine.step()
     assert [collect(j) for j in staggered] == alone
-    assert [d["completion_tokens"] for _, d in together] == [6, 3, 8]
-    assert all(d["finish_reason"] == "length" for _, d in together)
+    assert [d.completion_tokens for _, d in together] == [6, 3, 8]
+    assert all(d.finish_reason == "length" for _, d in together)
     # seeded sampling is reproducible inside a batch
     seeded = [GenerationJob(prompts[0], SamplingParams(max_tokens=5, temperature=1.0, top_p=0.9, seed=7))
               for _ in range(2)]

@@ -52,10 +52,12 @@ def test_resume_reproduces_every_later_loss(run_a):
     (out_b / "latest").write_text("step-000002")
     (out_b / "step-000004").mkdir()  # a crash mid-save: shards without the completion marker
     (out_b / "step-000004/zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"partial")
-    run_checked(deepspeed_command(2, DUMP, tmp / "b.pt", cfg, "--output_dir", out_b, "--resume", "auto"),
-                timeout=400)
+    run_checked(deepspeed_command(2, DUMP, tmp / "b.pt", cfg, "--output_dir", out_b, "--resume", "auto",
+                                  "--log_every", "2"), timeout=400)
     b = torch.load(tmp / "b.pt")
     assert sorted(b["losses"]) == list(range(3, a["step"] + 1))
+    logged = [json.loads(line)["step"] for line in (out_b / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [s for s in range(3, a["step"] + 1) if s % 2 == 0 or s == a["step"]]  # log_every 2 + last
     for step, loss in b["losses"].items():
         assert loss == pytest.approx(a["losses"][step], rel=1e-6, abs=1e-7), step
     for name, value in a["params"].items():

@@ -3,10 +3,12 @@ import json
 
 import pytest
 
-from ds_vicuna.checkpoint import CheckpointError
+from ds_vicuna.checkpoint import CheckpointError, check_resume_compatible
 from ds_vicuna.config import load_config
-from ds_vicuna.train import (build_model_config, check_resume_compatible, pick_attn_implementation, plot_loss,
-                             samples_of, split_argv, step_batches)
+from ds_vicuna.train import samples_of, step_batches
+from ds_vicuna.train_cli import split_argv
+from ds_vicuna.train_metrics import plot_loss
+from ds_vicuna.train_setup import build_model_config, pick_attn_implementation
 from tiny_llama import make_tiny_model
 
 

@@ -12,7 +12,8 @@ from deepspeed.utils import safe_get_full_grad
 
 from ds_vicuna.config import load_config
 from ds_vicuna.launch_env import init_distributed
-from ds_vicuna.train import make_batch, optimizer_step, preflight, quiet_library_warnings, setup
+from ds_vicuna.train import make_batch, optimizer_step, preflight, setup
+from ds_vicuna.train_cli import quiet_library_warnings
 
 SAMPLES = [0, 1, 2, 3]
 

@@ -9,7 +9,8 @@ import deepspeed
 import torch
 
 from ds_vicuna.config import load_config
-from ds_vicuna.train import quiet_library_warnings, train
+from ds_vicuna.train import train
+from ds_vicuna.train_cli import quiet_library_warnings
 
 
 def main() -> int:

@@ -1,0 +1,114 @@
+"""What the trainer reports: the metrics log (JSONL + TensorBoard), the loss plot, MFU, the progress bar.
+
+    logger = MetricsLogger(output_dir, enabled=is_main); logger.log({"step": 1, "loss": 2.3}); logger.close()
+    plot_loss(output_dir / METRICS_FILE, output_dir / LOSS_PLOT)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+# Dense bf16 peak FLOP/s by GPU name fragment, for MFU (no entry: MFU not logged).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+                   "L4": 121e12, "A6000": 155e12, "4090": 165e12, "V100": 125e12}
+
+
+def peak_flops(precision: str) -> float | None:
+    """Dense peak FLOP/s of this GPU for `precision` (fp32 counted as TF32 ~ half), or None if unknown."""
+    import torch
+
+    name = torch.cuda.get_device_name()
+    for fragment, flops in PEAK_BF16_FLOPS.items():
+        if fragment in name:
+            return flops / 2 if precision == "fp32" else flops
+    return None
+
+
+def step_flops(run, sample_lengths: list[int]) -> float:
+    """Model FLOPs of one step: 6*N per token plus attention 12*layers*hidden*len per token (PaLM's count)."""
+    layers, hidden = run.model_config.num_hidden_layers, run.model_config.hidden_size
+    tokens = sum(sample_lengths)
+    return 6 * run.num_params * tokens + 12 * layers * hidden * sum(n * n for n in sample_lengths)
+
+
+def describe_engine(run) -> str:
+    """One line: ZeRO stage, optimizer and where it lives, precision, batch shape, size of the run."""
+    engine = run.engine
+    where = {}
+    for name, offload in (("offload_optimizer", engine.zero_offload_optimizer()),
+                          ("offload_param", engine.zero_offload_param())):
+        device = getattr(offload, "device", None)
+        where[name] = getattr(device, "value", device) or "none"
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return (f"ZeRO stage {engine.zero_optimization_stage()}, optimizer {type(inner).__name__} "
+            f"(offload optimizer: {where['offload_optimizer']}, params: {where['offload_param']}), "
+            f"{run.precision}, {run.launch.world_size} rank(s) x micro-batch {run.cfg.train.micro_batch_size} x "
+            f"accumulation {run.grad_accum}, {run.num_params / 1e6:.1f}M parameters, {run.total_steps} steps")
+
+
+def progress_bar(run):
+    """tqdm on rank 0 (step, loss, lr, tokens/s, ETA); None elsewhere."""
+    if not run.launch.is_main:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.total_steps, initial=run.progress.step, desc="train", unit="step", dynamic_ncols=True)
+
+
+class MetricsLogger:
+    """JSONL always (rank 0), TensorBoard when installed; other ranks log nothing."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool):
+        self.enabled = enabled
+        self.path = Path(output_dir) / METRICS_FILE
+        self.tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_loss(metrics_path: str | Path, png_path: str | Path) -> Path | None:
+    """Training (and eval) loss against step as a PNG; None when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train loss (mean over assistant tokens)")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return Path(png_path)
