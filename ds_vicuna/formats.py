@@ -53,6 +53,7 @@ TOOL_ROLES = ("tool", "function", "function_call", "observation", "ipython")
 TEXT_PARTS = {"text": "text", "refusal": "refusal"}  # content part type -> the field holding its text
 WRITE_ROLES = {Role.SYSTEM: "system", Role.USER: "human", Role.ASSISTANT: "gpt"}
 _READ_BLOCK = 1 << 20
+_MAX_RECORD_CHARS = 1 << 28  # one record of a JSON list is never read past this
 
 
 class BadRecord(str, enum.Enum):
@@ -116,10 +117,11 @@ class _ListStream:
         self.buf, self.pos, self.eof = "", 0, False
         self.dropped_lines, self.dropped_chars = 0, 0  # of text already discarded from the buffer
 
-    def _more(self, at_least: int = _READ_BLOCK) -> bool:
-        """Append at least `at_least` bytes of input to the buffer; False at the end of the file."""
+    def _more(self, at_least: int | None = None) -> bool:
+        """Append `at_least` (default `_READ_BLOCK`) more bytes of input to the buffer; False at the end of the file."""
         if self.eof:
             return False
+        at_least = at_least or _READ_BLOCK
         if self.pos > _READ_BLOCK:  # drop what is consumed, keeping the line count for error positions
             self.dropped_lines += self.buf.count("\n", 0, self.pos)
             self.dropped_chars += self.pos
@@ -173,7 +175,13 @@ class _ListStream:
             try:
                 value, end = self.decoder.raw_decode(self.buf, self.pos)
             except json.JSONDecodeError as e:
-                if self._more(read):  # maybe only cut off by the buffer's end: read more, try again
+                # An error at the buffer's end (or an open string) may only mean the element goes on: read more.
+                # One far before the end is real, and is reported without reading the rest of the file.
+                cut_off = e.pos + 1024 >= len(self.buf) or e.msg.startswith("Unterminated string")
+                if cut_off and len(self.buf) - self.pos > _MAX_RECORD_CHARS:
+                    raise self.error(self.pos, f"a record longer than {_MAX_RECORD_CHARS} characters, or "
+                                               f"malformed: {e.msg}") from None
+                if cut_off and self._more(read):
                     read *= 2
                     continue
                 raise self.error(e.pos, e.msg) from None

@@ -209,3 +209,16 @@ def test_hash_set_grows_and_remembers():
     assert all(seen.add(k) for k in keys) and len(seen) == len(keys)
     assert not any(seen.add(k) for k in keys) and all(k in seen for k in keys)
     assert hash64("x") not in seen and hash64("é") == hash64("é") != hash64("e")
+
+
+def test_a_malformed_json_list_fails_where_it_breaks_without_reading_on(tmp_path, monkeypatch):
+    import ds_vicuna.formats as formats
+
+    monkeypatch.setattr(formats, "_READ_BLOCK", 64)
+    good = json.dumps({"id": "a", "conversations": [{"from": "human", "value": "x" * 100}]})
+    path = _write(tmp_path / "m.json", "[\n" + '{"id": "b", "conversations": [}' + ",\n" + ",\n".join([good] * 2000)
+                  + "\n]")
+    reader = formats.ConversationReader(path)
+    with pytest.raises(FormatError, match=r"m\.json:2:\d+: malformed JSON"):
+        list(reader)
+    assert reader.bytes_read < 5000 < reader.size  # stopped at the error, not at the end of the file
