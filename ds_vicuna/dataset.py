@@ -235,12 +235,12 @@ class _ShardWriter:
         self._ids_file = open(folder / "conversation_ids.jsonl", "w", encoding="utf-8")
 
     def _open(self) -> None:
-        name = f"{len(self.shards):05d}"
-        self.shards.append({"input_ids": f"input_ids-{name}.bin", "labels": f"labels-{name}.bin", "samples": 0,
-                            "tokens": 0})
+        """Close the current shard and start the next one."""
         self._close_shard()
-        self._files = (open(self.folder / self.shards[-1]["input_ids"], "wb"),
-                       open(self.folder / self.shards[-1]["labels"], "wb"))
+        name = f"{len(self.shards):05d}"
+        shard = {"input_ids": f"input_ids-{name}.bin", "labels": f"labels-{name}.bin", "samples": 0, "tokens": 0}
+        self.shards.append(shard)
+        self._files = (open(self.folder / shard["input_ids"], "wb"), open(self.folder / shard["labels"], "wb"))
 
     def _close_shard(self) -> None:
         if self._files:
