@@ -34,13 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from ds_vicuna.messages import Message, MessageError, Role
+from ds_vicuna.messages import (ROLE_ALIASES, ContentPartError, Message, MessageError, Role, join_content_parts,
+                                to_message)
 from ds_vicuna.parallel import HashSet, hash64
 
 # ShareGPT exports name the speakers after the product that answered; all of them are the assistant.
 SHAREGPT_ROLES = {
     "system": Role.SYSTEM,
-    "developer": Role.SYSTEM,
     "human": Role.USER,
     "user": Role.USER,
     "gpt": Role.ASSISTANT,
@@ -48,9 +48,9 @@ SHAREGPT_ROLES = {
     "chatgpt": Role.ASSISTANT,
     "bing": Role.ASSISTANT,
     "bard": Role.ASSISTANT,
+    **{alias: Role(role) for alias, role in ROLE_ALIASES.items()},  # `developer` is the system message
 }
 TOOL_ROLES = ("tool", "function", "function_call", "observation", "ipython")
-TEXT_PARTS = {"text": "text", "refusal": "refusal"}  # content part type -> the field holding its text
 WRITE_ROLES = {Role.SYSTEM: "system", Role.USER: "human", Role.ASSISTANT: "gpt"}
 _READ_BLOCK = 1 << 20
 _MAX_RECORD_CHARS = 1 << 28  # one record of a JSON list is never read past this
@@ -281,24 +281,16 @@ def record_to_conversation(record: Any, where: str, default_id: str) -> Conversa
 
 
 def _content_text(content: Any, where: str) -> str:
-    """A string, or OpenAI content parts whose text parts are joined with a newline."""
+    """A string, or OpenAI content parts joined by the API's own rule (`messages.join_content_parts`)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise FormatError(f"{where}: expected a string or a list of content parts, got {type(content).__name__}",
                           BadRecord.NON_STRING)
-    texts = []
-    for i, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in TEXT_PARTS:
-            raise FormatError(f"{where}[{i}]: content part of type {kind!r}: only text parts can be trained on",
-                              BadRecord.NON_TEXT_CONTENT)
-        text = part.get(TEXT_PARTS[kind])
-        if not isinstance(text, str):
-            raise FormatError(f"{where}[{i}].{TEXT_PARTS[kind]}: expected a string, got {type(text).__name__}",
-                              BadRecord.NON_STRING)
-        texts.append(text)
-    return "\n".join(texts)
+    try:
+        return join_content_parts(content, where)
+    except ContentPartError as e:
+        raise FormatError(str(e), BadRecord.NON_TEXT_CONTENT if e.non_text else BadRecord.NON_STRING) from None
 
 
 def _turn_to_message(turn: Any, where: str) -> Message:
@@ -318,15 +310,11 @@ def _turn_to_message(turn: Any, where: str) -> Message:
         raise FormatError(f"{where}.{role_key}: unknown role {role!r} (expected one of "
                           f"{', '.join(SHAREGPT_ROLES)})", BadRecord.UNKNOWN_ROLE)
     content = _content_text(_field(turn, (content_key,), where), f"{where}.{content_key}")
-    weight, truncated = turn.get("weight", 1), turn.get("truncated", False)
-    if isinstance(weight, bool) or weight not in (0, 1):
-        raise FormatError(f"{where}.weight: expected 0 or 1, got {weight!r}", BadRecord.BAD_WEIGHT)
-    if not isinstance(truncated, bool):
-        raise FormatError(f"{where}.truncated: expected true or false, got {truncated!r}", BadRecord.BAD_WEIGHT)
-    try:
-        return Message(SHAREGPT_ROLES[role.lower()], content, weight=int(weight), truncated=truncated)
+    flags = {name: turn[name] for name in ("weight", "truncated") if name in turn}
+    try:  # weight/truncated are judged by the one rule the API's messages go through too
+        return to_message({"role": SHAREGPT_ROLES[role.lower()].value, "content": content, **flags}, where)
     except MessageError as e:
-        raise FormatError(f"{where}: {e}", BadRecord.BAD_WEIGHT) from None
+        raise FormatError(str(e), BadRecord.BAD_WEIGHT) from None
 
 
 class ConversationReader:

@@ -57,17 +57,48 @@ MessageLike = Union[Message, Mapping[str, object]]
 
 # OpenAI's newer name for system instructions (sent by o1-era clients and LangChain).
 ROLE_ALIASES = {"developer": Role.SYSTEM.value}
+# OpenAI content part type -> the field that holds its text (an assistant's refusal is text it said).
+TEXT_PARTS = {"text": "text", "refusal": "refusal"}
+
+
+class ContentPartError(MessageError):
+    """A content part that is not text (`non_text`: image, audio, file, ...) or whose text is not a string."""
+
+    def __init__(self, message: str, non_text: bool):
+        super().__init__(message)
+        self.non_text = non_text
+
+
+def join_content_parts(parts: list, where: str = "content") -> str:
+    """OpenAI content parts -> one text: the text (and refusal) parts joined with a newline, as FastChat and vLLM
+    join them. The one rule for the API (`serve.schemas`) and the data files (`ds_vicuna.formats`).
+
+    Raises:
+        ContentPartError: naming `where[index]` and the part's type.
+    """
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+        if kind not in TEXT_PARTS:
+            raise ContentPartError(f"{where}[{j}]: content part of type {kind!r}: only text parts "
+                                   "({'type': 'text', 'text': '...'}) are supported", non_text=True)
+        text = part.get(TEXT_PARTS[kind])
+        if not isinstance(text, str):
+            raise ContentPartError(f"{where}[{j}]: a {kind} part without a string {TEXT_PARTS[kind]!r} (got "
+                                   f"{type(text).__name__})", non_text=False)
+        texts.append(text)
+    return "\n".join(texts)
 
 
 def flatten_openai_message(raw: object, where: str = "message") -> object:
-    """An OpenAI chat message in the plain `{"role", "content"}` form: text parts joined, `developer` -> `system`.
+    """An OpenAI chat message in the plain `{"role", "content"}` form: text parts joined (`join_content_parts`),
+    `developer` -> `system`.
 
-    OpenAI clients (LangChain among them) may send `content` as a list of parts `[{"type": "text", "text": ...}]`;
-    the texts are joined with a newline, as FastChat and vLLM join them. Anything that is not such a message is
-    returned unchanged, for `to_message` to judge.
+    OpenAI clients (LangChain among them) may send `content` as a list of parts `[{"type": "text", "text": ...}]`.
+    Anything that is not such a message is returned unchanged, for `to_message` to judge.
 
     Raises:
-        MessageError: a part that is not text (images, audio, ...), naming `where` and the part's index.
+        ContentPartError: a part that is not text (images, audio, ...), naming `where` and the part's index.
     """
     if not isinstance(raw, Mapping):
         return raw
@@ -76,15 +107,7 @@ def flatten_openai_message(raw: object, where: str = "message") -> object:
     if not isinstance(content, list) and alias is None:
         return raw
     if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-            if kind != "text" or not isinstance(part.get("text"), str):
-                got = "a text part without a string 'text'" if kind == "text" else f"{kind!r}"
-                raise MessageError(f"{where}.content[{j}]: only text parts ({{'type': 'text', 'text': '...'}}) are "
-                                   f"supported, got {got}")
-            texts.append(part["text"])
-        content = "\n".join(texts)
+        content = join_content_parts(content, f"{where}.content")
     return {**raw, "role": alias or role, "content": content}
 
 

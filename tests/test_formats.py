@@ -137,6 +137,26 @@ def test_openai_content_parts_developer_and_weight(tmp_path):
     assert load_conversations(tmp_path / "back.jsonl") == [conv]
 
 
+def test_openai_messages_read_as_the_api_reads_them(tmp_path):
+    """One rule for content parts and `developer`: a training file and a chat request give the same messages."""
+    from serve.schemas import APIError, parse_chat_request
+
+    messages = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
+                {"role": "user", "content": "c"}]
+    [conv] = load_conversations(_write(tmp_path / "m.jsonl", json.dumps({"id": "m", "messages": messages}) + "\n"))
+    assert conv.messages == parse_chat_request({"model": "x", "messages": messages})[1]
+    bad = messages[:1] + [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]
+    with pytest.raises(FormatError) as data_err:
+        load_conversations(_write(tmp_path / "b.jsonl", json.dumps({"id": "b", "messages": bad}) + "\n"))
+    with pytest.raises(APIError) as api_err:
+        parse_chat_request({"model": "x", "messages": bad})
+    part_error = "messages[1].content[0]: content part of type 'input_audio'"
+    assert part_error in str(data_err.value) and part_error in api_err.value.message
+    assert data_err.value.reason is BadRecord.NON_TEXT_CONTENT
+
+
 @pytest.mark.parametrize("turn, reason, pattern", [
     ({"role": "tool", "tool_call_id": "1", "content": "42"}, BadRecord.TOOL_USE,
      r"messages\[1\]\.role 'tool': tool calls"),
