@@ -177,7 +177,7 @@ def bench_size(n: int, workdir: Path, workers: tuple[int, ...], stages: tuple[st
     previous = {"clean": "raw", "split": "clean", "tokenize": "split"}
     results = []
     for stage in stages:
-        source = raw if stage == "clean" else _output(folder, previous[stage], 1, must_exist=True)
+        source = raw if stage == "clean" else _input(folder, previous[stage])
         for w in workers:
             output = _output(folder, stage, w)
             if output.is_dir():  # a cache left by an earlier run would be loaded, not built
@@ -198,35 +198,41 @@ def bench_size(n: int, workdir: Path, workers: tuple[int, ...], stages: tuple[st
     return results
 
 
-def _output(folder: Path, stage: str, workers: int, must_exist: bool = False) -> Path:
-    path = folder / (f"{stage}-w{workers}.jsonl" if stage != "tokenize" else f"cache-w{workers}")
-    if must_exist and not path.exists():
-        raise SystemExit(f"{path} is missing: run the stage before it first (same --workdir)")
+def _output(folder: Path, stage: str, workers: int) -> Path:
+    return folder / (f"{stage}-w{workers}.jsonl" if stage != "tokenize" else f"cache-w{workers}")
+
+
+def _input(folder: Path, stage: str) -> Path:
+    """The output of `stage` (the same bytes for any worker count) that a later stage reads."""
+    path = next((p for p in (_output(folder, stage, w) for w in (1, 2)) if p.exists()), None)
+    if path is None:
+        raise SystemExit(f"{_output(folder, stage, 1)} is missing: run the stage before it first (same --workdir)")
     return path
 
 
 def summary(results: list[dict]) -> str:
-    sizes = sorted({r["n"] for r in results})
-    big, small = sizes[-1], sizes[0]
-    lines = [f"| stage | workers | conv/s at {big:,} | CPU ms / conv | speedup with free cores | time at {big:,} | "
-             f"extrapolated to 1M | peak RSS main / worker at {big:,} (MiB) | at {small:,} (MiB) | RSS ratio |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """One row per stage and worker count, at the largest size measured for it; the RSS ratio is against the
+    smallest size measured for it (sizes may differ between stages when the large ones are run in parts)."""
+    lines = ["| stage | workers | conversations | conv/s | CPU ms / conv | speedup with free cores | time | "
+             "extrapolated to 1M | peak RSS main / worker (MiB) | smaller run: conversations, RSS main / worker "
+             "(MiB) | RSS ratio |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for stage in STAGES:
         for w in sorted({r["workers"] for r in results}):
-            b = next((r for r in results if (r["n"], r["stage"], r["workers"]) == (big, stage, w)), None)
-            s = next((r for r in results if (r["n"], r["stage"], r["workers"]) == (small, stage, w)), None)
-            if b is None:
+            runs = sorted((r for r in results if (r["stage"], r["workers"]) == (stage, w)), key=lambda r: r["n"])
+            if not runs:
                 continue
+            s, b = runs[0], runs[-1]
             rate = b["conversations"] / b["seconds"]
-            one = next((r for r in results if (r["n"], r["stage"], r["workers"]) == (big, stage, 1)), None)
+            one = next((r for r in results if (r["n"], r["stage"], r["workers"]) == (b["n"], stage, 1)), None)
             # With w free cores the wall time shrinks w-fold, less the parallel overhead (more CPU per conversation).
             speedup = f"{w * one['cpu_seconds'] / b['cpu_seconds']:.2f}x" if one else "-"
-            line = (f"| {stage} | {w} | {rate:,.0f} | {b['cpu_seconds'] / b['conversations'] * 1e3:.1f} | {speedup} | "
-                    f"{b['seconds'] / 60:.1f} min | {b['seconds'] * 1_000_000 / b['n'] / 3600:.2f} h | "
+            line = (f"| {stage} | {w} | {b['n']:,} | {rate:,.0f} | {b['cpu_seconds'] / b['conversations'] * 1e3:.1f} | "
+                    f"{speedup} | {b['seconds'] / 60:.1f} min | {b['seconds'] * 1_000_000 / b['n'] / 3600:.2f} h | "
                     f"{b['rss_main_mib']:.0f} / {b['rss_worker_mib']:.0f} | ")
-            if s is not None and small != big:
+            if s is not b:
                 ratio = max(b["rss_main_mib"], b["rss_worker_mib"]) / max(s["rss_main_mib"], s["rss_worker_mib"])
-                line += f"{s['rss_main_mib']:.0f} / {s['rss_worker_mib']:.0f} | {ratio:.2f} |"
+                line += f"{s['n']:,}: {s['rss_main_mib']:.0f} / {s['rss_worker_mib']:.0f} | {ratio:.2f} |"
             else:
                 line += "- | - |"
             lines.append(line)
