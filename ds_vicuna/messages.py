@@ -81,7 +81,7 @@ def join_content_parts(parts: list, where: str = "content") -> str:
         kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
         if kind not in TEXT_PARTS:
             raise ContentPartError(f"{where}[{j}]: content part of type {kind!r}: only text parts "
-                                   "({'type': 'text', 'text': '...'}) are supported", non_text=True)
+                                   "({'type': 'text', 'text': '...'}) and refusals are supported", non_text=True)
         text = part.get(TEXT_PARTS[kind])
         if not isinstance(text, str):
             raise ContentPartError(f"{where}[{j}]: a {kind} part without a string {TEXT_PARTS[kind]!r} (got "
