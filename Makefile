@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_loss_memory.py
 	$(PY) benchmarks/bench_serve.py
+	$(PY) benchmarks/bench_data.py --sizes 20000 2000
 
 # The GPU tier (benchmarks/gpu_check.py). gpu-check uses the GPU machine's own python (its CUDA torch), never $(VENV).
 GPU_WHEELS ?= .gpu_wheels

@@ -24,6 +24,11 @@ Strategies (`Strategy`):
 
 Every plan is deterministic for (lengths, strategy, max_length, micro_batch_size, seed, epoch), differs
 between epochs, and holds every index exactly once.
+
+Weighted mixes (`data.train_path` listing several files with weights): `weighted_epoch` picks the samples of
+one epoch before planning, again a pure function of (sources, weights, seed, epoch), so resuming replays the
+same epochs exactly. Weight w: every sample of the source `floor(w)` times, plus a seeded random `w % 1` share
+of them once more (a different share each epoch).
 """
 from __future__ import annotations
 
@@ -101,6 +106,37 @@ def _rng(seed: int, epoch: int) -> np.random.Generator:
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def weighted_epoch(sources: Sequence[Sequence[int]], weights: Sequence[float], seed: int, epoch: int) -> list[int]:
+    """The sample indices one epoch trains on: each source repeated or subsampled by its weight.
+
+    Args:
+        sources: per source, its sample indices.
+        weights: per source, > 0: every index `floor(w)` times, plus `round((w % 1) * len(source))` of them,
+            drawn without replacement by a generator seeded with (seed, epoch, source).
+        seed: run seed.
+        epoch: epoch number.
+
+    Returns:
+        Indices, source after source (the plan shuffles them); with every weight 1, the sources concatenated.
+
+    Raises:
+        ValueError: a weight that is not > 0, or a weight per source missing.
+    """
+    if len(sources) != len(weights):
+        raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
+    out: list[int] = []
+    for s, (indices, weight) in enumerate(zip(sources, weights)):
+        if not weight > 0:
+            raise ValueError(f"source {s}: weight must be > 0, got {weight}")
+        whole, fraction = divmod(float(weight), 1.0)
+        out += list(indices) * int(whole)
+        extra = round(fraction * len(indices))
+        if extra:
+            chosen = np.random.default_rng([seed, epoch, s, 1]).choice(len(indices), size=extra, replace=False)
+            out += [indices[i] for i in np.sort(chosen).tolist()]
+    return out
 
 
 def make_micro_batches(lengths: Sequence[int], strategy: str, max_length: int, micro_batch_size: int,

@@ -51,10 +51,46 @@ class ModelConfig:
             _check_choice("model.rope_scaling", self.rope_scaling, ROPE_SCALING)
 
 
+class DataSource(typing.NamedTuple):
+    """One training file of a mix and its sampling weight (see `ds_vicuna.batching.weighted_epoch`)."""
+
+    path: str
+    weight: float = 1.0
+
+
+def parse_sources(value: str | list, name: str = "data.train_path") -> list[DataSource]:
+    """A path, or a list of paths and {path, weight} entries, as a list of DataSource ([] for "").
+
+    Raises:
+        ConfigError: an entry that is not a path or {path, weight}, or a weight that is not > 0, naming it.
+    """
+    if isinstance(value, str):
+        return [DataSource(value)] if value else []
+    if not value:
+        raise ConfigError(f"{name}: an empty list; give a path or a list of {{path, weight}}")
+    sources = []
+    for i, entry in enumerate(value):
+        where = f"{name}[{i}]"
+        if isinstance(entry, str) and entry:
+            entry = {"path": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise ConfigError(f"{where}: expected a path or {{path: ..., weight: ...}}, got {entry!r}")
+        unknown = set(entry) - {"path", "weight"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: path, weight")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"{where}.weight: expected a number > 0, got {weight!r}")
+        sources.append(DataSource(entry["path"], float(weight)))
+    return sources
+
+
 @dataclass
 class DataConfig:
-    train_path: str = ""
-    """Training conversations (JSON/JSONL, ShareGPT or messages format), e.g. the output of `ds-vicuna data split`."""
+    train_path: str | list = ""
+    """Training conversations (JSON/JSONL, ShareGPT or messages format), e.g. the output of `ds-vicuna data split`.
+    Or a weighted mix: a list of paths and `{path: ..., weight: ...}` entries (weight 1 by default). Weight w
+    trains on each sample of that file w times an epoch (0.5: a different half each epoch, seeded)."""
     eval_path: str | None = None
     """Held-out conversations; evaluated at every `train.eval_every` steps and at the end."""
     max_length: int = 2048
@@ -74,6 +110,17 @@ class DataConfig:
         _check_positive("data.max_length", self.max_length)
         if self.max_samples is not None:
             _check_positive("data.max_samples", self.max_samples)
+        self.train_sources()  # a malformed mix fails here, naming the entry
+
+    def train_sources(self) -> list[DataSource]:
+        """`train_path` as a list of (path, weight); a single path is a mix of one, weight 1 (see `parse_sources`)."""
+        return parse_sources(self.train_path)
+
+    def named_paths(self) -> list[tuple[str, str]]:
+        """(config field, path) of every data file, for the checks before training starts."""
+        named = [(f"data.train_path[{i}]" if isinstance(self.train_path, list) else "data.train_path", s.path)
+                 for i, s in enumerate(self.train_sources())]
+        return named + ([("data.eval_path", self.eval_path)] if self.eval_path else [])
 
 
 @dataclass
@@ -177,6 +224,9 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        for option in inner[1:]:  # str | list: a value of any listed type is fine
+            if isinstance(value, option) and not (option is int and isinstance(value, bool)):
+                return value
         return _coerce(where, value, inner[0])
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -1,50 +1,65 @@
-"""Tokenize once, in parallel, and cache on disk: conversations file -> `TokenizedDataset`.
+"""Tokenize once, in parallel, streaming, into a sharded memory-mapped cache: conversations file -> dataset.
 
-    from ds_vicuna.dataset import build_tokenized_dataset
+    from ds_vicuna.dataset import build_tokenized_dataset, build_mixture
     ds = build_tokenized_dataset("data/train.jsonl", tokenizer, "vicuna_v1.1", max_length=2048,
                                  cache_dir="runs/cache")
     ds[0]          # {"input_ids": int32 array, "labels": int32 array}
     ds.lengths     # tokens per sample (what batching plans with)
+    mix = build_mixture([("sharegpt.jsonl", 1.0), ("identity.jsonl", 3.0)], tokenizer, "vicuna_v1.1", 2048)
 
-The cache folder `<cache_dir>/tokenized-<key>` holds `input_ids.npy`, `labels.npy` (all samples back to back,
-int32), `offsets.npy` (sample i is `[offsets[i], offsets[i+1])`, int64), `conversation_ids.json` and
-`meta.json`. The key is a sha256 over the data file's bytes, the tokenizer (its backend JSON and special
-tokens), the template (name and Jinja), max_length, the mask strategy and `ENCODING_VERSION`, so a change to any of
-them builds a new cache. A cache is written to a temporary folder and renamed into place, so a folder that
+The cache folder `<cache_dir>/tokenized-<key>` holds
+- `input_ids-00000.bin`, `labels-00000.bin`, ...: shards of raw little-endian int32 tokens, samples back to back
+  (a sample never spans two shards; a shard holds at most `SHARD_TOKENS` tokens),
+- `offsets.npy`: int64, sample i is tokens `[offsets[i], offsets[i+1])` of the shards laid end to end,
+- `conversation_ids.jsonl`: the source conversation id of each sample, one JSON string a line,
+- `meta.json`: the key, template, max_length, mask, counts and the shard list.
+Building streams: conversations are read, encoded in worker processes (in input order) and appended to the
+open shard, so building holds a few chunks of ids at a time, never the whole data set; training memory-maps
+the shards. The key is a sha256 over the data file's bytes, the tokenizer (its backend JSON and special
+tokens), the template (name and Jinja), max_length, the mask strategy and `ENCODING_VERSION`, so a change to any
+of them builds a new cache. A cache is written to a temporary folder and renamed into place, so a folder that
 exists is complete. In a multi-rank run (torch.distributed initialised) rank 0 builds while the others wait at a
-barrier, then every rank loads the same files (memory-mapped); `cache_dir` must be shared by the ranks.
+barrier, then every rank loads the same files; `cache_dir` must be shared by the ranks.
+
+A mixture (`build_mixture`, `data.train_path` listing several files) is one dataset per file and a sampling
+weight per file; `MixedDataset.epoch_indices` says which samples an epoch trains on (`batching.weighted_epoch`).
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
-import pickle
 import shutil
 import tempfile
+from array import array
+from collections import Counter
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from ds_vicuna.encoding import IGNORE_INDEX, MaskStrategy, get_encoder, special_token_strings
+from ds_vicuna.parallel import ordered_map
 from ds_vicuna.templates import get_template
 
-ENCODING_VERSION = 1  # bump when encoding.py changes what it produces: every cache is rebuilt
-_ARRAYS = ("input_ids", "labels", "offsets")
+# 2: labels honour a message's weight 0 and a truncated reply's stop token; 3: sharded cache layout
+ENCODING_VERSION = 3  # bump when encoding.py changes what it produces: every cache is rebuilt
+SHARD_TOKENS = 1 << 26  # tokens per shard file at most (256 MiB of int32)
+TOKEN_DTYPE = np.dtype("<i4")
 _CHUNK = 64  # conversations per task sent to a worker
-_MIN_PER_WORKER = 64  # below this many conversations per worker, encoding in-process is faster
+_MIN_BYTES_PER_WORKER = 1 << 20  # smaller files are encoded in-process (a pool costs more than it saves)
 log = logging.getLogger(__name__)
 
 
 class TokenizedDataset:
-    """Encoded samples stored as flat int32 arrays plus offsets, memory-mapped.
+    """Encoded samples in memory-mapped int32 shards plus offsets.
 
     Attributes:
         folder: the cache folder it was loaded from.
         from_cache: True when this build found the folder already there (nothing was encoded).
-        meta: the contents of meta.json (key, template, max_length, counts ...).
+        meta: the contents of meta.json (key, template, max_length, counts, shards ...).
         lengths: tokens per sample, int64 array.
     """
 
@@ -52,10 +67,15 @@ class TokenizedDataset:
         self.folder = Path(folder)
         self.from_cache = from_cache
         self.meta = json.loads((self.folder / "meta.json").read_text())
-        self._ids = np.load(self.folder / "input_ids.npy", mmap_mode="r")
-        self._labels = np.load(self.folder / "labels.npy", mmap_mode="r")
         self._offsets = np.load(self.folder / "offsets.npy")
         self.lengths = np.diff(self._offsets)
+        self._ids, self._labels, self._first_sample = [], [], []
+        first = 0
+        for shard in self.meta["shards"]:
+            self._ids.append(_memmap(self.folder / shard["input_ids"]))
+            self._labels.append(_memmap(self.folder / shard["labels"]))
+            self._first_sample.append(first)
+            first += shard["samples"]
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -63,12 +83,74 @@ class TokenizedDataset:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"sample {index} out of range for {len(self)} samples")
-        start, end = self._offsets[index], self._offsets[index + 1]
-        return {"input_ids": np.array(self._ids[start:end]), "labels": np.array(self._labels[start:end])}
+        index %= len(self)
+        shard = bisect.bisect_right(self._first_sample, index) - 1
+        base = self._offsets[self._first_sample[shard]]
+        start, end = self._offsets[index] - base, self._offsets[index + 1] - base
+        return {"input_ids": np.array(self._ids[shard][start:end]), "labels": np.array(self._labels[shard][start:end])}
 
     def conversation_ids(self) -> list[str]:
         """The source conversation id of each sample."""
-        return json.loads((self.folder / "conversation_ids.json").read_text())
+        with open(self.folder / "conversation_ids.jsonl", encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+
+def _memmap(path: Path) -> np.ndarray:
+    if path.stat().st_size == 0:  # numpy cannot map an empty file
+        return np.zeros(0, dtype=TOKEN_DTYPE)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+
+
+class MixedDataset:
+    """Several datasets as one index space (source after source), each with a sampling weight.
+
+    Args:
+        parts: one dataset per source file.
+        weights: per source: each epoch trains on every sample `floor(w)` times plus a seeded share `w % 1` of
+            them once more (w = 3: identity data three times an epoch; w = 0.5: a different half each epoch).
+        names: per source, for messages and statistics (the file paths).
+    """
+
+    def __init__(self, parts: Sequence, weights: Sequence[float], names: Sequence[str]):
+        if not len(parts) == len(weights) == len(names) or not parts:
+            raise ValueError("a mixture needs one weight and one name per part, and at least one part")
+        if any(not w > 0 for w in weights):
+            raise ValueError(f"mixture weights must be > 0, got {list(weights)}")
+        self.parts, self.weights, self.names = list(parts), [float(w) for w in weights], [str(n) for n in names]
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+        self.lengths = np.concatenate([np.asarray(p.lengths, dtype=np.int64) for p in self.parts])
+        self.from_cache = all(getattr(p, "from_cache", True) for p in self.parts)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range for {len(self)} samples")
+        part = self.source_of(index)
+        return self.parts[part][index - int(self.starts[part])]
+
+    def source_of(self, index: int) -> int:
+        """Which source (0-based) sample `index` comes from."""
+        return int(np.searchsorted(self.starts, index, side="right")) - 1
+
+    def epoch_indices(self, indices: Sequence[int], seed: int, epoch: int) -> list[int]:
+        """The samples (of `indices`) one epoch trains on, repeated or subsampled by weight; a pure function.
+
+        With one source of weight 1 these are `indices` themselves, in order.
+        """
+        from ds_vicuna.batching import weighted_epoch
+
+        indices = np.asarray(indices, dtype=np.int64)
+        source = np.searchsorted(self.starts, indices, side="right") - 1
+        groups = [indices[source == s].tolist() for s in range(len(self.parts))]
+        return weighted_epoch(groups, self.weights, seed, epoch)
+
+    def token_shares(self) -> list[float]:
+        """Each source's share of the tokens one epoch trains on (weights applied)."""
+        weighted = [w * float(np.sum(p.lengths)) for p, w in zip(self.parts, self.weights)]
+        total = sum(weighted) or 1.0
+        return [x / total for x in weighted]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -93,45 +175,40 @@ def cache_key(data_path: str | os.PathLike, tokenizer, template: str, max_length
 
 
 # ---- encoding (one process or a pool) -----------------------------------------------------------------
-# Per worker process, set once by the pool initializer (so the tokenizer crosses the process boundary once per
-# worker, not once per task): {"encoder": ConversationEncoder, "mask": str}. Never used in the parent.
-_worker_encoder = {}
+class _EncodeWorker:
+    """What a worker process runs: one conversation -> (its id, input_ids, labels), int32 arrays."""
 
+    def __init__(self, tokenizer, template: str, mask: str):
+        self.encoder, self.mask = get_encoder(tokenizer, template), mask
 
-def _init_worker(tokenizer_bytes: bytes, template: str, mask: str) -> None:
-    _worker_encoder["encoder"] = get_encoder(pickle.loads(tokenizer_bytes), template)
-    _worker_encoder["mask"] = mask
-
-
-def _encode_chunk(chunk: list) -> list[tuple[np.ndarray, np.ndarray]]:
-    return _encode_all(_worker_encoder["encoder"], chunk, _worker_encoder["mask"])
-
-
-def _encode_all(encoder, conversations: list, mask: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    out = []
-    for conv in conversations:
+    def __call__(self, conv) -> tuple[str, np.ndarray, np.ndarray]:
         try:
-            enc = encoder.encode(conv.messages, max_length=None, mask=mask)
+            enc = self.encoder.encode(conv.messages, max_length=None, mask=self.mask)
         except ValueError as e:  # MessageError / EncodingError: name the conversation
-            raise ValueError(f"conversation {conv.id!r}: {e}") from e
-        out.append((np.asarray(enc["input_ids"], dtype=np.int32), np.asarray(enc["labels"], dtype=np.int32)))
-    return out
+            raise ValueError(f"conversation {conv.id!r}: {e}") from None
+        return conv.id, np.asarray(enc["input_ids"], dtype=TOKEN_DTYPE), np.asarray(enc["labels"], dtype=TOKEN_DTYPE)
+
+
+def iter_encoded(conversations: Iterable, tokenizer, template: str, mask: str = "assistant",
+                 num_workers: int = 1) -> Iterable[tuple[str, np.ndarray, np.ndarray]]:
+    """(conversation id, input_ids, labels) per conversation, in input order, lazily, in `num_workers` processes.
+
+    Workers are forked, so the tokenizer (with tokens added in memory, e.g. by `add_template_tokens`) is the
+    parent's own; where fork does not exist it travels pickled.
+
+    Raises:
+        ValueError: a conversation that cannot be encoded, naming it.
+    """
+    return ordered_map(_EncodeWorker, (tokenizer, template, mask), conversations, num_workers, chunk_size=_CHUNK,
+                       context="fork")
 
 
 def encode_conversations(conversations: list, tokenizer, template: str, mask: str = "assistant",
                          num_workers: int | None = None, progress: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Encode conversations in order, in a process pool when that pays off.
-
-    The tokenizer travels to the workers pickled (not by `name_or_path`), so tokens added in memory (e.g. by
-    `add_template_tokens`) are kept.
+    """Encode a list of conversations in order (a pool when that pays off); see `iter_encoded`.
 
     Args:
-        conversations: `formats.Conversation` records.
-        tokenizer: a fast Hugging Face tokenizer.
-        template: template name.
-        mask: mask strategy.
-        num_workers: processes; None = one per core (at most 8); 1 = in this process.
-        progress: show a tqdm bar.
+        num_workers: processes; None = one per core (at most 8) for 64+ conversations a worker; 1 = in-process.
 
     Returns:
         (input_ids, labels) int32 arrays per conversation, in input order.
@@ -139,87 +216,133 @@ def encode_conversations(conversations: list, tokenizer, template: str, mask: st
     from tqdm.auto import tqdm
 
     workers = num_workers or min(os.cpu_count() or 1, 8)
-    if num_workers is None and len(conversations) < _MIN_PER_WORKER * workers:
+    if num_workers is None and len(conversations) < 64 * workers:
         workers = 1
-    bar = tqdm(total=len(conversations), desc="tokenize", unit="conv", disable=not progress)
-    if workers <= 1:
-        encoder, out = get_encoder(tokenizer, template), []
-        for chunk in _chunks(conversations, _CHUNK):
-            out += _encode_all(encoder, chunk, mask)
-            bar.update(len(chunk))
-        bar.close()
-        return out
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    out = []
-    with multiprocessing.get_context(method).Pool(workers, _init_worker,
-                                                  (pickle.dumps(tokenizer), template, mask)) as pool:
-        for encoded in pool.imap(_encode_chunk, _chunks(conversations, _CHUNK)):
-            out += encoded
-            bar.update(len(encoded))
-    bar.close()
-    return out
-
-
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    encoded = iter_encoded(conversations, tokenizer, template, mask, workers)
+    return [(ids, labels) for _, ids, labels in tqdm(encoded, total=len(conversations), desc="tokenize",
+                                                     unit="conv", disable=not progress)]
 
 
 # ---- building and caching -----------------------------------------------------------------------------
-def _check_encoded(encoded: list, conversations: list, max_length: int, data_path) -> None:
-    lengths = np.array([len(ids) for ids, _ in encoded], dtype=np.int64)
-    too_long = np.flatnonzero(lengths > max_length)
-    if too_long.size:
-        examples = ", ".join(repr(conversations[i].id) for i in too_long[:5])
+class _ShardWriter:
+    """Appends samples to int32 shard files, a new shard every `SHARD_TOKENS` tokens; lengths kept compactly."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.shards: list[dict] = []
+        self.lengths = array("q")
+        self._files = None
+        self._ids_file = open(folder / "conversation_ids.jsonl", "w", encoding="utf-8")
+
+    def _open(self) -> None:
+        """Close the current shard and start the next one."""
+        self._close_shard()
+        name = f"{len(self.shards):05d}"
+        shard = {"input_ids": f"input_ids-{name}.bin", "labels": f"labels-{name}.bin", "samples": 0, "tokens": 0}
+        self.shards.append(shard)
+        self._files = (open(self.folder / shard["input_ids"], "wb"), open(self.folder / shard["labels"], "wb"))
+
+    def _close_shard(self) -> None:
+        if self._files:
+            for f in self._files:
+                f.close()
+        self._files = None
+
+    def add(self, ids: np.ndarray, labels: np.ndarray, conversation_id: str) -> None:
+        if self._files is None or self.shards[-1]["tokens"] and self.shards[-1]["tokens"] + len(ids) > SHARD_TOKENS:
+            self._open()
+        self._files[0].write(ids.astype(TOKEN_DTYPE, copy=False).tobytes())
+        self._files[1].write(labels.astype(TOKEN_DTYPE, copy=False).tobytes())
+        self.shards[-1]["samples"] += 1
+        self.shards[-1]["tokens"] += len(ids)
+        self.lengths.append(len(ids))
+        self._ids_file.write(json.dumps(conversation_id, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        if not self.shards:
+            self._open()  # an empty dataset still has one (empty) shard
+        self._close_shard()
+        self._ids_file.close()
+        offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(np.frombuffer(self.lengths, dtype=np.int64), out=offsets[1:])
+        np.save(self.folder / "offsets.npy", offsets)
+
+
+def _write_encoded(folder: Path, data_path, encoded: Iterable, max_length: int) -> dict:
+    """Stream `(conversation id, input_ids, labels)` into shards; returns the counts for meta.json.
+
+    Raises:
+        ValueError: samples longer than max_length (after the whole pass, saying how many) or no trainable token.
+    """
+    writer = _ShardWriter(folder)
+    counts = Counter()
+    too_long, longest = [], 0
+    try:
+        for conversation_id, ids, labels in encoded:
+            counts["conversations"] += 1
+            if len(ids) > max_length:
+                counts["too_long"] += 1
+                too_long += [conversation_id][:5 - len(too_long)]
+                longest = max(longest, len(ids))
+                continue
+            trainable = int(np.count_nonzero(labels != IGNORE_INDEX))
+            if not trainable:
+                counts["no_label_tokens"] += 1
+                continue
+            writer.add(ids, labels, conversation_id)
+            counts["tokens"] += len(ids)
+            counts["label_tokens"] += trainable
+    finally:
+        writer.close()
+    if counts["too_long"]:
+        examples = ", ".join(repr(i) for i in too_long)
         raise ValueError(
-            f"{data_path}: {too_long.size} of {len(encoded)} conversations encode to more than max_length="
-            f"{max_length} tokens (longest {int(lengths.max())}; e.g. {examples}). Nothing is truncated silently: "
+            f"{data_path}: {counts['too_long']} of {counts['conversations']} conversations encode to more than "
+            f"max_length={max_length} tokens (longest {longest}; e.g. {examples}). Nothing is truncated silently: "
             f"split them first with `ds-vicuna data split {data_path} OUT --model M --template T "
             f"--max-length {max_length}`")
-    if not any((labels != IGNORE_INDEX).any() for _, labels in encoded):
+    if not len(writer.lengths):
         raise ValueError(f"{data_path}: no sample has a trainable token (every label is {IGNORE_INDEX}); "
                          "check the mask strategy and that conversations contain assistant replies")
-
-
-def _write(folder: Path, encoded: list, conv_ids: list[str], meta: dict) -> None:
-    lengths = np.array([len(ids) for ids, _ in encoded], dtype=np.int64)
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    empty = np.zeros(0, dtype=np.int32)
-    np.save(folder / "input_ids.npy", np.concatenate([ids for ids, _ in encoded]) if encoded else empty)
-    np.save(folder / "labels.npy", np.concatenate([labels for _, labels in encoded]) if encoded else empty)
-    np.save(folder / "offsets.npy", offsets)
-    (folder / "conversation_ids.json").write_text(json.dumps(conv_ids))
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    if counts["no_label_tokens"]:
+        log.warning("%s: %d of %d conversations have no trainable token and are left out",
+                    data_path, counts["no_label_tokens"], counts["conversations"])
+    return {"num_samples": len(writer.lengths), "num_tokens": counts["tokens"],
+            "num_label_tokens": counts["label_tokens"], "shards": writer.shards,
+            "skipped": {"no_label_tokens": counts["no_label_tokens"]}}
 
 
 def _build(folder: Path, data_path, tokenizer, template: str, max_length: int, mask: str, skip_bad: bool,
            num_workers: int | None, progress: bool) -> None:
-    from collections import Counter
+    from tqdm.auto import tqdm
 
-    from ds_vicuna.formats import load_conversations
+    from ds_vicuna.formats import ConversationReader
 
-    skips = Counter()
-    conversations = load_conversations(data_path, skip_bad=skip_bad, skips=skips)
-    encoded = encode_conversations(conversations, tokenizer, template, mask, num_workers, progress)
-    _check_encoded(encoded, conversations, max_length, data_path)
-    keep = [i for i, (_, labels) in enumerate(encoded) if (labels != IGNORE_INDEX).any()]
-    if len(keep) < len(encoded):
-        log.warning("%s: %d of %d conversations have no trainable token and are left out",
-                    data_path, len(encoded) - len(keep), len(encoded))
-    meta = {"encoding_version": ENCODING_VERSION, "data_path": str(data_path), "template": template,
-            "max_length": max_length, "mask": mask, "num_samples": len(keep),
-            "num_tokens": int(sum(len(encoded[i][0]) for i in keep)),
-            "num_label_tokens": int(sum((encoded[i][1] != IGNORE_INDEX).sum() for i in keep)),
-            "skipped": {"no_label_tokens": len(encoded) - len(keep), **{k.value: n for k, n in skips.items()}}}
+    reader = ConversationReader(data_path, skip_bad=skip_bad)
+    workers = num_workers or min(os.cpu_count() or 1, 8)
+    if num_workers is None and reader.size < _MIN_BYTES_PER_WORKER * workers:
+        workers = 1
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    bar = tqdm(total=reader.size, desc="tokenize", unit="B", unit_scale=True, disable=not progress)
+
+    def encoded():
+        for item in iter_encoded(reader, tokenizer, template, mask, workers):
+            bar.update(reader.bytes_read - bar.n)
+            yield item
+
     try:
-        _write(tmp, [encoded[i] for i in keep], [conversations[i].id for i in keep], meta)
+        meta = {"encoding_version": ENCODING_VERSION, "data_path": str(data_path), "template": template,
+                "max_length": max_length, "mask": mask}
+        meta.update(_write_encoded(tmp, data_path, encoded(), max_length))
+        meta["skipped"].update({k.value: n for k, n in reader.skips.items()})
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         os.rename(tmp, folder)  # atomic: a folder that exists is complete
     except OSError:
         if not folder.is_dir():  # another process renaming the same key first is fine
             raise
     finally:
+        bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -245,7 +368,7 @@ def build_tokenized_dataset(data_path: str | os.PathLike, tokenizer, template: s
         max_length: every sample must fit; longer ones are an error (run `ds-vicuna data split` first).
         mask: "assistant", "last_turn" or "all".
         cache_dir: where cache folders live (shared by all ranks).
-        num_workers: encoding processes (None: one per core when the file is big enough).
+        num_workers: encoding processes (None: one per core, at most 8, when the file is big enough).
         skip_bad: skip and count unreadable records instead of raising.
         progress: show a tqdm bar while encoding (only the building rank encodes).
 
@@ -278,3 +401,16 @@ def build_tokenized_dataset(data_path: str | os.PathLike, tokenizer, template: s
         raise RuntimeError(f"rank {rank}: {folder} was not built; rank 0 failed (see its error) or cache_dir "
                            f"{cache_dir} is not shared between the ranks")
     return TokenizedDataset(folder, from_cache=not built)
+
+
+def build_mixture(sources: Sequence[tuple[str, float]], tokenizer, template: str, max_length: int,
+                  mask: str = "assistant", cache_dir: str | os.PathLike = ".cache/tokenized",
+                  num_workers: int | None = None, skip_bad: bool = False, progress: bool = True) -> MixedDataset:
+    """`build_tokenized_dataset` for each `(path, weight)` source, as one `MixedDataset`.
+
+    Raises:
+        ValueError: as `build_tokenized_dataset`, naming the source file; a weight that is not > 0.
+    """
+    parts = [build_tokenized_dataset(path, tokenizer, template, max_length, mask, cache_dir, num_workers, skip_bad,
+                                     progress) for path, _ in sources]
+    return MixedDataset(parts, [w for _, w in sources], [str(path) for path, _ in sources])

@@ -11,7 +11,8 @@ How it stays exact by construction, with no offsets or per-tokenizer cases writt
    and treats specials as text. Without special-token text in the messages the ids equal
    `tokenizer.apply_chat_template(...)`, which the tests check.
 4. Labels come from character offsets: a token is trained on when it covers characters of a trained
-   assistant reply or its stop token. A token that would mix those with system/user characters raises
+   assistant reply or its stop token. A reply marked `weight=0` stays in the context without labels; the stop
+   token after a reply marked `truncated` (cut by `ds-vicuna data split`) is never labeled. A token that would mix those with system/user characters raises
    EncodingError; no sample is ever masked whole or dropped silently.
 """
 from __future__ import annotations
@@ -280,16 +281,21 @@ class ConversationEncoder:
         layout = self.layout(msgs)
         ids, offsets, controls = self._tokens(layout)
         trained = _trained_messages(msgs, MaskStrategy(mask))
+        untrained = {i for i, m in enumerate(msgs) if m.role is Role.ASSISTANT and not m.trained}
         owner = _owner_per_char(layout)
         labels = []
         for tid, (start, end), control in zip(ids, offsets, controls):
-            if mask == MaskStrategy.ALL:
-                labels.append(tid)
+            if control is not None and control.stop_of is not None and msgs[control.stop_of].truncated:
+                labels.append(IGNORE_INDEX)  # the reply was cut to fit: it does not end here
+                continue
+            owners = set(owner[start:end]) if end > start else {owner[min(start, len(owner) - 1)]}
+            if mask == MaskStrategy.ALL:  # every token, except replies marked weight 0
+                labels.append(IGNORE_INDEX if control is None and owners & untrained
+                              or control is not None and control.stop_of in untrained else tid)
                 continue
             if control is not None:
                 labels.append(tid if control.stop_of in trained else IGNORE_INDEX)
                 continue
-            owners = set(owner[start:end]) if end > start else {owner[min(start, len(owner) - 1)]}
             if owners & trained:
                 protected = {o for o in owners if o != TEMPLATE_OWNER and o not in trained
                              and msgs[o].role is not Role.ASSISTANT}
@@ -302,6 +308,11 @@ class ConversationEncoder:
                 labels.append(IGNORE_INDEX)
         assert len(labels) == len(ids) == len(offsets)
         return ExplainedEncoding(layout.text, ids, labels, offsets)
+
+    def count_tokens(self, messages: Sequence[MessageLike]) -> int:
+        """`len(encode(messages)["input_ids"])`, without building labels (what splitting measures with)."""
+        ids, _, _ = self._tokens(self.layout(validate_messages(messages)))
+        return len(ids)
 
     def encode_prompt(self, messages: Sequence[MessageLike]) -> list[int]:
         """Token ids the model sees at inference: the conversation so far plus the assistant header."""
@@ -319,10 +330,11 @@ class ConversationEncoder:
 
 
 def _trained_messages(messages: list[Message], mask: MaskStrategy) -> set[int]:
+    """Assistant replies that carry labels: weight 0 replies never do; last_turn keeps only the final reply."""
     replies = [i for i, m in enumerate(messages) if m.role is Role.ASSISTANT]
     if mask == MaskStrategy.LAST_TURN:
-        return set(replies[-1:])
-    return set(replies)
+        replies = replies[-1:]
+    return {i for i in replies if messages[i].trained}
 
 
 def _owner_per_char(layout: Layout) -> list[int]:

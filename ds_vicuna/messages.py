@@ -22,8 +22,32 @@ class MessageError(ValueError):
 
 @dataclass(frozen=True)
 class Message:
+    """One turn.
+
+    Attributes:
+        role: who speaks.
+        content: the text.
+        weight: 1 = an assistant reply is trained on; 0 = it stays in the context but carries no label (OpenAI's
+            fine-tuning `weight`). Always 1 for system and user turns.
+        truncated: an assistant reply cut short to fit the training length (`ds-vicuna data split`): its text is
+            trained on, but the stop token after it is not, so the model never learns to stop mid-word.
+    """
+
     role: Role
     content: str
+    weight: int = 1
+    truncated: bool = False
+
+    def __post_init__(self):
+        if self.weight not in (0, 1) or isinstance(self.weight, bool):
+            raise MessageError(f"weight must be 0 or 1, got {self.weight!r}")
+        if self.role is not Role.ASSISTANT and (self.weight != 1 or self.truncated):
+            raise MessageError(f"weight and truncated apply to assistant messages only, not {self.role.value!r}")
+
+    @property
+    def trained(self) -> bool:
+        """An assistant reply that carries labels (weight 1)."""
+        return self.role is Role.ASSISTANT and self.weight == 1
 
     def as_dict(self) -> dict:
         return {"role": self.role.value, "content": self.content}
@@ -33,17 +57,48 @@ MessageLike = Union[Message, Mapping[str, object]]
 
 # OpenAI's newer name for system instructions (sent by o1-era clients and LangChain).
 ROLE_ALIASES = {"developer": Role.SYSTEM.value}
+# OpenAI content part type -> the field that holds its text (an assistant's refusal is text it said).
+TEXT_PARTS = {"text": "text", "refusal": "refusal"}
+
+
+class ContentPartError(MessageError):
+    """A content part that is not text (`non_text`: image, audio, file, ...) or whose text is not a string."""
+
+    def __init__(self, message: str, non_text: bool):
+        super().__init__(message)
+        self.non_text = non_text
+
+
+def join_content_parts(parts: list, where: str = "content") -> str:
+    """OpenAI content parts -> one text: the text (and refusal) parts joined with a newline, as FastChat and vLLM
+    join them. The one rule for the API (`serve.schemas`) and the data files (`ds_vicuna.formats`).
+
+    Raises:
+        ContentPartError: naming `where[index]` and the part's type.
+    """
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+        if kind not in TEXT_PARTS:
+            raise ContentPartError(f"{where}[{j}]: content part of type {kind!r}: only text parts "
+                                   "({'type': 'text', 'text': '...'}) and refusals are supported", non_text=True)
+        text = part.get(TEXT_PARTS[kind])
+        if not isinstance(text, str):
+            raise ContentPartError(f"{where}[{j}]: a {kind} part without a string {TEXT_PARTS[kind]!r} (got "
+                                   f"{type(text).__name__})", non_text=False)
+        texts.append(text)
+    return "\n".join(texts)
 
 
 def flatten_openai_message(raw: object, where: str = "message") -> object:
-    """An OpenAI chat message in the plain `{"role", "content"}` form: text parts joined, `developer` -> `system`.
+    """An OpenAI chat message in the plain `{"role", "content"}` form: text parts joined (`join_content_parts`),
+    `developer` -> `system`.
 
-    OpenAI clients (LangChain among them) may send `content` as a list of parts `[{"type": "text", "text": ...}]`;
-    the texts are joined with a newline, as FastChat and vLLM join them. Anything that is not such a message is
-    returned unchanged, for `to_message` to judge.
+    OpenAI clients (LangChain among them) may send `content` as a list of parts `[{"type": "text", "text": ...}]`.
+    Anything that is not such a message is returned unchanged, for `to_message` to judge.
 
     Raises:
-        MessageError: a part that is not text (images, audio, ...), naming `where` and the part's index.
+        ContentPartError: a part that is not text (images, audio, ...), naming `where` and the part's index.
     """
     if not isinstance(raw, Mapping):
         return raw
@@ -52,15 +107,7 @@ def flatten_openai_message(raw: object, where: str = "message") -> object:
     if not isinstance(content, list) and alias is None:
         return raw
     if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-            if kind != "text" or not isinstance(part.get("text"), str):
-                got = "a text part without a string 'text'" if kind == "text" else f"{kind!r}"
-                raise MessageError(f"{where}.content[{j}]: only text parts ({{'type': 'text', 'text': '...'}}) are "
-                                   f"supported, got {got}")
-            texts.append(part["text"])
-        content = "\n".join(texts)
+        content = join_content_parts(content, f"{where}.content")
     return {**raw, "role": alias or role, "content": content}
 
 
@@ -81,7 +128,15 @@ def to_message(raw: MessageLike, where: str = "message") -> Message:
         raise MessageError(f"{where}.role: unknown role {role!r} (expected system, user or assistant)") from None
     if not isinstance(content, str):
         raise MessageError(f"{where}.content: expected a string, got {type(content).__name__}")
-    return Message(role, content)
+    weight, truncated = raw.get("weight", 1), raw.get("truncated", False)
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise MessageError(f"{where}.weight: expected 0 or 1, got {weight!r}")
+    if not isinstance(truncated, bool):
+        raise MessageError(f"{where}.truncated: expected true or false, got {truncated!r}")
+    try:
+        return Message(role, content, weight=int(weight), truncated=truncated)
+    except MessageError as e:
+        raise MessageError(f"{where}: {e}") from None
 
 
 def validate_messages(messages: Iterable[MessageLike], *, require_final_user: bool = False) -> list[Message]:

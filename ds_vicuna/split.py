@@ -7,8 +7,12 @@ there is one, is repeated at the start of every piece, because the model sees ea
 measured exactly: the piece is encoded by `ds_vicuna.encoding` with the training template (control tokens and
 all). Pieces are filled greedily with user+assistant exchanges while they fit. An exchange that does not fit
 even alone has its assistant reply cut at a token boundary (the cut text re-encodes within the limit and never
-ends in half a character); that is counted, as is an exchange whose user turn alone is too long (dropped).
-Piece ids are `<id>_<k>`, k counting from 0.
+ends in half a character) and marked `truncated`: training learns its text but never the stop token after it,
+so the model does not learn to stop mid-word; such a reply ends its piece. That is counted, as is an exchange
+whose user turn alone is too long (dropped). Piece ids are `<id>_<k>`, k counting from 0.
+
+`split_file` streams: conversations are read, split in worker processes (one per core by default) and written
+in input order, so memory does not grow with the file and the output is the same for any number of workers.
 """
 from __future__ import annotations
 
@@ -17,15 +21,16 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ds_vicuna.formats import Conversation, load_conversations, write_conversations
+from ds_vicuna.formats import Conversation, ConversationReader, write_conversations
 from ds_vicuna.messages import Message, MessageError, Role, validate_messages
+from ds_vicuna.parallel import ordered_map
 
 
 class SplitEvent(str, enum.Enum):
     """What splitting did besides cutting at turn boundaries; counted in the summary."""
 
     SPLIT = "split"  # a conversation that became more than one piece
-    TRUNCATED_REPLY = "truncated_reply"  # an assistant reply cut to fit
+    TRUNCATED_REPLY = "truncated_reply"  # an assistant reply cut to fit (its stop token is never trained on)
     DROPPED_EXCHANGE = "dropped_exchange"  # a user turn (with the system message) already over the limit
     DROPPED_UNANSWERED = "dropped_unanswered"  # a final user turn without a reply
 
@@ -79,13 +84,14 @@ class Splitter:
 
     def length(self, messages: list[Message]) -> int:
         """Tokens of the conversation under the template, exactly as training encodes it."""
-        return len(self.encoder.encode(messages)["input_ids"])
+        return self.encoder.count_tokens(messages)
 
     def fits(self, messages: list[Message]) -> bool:
         return self.length(messages) <= self.max_length
 
     def truncate_reply(self, head: list[Message], reply: Message) -> Message | None:
-        """The longest token prefix of `reply` with which `head + [reply]` fits; None if no text fits.
+        """The longest token prefix of `reply` with which `head + [reply]` fits, marked truncated; None if no
+        text fits.
 
         The prefix is decoded, so a cut inside a multi-byte character drops the partial character.
         """
@@ -93,7 +99,7 @@ class Splitter:
 
         def prefix(k: int) -> Message:
             text = self.tokenizer.decode(ids[:k], skip_special_tokens=False).rstrip("\ufffd")
-            return Message(Role.ASSISTANT, text)
+            return Message(Role.ASSISTANT, text, weight=reply.weight, truncated=True)
 
         low, high = 0, len(ids)  # invariant: prefix(low) fits (or low == 0), prefix(high + 1) does not
         while low < high:
@@ -144,6 +150,9 @@ class Splitter:
                     continue
                 pieces.append((current, current_length))
             current, current_length = self._fit_exchange(system, exchange, events)
+            if current and current[-1].truncated:  # a cut reply ends its piece: nothing follows it
+                pieces.append((current, current_length))
+                current, current_length = [], 0
         if current:
             pieces.append((current, current_length))
         if len(pieces) > 1:
@@ -176,23 +185,46 @@ def load_tokenizer(model: str, template: str):
     return tokenizer
 
 
+class _SplitWorker:
+    """What a worker process runs: one conversation -> its measured pieces and the events of splitting it."""
+
+    def __init__(self, tokenizer, template: str, max_length: int):
+        self.splitter = Splitter(tokenizer, template, max_length)
+
+    def __call__(self, conv: Conversation) -> tuple[list[tuple[Conversation, int]], Counter]:
+        events: Counter = Counter()
+        return self.splitter.split_measured(conv, events), events
+
+
 def split_file(source: str | os.PathLike, output: str | os.PathLike, tokenizer, template: str, max_length: int,
-               progress: bool = True) -> SplitReport:
+               progress: bool = True, workers: int | None = None) -> SplitReport:
     """Split every conversation of a file (ShareGPT/OpenAI JSON(L)) and write the pieces as ShareGPT JSONL.
+
+    Args:
+        workers: processes (default: every core); the output is the same for any number.
 
     Raises:
         FormatError: an unreadable record. SplitError: a conversation with bad role order.
     """
     from tqdm import tqdm
 
-    splitter = Splitter(tokenizer, template, max_length)
+    Splitter(tokenizer, template, max_length)  # bad arguments fail here, before any worker starts
     report = SplitReport(str(source), str(output), max_length)
-    convs = load_conversations(source)
-    pieces: list[Conversation] = []
-    for conv in tqdm(convs, desc="split", unit="conv", disable=not progress):
-        for piece, length in splitter.split_measured(conv, report.events):
-            pieces.append(piece)
-            report.longest_piece = max(report.longest_piece, length)
-    report.conversations = len(convs)
-    report.pieces = write_conversations(output, pieces)
+    reader = ConversationReader(source)
+    bar = tqdm(total=reader.size, desc="split", unit="B", unit_scale=True, disable=not progress)
+
+    def pieces():
+        for measured, events in ordered_map(_SplitWorker, (tokenizer, template, max_length), reader,
+                                            workers or os.cpu_count() or 1, chunk_size=32, context="fork"):
+            report.conversations += 1
+            report.events.update(events)
+            bar.update(reader.bytes_read - bar.n)
+            for piece, length in measured:
+                report.longest_piece = max(report.longest_piece, length)
+                yield piece
+
+    try:
+        report.pieces = write_conversations(output, pieces())
+    finally:
+        bar.close()
     return report

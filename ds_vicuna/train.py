@@ -94,9 +94,7 @@ def preflight(cfg: Config) -> dict:
 
     if not cfg.data.train_path:
         raise ConfigError("data.train_path is required (e.g. --data.train_path data/train.json)")
-    for name, path in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
-        if path is None:
-            continue
+    for name, path in cfg.data.named_paths():
         if not Path(path).is_file():
             raise ConfigError(f"{name}: {path} not found")
         if not os.access(path, os.R_OK):
@@ -169,18 +167,21 @@ def setup(cfg: Config, ds_base: dict, launch: LaunchEnv) -> Run:
                progress=TrainingProgress(seed=cfg.train.seed, config=cfg.to_dict()))
 
 
-def load_data(cfg: Config, path: str, tokenizer, name: str):
+def load_data(cfg: Config, path: str | list, tokenizer, name: str):
     """Tokenize (rank 0 builds the cache, the others wait and read it) and choose the samples to train on.
+
+    `path` may be a weighted mix (see `DataConfig.train_path`); the result is a `MixedDataset` either way.
 
     Raises:
         ConfigError: an unreadable file, samples longer than max_length, or nothing to train on.
     """
-    from ds_vicuna.dataset import build_tokenized_dataset
+    from ds_vicuna.config import parse_sources
+    from ds_vicuna.dataset import build_mixture
 
     cache_dir = cfg.data.cache_dir or str(Path(cfg.train.output_dir) / "cache")
     try:
-        data = build_tokenized_dataset(path, tokenizer, cfg.model.template, cfg.data.max_length, cfg.data.mask,
-                                       cache_dir)
+        data = build_mixture(parse_sources(path, name), tokenizer, cfg.model.template, cfg.data.max_length,
+                             cfg.data.mask, cache_dir)
     except (ValueError, OSError) as err:  # FormatError and EncodingError are ValueErrors
         raise ConfigError(f"{name}: {err}") from None
     indices = list(range(len(data)))
@@ -198,6 +199,7 @@ def plan_epoch(cfg: Config, data, indices: list[int], epoch: int) -> list[list]:
     """
     from ds_vicuna.batching import make_micro_batches
 
+    indices = data.epoch_indices(indices, cfg.train.seed, epoch)  # a weighted mix repeats/subsamples sources
     lengths = [int(data.lengths[i]) for i in indices]
     batches = make_micro_batches(lengths, cfg.data.batching, cfg.data.max_length, cfg.train.micro_batch_size,
                                  cfg.train.seed, epoch)

@@ -145,3 +145,23 @@ def test_fetch_micro_batch_shapes():
     data = [ex([i], [i]) for i in range(5)]
     assert fetch_micro_batch(data, [[0, 2], [4]], "pack") == [[data[0], data[2]], [data[4]]]
     assert fetch_micro_batch(data, [3, 1], "group") == [data[3], data[1]]
+
+
+# ---- weighted mixes --------------------------------------------------------------------------------------
+def test_weighted_epoch_repeats_and_subsamples_by_weight():
+    from ds_vicuna.batching import weighted_epoch
+
+    sources = [list(range(0, 100)), list(range(100, 110)), list(range(110, 150))]
+    assert weighted_epoch(sources[:1], [1.0], seed=0, epoch=0) == sources[0]  # one file: exactly as before
+    epochs = [weighted_epoch(sources, [1.0, 3.0, 0.5], seed=5, epoch=e) for e in range(3)]
+    for chosen in epochs:
+        counts = np.bincount(chosen, minlength=150)
+        assert (counts[:100] == 1).all() and (counts[100:110] == 3).all()  # identity data 3x an epoch
+        assert sorted(set(chosen) & set(sources[2])) == [i for i in chosen if i >= 110]  # each at most once
+        assert sum(counts[110:]) == 20  # half of the domain file
+    assert weighted_epoch(sources, [1.0, 3.0, 0.5], seed=5, epoch=0) == epochs[0]  # pure: resume replays it
+    assert epochs[0] != epochs[1]  # a different half each epoch
+    assert weighted_epoch(sources, [1.0, 3.0, 0.5], seed=6, epoch=0) != epochs[0]
+    assert len(weighted_epoch(sources, [2.25, 1, 1], seed=0, epoch=0)) == 225 + 10 + 40
+    with pytest.raises(ValueError, match="source 1: weight must be > 0"):
+        weighted_epoch(sources, [1, 0, 1], 0, 0)

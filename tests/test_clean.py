@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ds_vicuna.clean import (Cleaner, CleanOptions, Fix, SkipReason, clean_conversation, clean_file, clean_text,
-                             content_hash, fix_roles, looks_like_html, read_blocked_words, split_code_blocks)
+                             content_hash, fix_roles, is_html_export, read_blocked_words, split_code_blocks)
 from ds_vicuna.formats import BadRecord, Conversation, load_conversations
 from ds_vicuna.messages import Message, Role
 
@@ -72,8 +72,11 @@ def test_clean_text_artifacts_and_whitespace(raw, cleaned):
 def test_split_code_blocks_and_html_detection():
     text = "a\n```py\nx\n```\nb\n~~~\ny"
     assert split_code_blocks(text) == [(False, "a"), (True, "```py\nx\n```"), (False, "b"), (True, "~~~\ny")]
-    assert looks_like_html("<p>hi</p>") and looks_like_html("a<br>b")
-    assert not looks_like_html("```html\n<p>hi</p>\n```") and not looks_like_html("if a < b and c > d")
+    assert is_html_export("<p>hi</p>") and is_html_export(SHAREGPT_CODE)
+    for markdown in ("a<br>b", "```html\n<p>hi</p>\n```", "if a < b and c > d", "Use the `<br>` tag",
+                     "<p>one</p> and then <p>two</p>", "<div> opens a block, </p> closes a paragraph",
+                     "<p>unclosed <b>bold</p>"):
+        assert not is_html_export(markdown), markdown
 
 
 def test_fix_roles_merges_and_drops_with_counts():
@@ -147,3 +150,157 @@ def test_blocked_words_file(tmp_path):
     assert read_blocked_words(path) == ("OpenAI", "as an AI language model")
     with pytest.raises(ValueError, match="min_chars"):
         CleanOptions(min_chars=-1)
+
+
+# ---- Markdown is never rewritten; only ShareGPT HTML exports are converted ---------------------------------
+
+OPENAI_ANSWER = """Here is a minimal page:
+
+```html
+<!DOCTYPE html>
+<div class="box">
+  <p>Hello</p>   
+</div>
+```
+
+Steps:
+
+1. Save it as `index.html`.
+   - open it in a browser
+   - check the `<div>` renders
+
+
+2. Edit the `<p>...</p>` text.
+
+Use the `<br>` tag for a line break, or end a line with two spaces,  
+like this one."""
+
+
+@pytest.mark.parametrize("text", [
+    "Use the `<br>` tag to break a line.",
+    "Wrap it in `<p>...</p>` and you are done.",
+    "How do I center a <div> inside </div>?",
+    OPENAI_ANSWER,
+])
+def test_markdown_that_mentions_html_is_kept_as_it_is(text):
+    fixes = Counter()
+    assert clean_text(text, Role.ASSISTANT, fixes) == text
+    assert not fixes
+
+
+def test_user_turns_keep_pasted_html():
+    pasted = '<div class="box"><p>Hello</p></div>'
+    cleaned = clean_conversation(conv((U, pasted), (A, "That div holds one paragraph.")), Cleaner(CleanOptions()))
+    assert cleaned.messages[0].content == pasted
+
+
+def test_html_export_tables_escape_pipes_and_br_is_a_hard_break():
+    fixes = Counter()
+    html = ('<div class="markdown prose"><p>First line<br>second line</p><table><thead><tr><th>op</th>'
+            '<th>meaning</th></tr></thead><tbody><tr><td><code>a|b</code></td><td>or<br>union</td></tr></tbody>'
+            '</table></div>')
+    assert clean_text(html, Role.ASSISTANT, fixes) == ("First line  \nsecond line\n\n| op | meaning |\n| --- | --- |\n"
+                                                       "| `a\\|b` | or<br>union |")
+    assert fixes == {Fix.HTML_CONVERTED: 1}
+    assert clean_text(html, Role.USER) == html  # what a user typed is never converted
+
+
+@pytest.mark.parametrize("raw, cleaned, fix", [
+    ("Run:\n```bashCopy code\nls -la\n```", "Run:\n```bash\nls -la\n```", Fix.COPY_CODE),
+    ("```\npythonCopy codeimport os\nprint(os.sep)\n```", "```python\nimport os\nprint(os.sep)\n```", Fix.COPY_CODE),
+    ("```pythonCopy codeimport os\n```", "```python\nimport os\n```", Fix.COPY_CODE),
+    ("Before\n```\nCopy code\n```\nAfter", "Before\nAfter", Fix.COPY_CODE),  # the export's empty block
+    ("Done.Copy5 chars / 1 words", "Done.", Fix.COPY_CHARS),
+    ("1 / 1Who are you?", "Who are you?", Fix.PAGE_COUNTER),
+    ("Answer.\nRegenerate response", "Answer.", Fix.PAGE_BUTTON_LINE),
+])
+def test_fastchat_export_artifacts_are_removed_and_counted(raw, cleaned, fix):
+    fixes = Counter()
+    assert clean_text(raw, Role.ASSISTANT, fixes) == cleaned
+    assert fixes == {fix: 1}
+
+
+def test_a_canned_error_reply_ends_the_conversation():
+    fixes = Counter()
+    turns = [(U, "Explain DNS."), (A, "DNS maps names to addresses."), (U, "And DHCP?"),
+             (A, "Too many requests in 1 hour. Try again later."), (U, "And DHCP?"), (A, "DHCP leases addresses.")]
+    cleaned = clean_conversation(conv(*turns), Cleaner(CleanOptions()), fixes)
+    assert [m.content for m in cleaned.messages] == ["Explain DNS.", "DNS maps names to addresses."]
+    assert fixes == {Fix.CUT_AT_CANNED_REPLY: 1}
+    assert clean_conversation(conv(*turns[2:4]), Cleaner(CleanOptions())) is SkipReason.CANNED_REPLY
+    assert clean_conversation(conv((U, "x"), (A, "!Too many requests in 1 hour. Try again later.")),
+                              Cleaner(CleanOptions())) is SkipReason.CANNED_REPLY
+
+
+def test_short_english_is_not_judged_by_language():
+    fixes = Counter()
+    cleaner = Cleaner(CleanOptions(lang="en"))
+    kept = clean_conversation(conv((U, "Hi"), (A, "Hello!")), cleaner, fixes)  # langdetect alone says Finnish
+    assert isinstance(kept, Conversation) and fixes == {Fix.LANGUAGE_NOT_JUDGED: 1}
+    long_french = conv((U, "Bonjour, pouvez-vous m'expliquer comment fonctionne la photosynthèse ?"),
+                       (A, "Bien sûr : les plantes transforment la lumière du soleil en énergie chimique."))
+    assert clean_conversation(long_french, cleaner) is SkipReason.WRONG_LANGUAGE
+
+
+def test_merged_replies_keep_weight_zero_and_truncation():
+    merged = fix_roles([Message(U, "q"), Message(A, "a", weight=0), Message(A, "b", truncated=True)])
+    assert merged == [Message(U, "q"), Message(A, "a\n\nb", weight=0, truncated=True)]
+
+
+# ---- property: Markdown in -> the same Markdown out -------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PLAIN_WORDS = st.sampled_from(["the", "tag", "Use", "a", "line", "break", "value", "é", "日本", "3", "x_y", "*a*",
+                               "**b**", "[link](https://e.org)", "(see)", "-", "1.", "&amp;", "a|b"])
+HTML_MENTIONS = st.sampled_from(["<br>", "<br/>", "<div>", "</div>", "<p>", "</p>", '<span class="x">', "</td>",
+                                 "`<br>`", "`<p>...</p>`", "`<div class=\"box\">`", "`</table>`", "<3", "a < b > c"])
+WORD = st.one_of(PLAIN_WORDS, PLAIN_WORDS, HTML_MENTIONS)
+
+
+@st.composite
+def markdown_line(draw):
+    return " ".join([draw(PLAIN_WORDS)] + draw(st.lists(WORD, max_size=8)))  # starts with a plain word
+
+
+@st.composite
+def markdown_block(draw):
+    kind = draw(st.sampled_from(["paragraph", "heading", "list", "code", "table", "quote"]))
+    if kind == "paragraph":
+        lines = draw(st.lists(markdown_line(), min_size=1, max_size=4))
+        breaks = draw(st.lists(st.booleans(), min_size=len(lines), max_size=len(lines)))
+        return "\n".join(line + ("  " if hard and i < len(lines) - 1 else "")
+                         for i, (line, hard) in enumerate(zip(lines, breaks)))
+    if kind == "heading":
+        return "#" * draw(st.integers(1, 4)) + " " + draw(markdown_line())
+    if kind == "list":
+        items = []
+        for depth in draw(st.lists(st.integers(0, 2), min_size=1, max_size=5)):
+            depth = min(depth, items[-1][0] + 1 if items else 0)  # nest at most one level deeper
+            items.append((depth, draw(st.sampled_from(["- ", "1. ", "* "])) + draw(markdown_line())))
+        return "\n".join("  " * depth + text for depth, text in items)
+    if kind == "code":
+        language = draw(st.sampled_from(["", "html", "python", "bash"]))
+        body = draw(st.lists(st.sampled_from(["<div>", "  <p>x</p>   ", "", "\tindent", "x = 1  ", "<br>",
+                                              "Copy code later", "</div>"]), max_size=5))
+        return "\n".join([f"```{language}"] + body + ["```"])
+    if kind == "table":
+        rows = draw(st.lists(st.tuples(markdown_line(), markdown_line()), min_size=1, max_size=3))
+        cells = [(a.replace("|", "\\|"), b.replace("|", "\\|")) for a, b in rows]
+        return "\n".join(["| a | b |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in cells])
+    return "> " + draw(markdown_line())
+
+
+@st.composite
+def markdown_documents(draw):
+    blocks = draw(st.lists(markdown_block(), min_size=1, max_size=6))
+    separators = draw(st.lists(st.sampled_from(["\n\n", "\n\n\n"]), min_size=len(blocks), max_size=len(blocks)))
+    return "".join(block + sep for block, sep in zip(blocks, separators)).rstrip("\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=markdown_documents(), role=st.sampled_from([Role.USER, Role.ASSISTANT, Role.SYSTEM]))
+def test_markdown_in_is_the_same_markdown_out(text, role):
+    fixes = Counter()
+    assert clean_text(text, role, fixes) == text
+    assert not fixes

@@ -127,3 +127,33 @@ def test_deepspeed_config_must_not_set_batch(tmp_path):
     path.write_text("{nope")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_deepspeed_config(path)
+
+
+def test_train_path_may_be_a_weighted_mix(tmp_path):
+    from ds_vicuna.config import DataSource
+
+    path = tmp_path / "mix.yaml"
+    path.write_text("data:\n  train_path:\n    - sharegpt.jsonl\n    - {path: identity.jsonl, weight: 3}\n"
+                    "    - {path: domain.jsonl, weight: 0.5}\n")
+    cfg = load_config(path)
+    assert cfg.data.train_sources() == [DataSource("sharegpt.jsonl", 1.0), DataSource("identity.jsonl", 3.0),
+                                        DataSource("domain.jsonl", 0.5)]
+    assert cfg.data.named_paths()[1] == ("data.train_path[1]", "identity.jsonl")
+    single = load_config(None, ["--train_path", "a.jsonl", "--eval_path", "b.jsonl"])  # a plain path still works
+    assert single.data.train_sources() == [DataSource("a.jsonl")]
+    assert single.data.named_paths() == [("data.train_path", "a.jsonl"), ("data.eval_path", "b.jsonl")]
+    override = load_config(None, ["--train_path", "[a.jsonl, {path: b.jsonl, weight: 2}]"])
+    assert [s.weight for s in override.data.train_sources()] == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("value,match", [
+    ("[]", r"data.train_path: an empty list"),
+    ("[a.jsonl, {path: b.jsonl, weight: 0}]", r"data.train_path\[1\].weight: expected a number > 0, got 0"),
+    ("[{path: b.jsonl, wieght: 2}]", r"data.train_path\[0\]: unknown key\(s\) wieght"),
+    ("[{weight: 2}]", r"data.train_path\[0\]: expected a path or"),
+    ("[a.jsonl, 7]", r"data.train_path\[1\]: expected a path or"),
+    ("7", r"data.train_path: expected str, got int"),
+])
+def test_bad_mixes_are_named(value, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["--train_path", value])

@@ -48,7 +48,9 @@ def test_clean_counts_every_bad_record_by_reason(cleaned):
     assert report["skipped"] == {"missing_field": 1, "unknown_role": 1, "non_string": 1, "empty_turn": 1,
                                  "no_reply": 1, "bad_role_order": 1, "duplicate": 1, "wrong_language": 3,
                                  "blocked_word": 2}
-    assert report["fixes"] == {"merged_turn": 1, "dropped_leading_assistant": 1, "dropped_trailing_user": 1}
+    # Every HTML turn of the sample (its generator writes 166) converted, every "1 / 1" counter (73) removed.
+    assert report["fixes"] == {"html_converted": 166, "page_counter": 73, "merged_turn": 1,
+                               "dropped_leading_assistant": 1, "dropped_trailing_user": 1, "language_not_judged": 2}
     assert report["kept"] + sum(report["skipped"].values()) == report["total"] == len(json.loads(SAMPLE.read_text()))
     table = runs[1].stdout
     for reason, count in report["skipped"].items():
@@ -93,3 +95,39 @@ def test_split_and_stats_on_the_cleaned_sample(cleaned, tmp_path):
     stats = json.loads(cli("stats", tmp_path / "split.jsonl", "--json").stdout)  # token stats: test_stats.py
     assert stats["conversations"] == report["pieces"]
     assert stats["turns"]["user"] == stats["turns"]["assistant"] > stats["conversations"]
+
+
+def test_stats_of_a_weighted_mix_shows_each_sources_token_share(cleaned, tmp_path):
+    out, _ = cleaned
+    convs = load_conversations(out / "w1.jsonl")
+    identity = tmp_path / "identity.jsonl"
+    identity.write_text("".join(json.dumps({"id": f"i{k}", "conversations": [
+        {"from": "human", "value": "Who are you?"}, {"from": "gpt", "value": "I am Vicuna."}]}) + "\n"
+        for k in range(5)))
+    mix = json.loads(cli("stats", out / "w1.jsonl", identity, "--weights", "1", "3", "--model", "embedded",
+                         "--json").stdout)
+    main, ident = mix["sources"]
+    assert main["conversations"] == len(convs) and ident["conversations"] == 5 and ident["weight"] == 3
+    expected = 3 * ident["tokens"]["total"] / (3 * ident["tokens"]["total"] + main["tokens"]["total"])
+    assert ident["share"] == pytest.approx(expected, abs=1e-4) and main["share"] + ident["share"] == pytest.approx(1)
+    config = tmp_path / "mix.yaml"
+    config.write_text(f"model:\n  name_or_path: embedded\ndata:\n  train_path:\n    - {out / 'w1.jsonl'}\n"
+                      f"    - {{path: {identity}, weight: 3}}\n")
+    table = cli("stats", "--config", config).stdout
+    assert f"{expected:.1%}  weight 3  {identity}" in table
+    bad = cli("stats", out / "w1.jsonl", identity, "--weights", "1", check=False)
+    assert bad.returncode == 2 and "1 weights for 2 inputs" in bad.stderr
+
+
+def test_overlap_command_names_the_leaked_conversation(tmp_path):
+    question = json.loads((ASSETS.parent.parent / "eval/questions/vicuna_80.jsonl").read_text().splitlines()[19])
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"id": "leak", "conversations": [{"from": "human", "value": question["text"]},
+                                                               {"from": "gpt", "value": "Plates."}]}) + "\n")
+    result = cli("overlap", data, "--questions", "vicuna_80", "--questions", "mt_bench", "--report",
+                 tmp_path / "o.json", "--no-progress")
+    assert "overlap: 1 of 1 training conversations" in result.stdout
+    assert f"leak  ({data})  vicuna_80:{question['question_id']}:text" in result.stdout
+    assert json.loads((tmp_path / "o.json").read_text())["hits"][0]["id"] == "leak"
+    result = cli("clean", data, tmp_path / "c.jsonl", "--drop-overlap", "vicuna_80", "--no-progress")
+    assert any(line.split() == ["skipped:", "eval_overlap", "1"] for line in result.stdout.splitlines())

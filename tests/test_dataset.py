@@ -51,7 +51,31 @@ def test_build_matches_encoder_and_hits_cache(tmp_path, data, tokenizer):
     assert np.array_equal(second.lengths, first.lengths)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.folder.name]  # no temp folder left
     assert sorted(p.name for p in first.folder.iterdir()) == [
-        "conversation_ids.json", "input_ids.npy", "labels.npy", "meta.json", "offsets.npy"]
+        "conversation_ids.jsonl", "input_ids-00000.bin", "labels-00000.bin", "meta.json", "offsets.npy"]
+
+
+def test_shards_read_back_every_sample_and_do_not_depend_on_workers(tmp_path, tokenizer, monkeypatch):
+    import ds_vicuna.dataset as dataset
+
+    monkeypatch.setattr(dataset, "SHARD_TOKENS", 200)  # a few samples a shard
+    data = write(tmp_path / "many.jsonl", [record(i, words=i % 9) for i in range(150)])
+    serial = build_tokenized_dataset(data, tokenizer, "vicuna_v1.1", 256, cache_dir=tmp_path / "a", num_workers=1,
+                                     progress=False)
+    parallel = build_tokenized_dataset(data, tokenizer, "vicuna_v1.1", 256, cache_dir=tmp_path / "b", num_workers=2,
+                                       progress=False)
+    shards = serial.meta["shards"]
+    assert len(shards) > 10 and all(s["tokens"] <= 200 for s in shards)
+    assert sum(s["samples"] for s in shards) == len(serial) == 150
+    for name in ["offsets.npy", "conversation_ids.jsonl"] + [s[k] for s in shards for k in ("input_ids", "labels")]:
+        assert (serial.folder / name).read_bytes() == (parallel.folder / name).read_bytes(), name
+    for i in (0, 1, 57, 149, -1):
+        conv = record(i % 150, words=(i % 150) % 9)
+        messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+                    for t in conv["conversations"]]
+        expected = encode_conversation(messages, tokenizer, "vicuna_v1.1")
+        assert serial[i]["input_ids"].tolist() == expected["input_ids"]
+        assert serial[i]["labels"].tolist() == expected["labels"]
+    assert serial.meta["num_tokens"] == int(serial.lengths.sum())
 
 
 def test_cache_key_changes_with_every_input(tmp_path, data, tokenizer):
@@ -131,3 +155,29 @@ def test_multi_rank_rank0_builds_once(tmp_path, data):
     assert ranks[0]["folder"] == ranks[1]["folder"] and ranks[0]["lengths"] == ranks[1]["lengths"]
     assert len(list((tmp_path / "cache").iterdir())) == 1
     assert len(TokenizedDataset(ranks[0]["folder"])) == 20
+
+
+def test_mixture_plans_by_weight_and_stays_pure(tmp_path, tokenizer):
+    from ds_vicuna.config import load_config
+    from ds_vicuna.dataset import MixedDataset, build_mixture
+    from ds_vicuna.train import plan_epoch
+
+    main = write(tmp_path / "main.jsonl", [record(i) for i in range(30)])
+    identity = write(tmp_path / "identity.jsonl", [{**record(i), "id": f"id{i}"} for i in range(4)])
+    mix = build_mixture([(main, 1.0), (identity, 2.5)], tokenizer, "chatml", 256, cache_dir=tmp_path / "cache",
+                        num_workers=1, progress=False)
+    assert isinstance(mix, MixedDataset) and len(mix) == 34 and mix.source_of(30) == 1
+    assert mix[31]["input_ids"].tolist() == mix.parts[1][1]["input_ids"].tolist()
+    shares = mix.token_shares()
+    identity_tokens = 2.5 * mix.parts[1].lengths.sum()
+    assert shares[1] == pytest.approx(identity_tokens / (identity_tokens + mix.parts[0].lengths.sum()))
+    cfg = load_config(None, ["--train_path", f"[{main}, {{path: {identity}, weight: 2.5}}]", "--batching", "group",
+                             "--micro_batch_size", "2", "--global_batch_size", "2"])
+    plans = [plan_epoch(cfg, mix, list(range(len(mix))), epoch) for epoch in range(2)]
+    for plan in plans:
+        counts = np.bincount([i for micro in plan for i in micro], minlength=34)
+        assert (counts[:30] == 1).all() and sorted(counts[30:]) == [2, 2, 3, 3]  # 2.5 x 4 = 10 identity samples
+    assert plan_epoch(cfg, mix, list(range(len(mix))), 0) == plans[0]  # a pure function: resume replays it
+    assert plans[0] != plans[1]
+    with pytest.raises(ValueError, match="weights must be > 0"):
+        MixedDataset(mix.parts, [1.0, 0.0], ["a", "b"])

@@ -46,6 +46,20 @@ def test_mask_strategies(smol_tokenizer):
     assert everything["labels"] == everything["input_ids"]
 
 
+def test_weight_zero_and_truncated_replies(smol_tokenizer):
+    chat = [dict(CHAT[0]), {**CHAT[1], "weight": 0}, dict(CHAT[2]), {**CHAT[3], "truncated": True}]
+    encoded = encode_conversation(chat, smol_tokenizer, "vicuna_v1.1")
+    assert labeled_tokens(smol_tokenizer, encoded) == ["ĠYou", "Ġare", "Ġwelcome", "."]  # no <|im_end|> after it
+    everything = encode_conversation(chat, smol_tokenizer, "vicuna_v1.1", mask="all")
+    unlabeled = [smol_tokenizer.convert_ids_to_tokens(t) for t, label in zip(everything["input_ids"],
+                                                                          everything["labels"]) if label == IGNORE_INDEX]
+    assert unlabeled == ["ĠI", "Ġam", "ĠVic", "una", ".", "<|im_end|>", "<|im_end|>"]
+    with pytest.raises(MessageError, match=r"messages\[1\]\.weight: expected 0 or 1, got 0.5"):
+        encode_conversation([CHAT[0], {**CHAT[1], "weight": 0.5}], smol_tokenizer)
+    with pytest.raises(MessageError, match=r"messages\[0\]: weight and truncated apply to assistant messages only"):
+        encode_conversation([{**CHAT[0], "weight": 0}, CHAT[1]], smol_tokenizer)
+
+
 def test_max_length_truncates_both(smol_tokenizer):
     full = encode_conversation(CHAT, smol_tokenizer)
     cut = encode_conversation(CHAT, smol_tokenizer, max_length=10)
@@ -145,7 +159,13 @@ def conversations(draw):
         messages.append({"role": "system", "content": draw(contents)})
     for _ in range(draw(st.integers(1, 3))):
         messages.append({"role": "user", "content": draw(contents)})
-        messages.append({"role": "assistant", "content": draw(contents)})
+        reply = {"role": "assistant", "content": draw(contents)}
+        flag = draw(st.sampled_from([None, None, "weight", "truncated"]))
+        if flag == "weight":
+            reply["weight"] = 0  # OpenAI's fine-tuning field: in the context, never labeled
+        elif flag == "truncated":
+            reply["truncated"] = True  # cut by `data split`: its stop token must never be labeled
+        messages.append(reply)
     return messages
 
 
@@ -156,13 +176,16 @@ def check_properties(tokenizer, template, messages):
     encoder = get_encoder(tokenizer, template)
     explained = encoder.explain(messages)
     ids, labels = explained.input_ids, explained.labels
-    assert len(ids) == len(labels) == len(explained.offsets)
+    assert len(ids) == len(labels) == len(explained.offsets) == encoder.count_tokens(messages)
     assert all(label in (IGNORE_INDEX, tid) for tid, label in zip(ids, labels))
     replies = [m for m in messages if m["role"] == "assistant"]
     stop = encoder.stop_strings()[0]
-    # (a) every reply is recovered exactly from its run of labeled tokens: lead + content + stop, nothing else
+    # (a) every trained reply is recovered exactly from its run of labeled tokens: lead + content + stop, nothing
+    # else; a weight-0 reply has no labeled token, a truncated one no labeled stop
     runs = [explained.text[s:e] for s, e in explained.trained_spans()]
-    assert runs == [REPLY_LEAD[get_template(template).name] + m["content"] + stop for m in replies]
+    expected = [REPLY_LEAD[get_template(template).name] + m["content"] + ("" if m.get("truncated") else stop)
+                for m in replies if m.get("weight", 1) == 1]
+    assert runs == [run for run in expected if run]
     # (b) no system/user text is ever labeled: each labeled token lies inside one reply's run
     # (implied by (a) being exact), and the reply runs decode back to themselves (byte-level BPE is lossless)
     lossless = not any(unicodedata.category(c) == "Cc" and c not in "\n\t" for m in replies for c in m["content"])
@@ -177,7 +200,8 @@ def check_properties(tokenizer, template, messages):
         assert [tokenizer.decode(r) for r in run_ids] == runs
     # (c) the prompt part equals what serving feeds the model, for every reply
     reply_starts = [i for i, label in enumerate(labels) if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX)]
-    reply_indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    reply_indices = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) == 1
+                     and REPLY_LEAD[get_template(template).name] + m["content"] + ("" if m.get("truncated") else stop)]
     assert len(reply_starts) == len(reply_indices)
     for start, index in zip(reply_starts, reply_indices):
         assert ids[:start] == encoder.encode_prompt(messages[:index])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ds_vicuna.messages import MessageError, Role, flatten_openai_message, validate_messages
+from ds_vicuna.messages import ContentPartError, MessageError, Role, flatten_openai_message, validate_messages
 
 
 def test_text_parts_are_joined_and_developer_is_system():
@@ -20,12 +20,19 @@ def test_plain_messages_and_non_messages_pass_through_unchanged():
     assert flatten_openai_message({"role": ["odd"], "content": "x"}) == {"role": ["odd"], "content": "x"}
 
 
-@pytest.mark.parametrize("part,words", [
-    ({"type": "image_url", "image_url": {"url": "http://x/cat.png"}}, "'image_url'"),
-    ({"type": "text", "text": 3}, "without a string 'text'"),
-    ("just a string", "'str'"),
+def test_an_assistant_refusal_part_is_text_it_said():
+    raw = {"role": "assistant", "content": [{"type": "text", "text": "No."}, {"type": "refusal", "refusal": "Sorry."}]}
+    assert flatten_openai_message(raw)["content"] == "No.\nSorry."
+
+
+@pytest.mark.parametrize("part,words,non_text", [
+    ({"type": "image_url", "image_url": {"url": "http://x/cat.png"}}, "'image_url'", True),
+    ({"type": "text", "text": 3}, "without a string 'text'", False),
+    ({"type": "refusal", "text": "x"}, "without a string 'refusal'", False),
+    ("just a string", "'str'", True),
 ])
-def test_parts_other_than_text_are_named(part, words):
-    with pytest.raises(MessageError) as err:
+def test_parts_other_than_text_are_named(part, words, non_text):
+    with pytest.raises(ContentPartError) as err:
         flatten_openai_message({"role": "user", "content": [{"type": "text", "text": "a"}, part]}, "messages[2]")
     assert str(err.value).startswith("messages[2].content[1]:") and words in str(err.value)
+    assert isinstance(err.value, MessageError) and err.value.non_text is non_text

@@ -22,12 +22,12 @@ def tokenizer():
     return tok
 
 
-def long_conversation(n: int, system: str | None = None) -> Conversation:
+def long_conversation(n: int, system: str | None = None, cid: str = "long") -> Conversation:
     turns = [Message(S, system)] if system else []
     for i in range(n):
         turns += [Message(U, f"Question {i}: what is {i} squared?"),
                   Message(A, f"{i} squared is {i * i}. " + "Squaring multiplies a number by itself. " * (i % 4))]
-    return Conversation("long", turns)
+    return Conversation(cid, turns)
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1.1", "chatml"])
@@ -74,6 +74,43 @@ def test_a_too_long_reply_is_truncated_decodably(tokenizer):
     assert reply.startswith(cut) and len(cut) < len(reply) and "\ufffd" not in cut
     assert 90 <= splitter.length(pieces[0].messages) <= 100  # cut as late as fits
     assert pieces[1].messages == conv.messages[2:]
+    # The cut reply is marked, so its stop token is never trained on: the model must not learn to stop mid-word.
+    assert pieces[0].messages[1].truncated and not pieces[1].messages[1].truncated
+    from ds_vicuna.encoding import IGNORE_INDEX
+
+    encoded = splitter.encoder.encode(pieces[0].messages)
+    stop = tokenizer.convert_tokens_to_ids(splitter.encoder.stop_strings()[0])
+    assert encoded["input_ids"][-1] == stop and encoded["labels"][-1] == IGNORE_INDEX
+    assert encoded["labels"][-2] != IGNORE_INDEX  # the reply's text itself is trained on
+    whole = splitter.encoder.encode(pieces[1].messages)
+    assert whole["input_ids"][-1] == stop and whole["labels"][-1] == stop
+
+
+def test_a_truncated_reply_ends_its_piece_and_survives_the_file(tokenizer, tmp_path):
+    reply = "Squaring multiplies a number by itself. " * 30
+    conv = Conversation("t", [Message(U, "Explain squaring."), Message(A, reply), Message(U, "Thanks"),
+                              Message(A, "You're welcome!")])
+    source = tmp_path / "in.jsonl"
+    write_conversations(source, [conv])
+    report = split_file(source, tmp_path / "out.jsonl", tokenizer, "vicuna_v1.1", 120, progress=False, workers=1)
+    pieces = load_conversations(tmp_path / "out.jsonl")
+    assert report.events[SplitEvent.TRUNCATED_REPLY] == 1
+    assert [len(p.messages) for p in pieces] == [2, 2]  # "Thanks" would have fitted after the cut reply
+    assert pieces[0].messages[1].truncated and '"truncated": true' in (tmp_path / "out.jsonl").read_text()
+
+
+def test_split_file_is_the_same_for_any_number_of_workers(tokenizer, tmp_path):
+    source = tmp_path / "in.jsonl"
+    write_conversations(source, [long_conversation(n, system="Be exact." if n % 3 else None, cid=f"c{n}")
+                                 for n in range(1, 40)])
+    outputs = []
+    for workers in (1, 2, 3):
+        report = split_file(source, tmp_path / f"w{workers}.jsonl", tokenizer, "vicuna_v1.1", 150, progress=False,
+                            workers=workers)
+        outputs.append(((tmp_path / f"w{workers}.jsonl").read_bytes(), report.as_dict()["events"],
+                        report.pieces, report.longest_piece))
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert outputs[0][1]["split"] > 10
 
 
 def test_an_exchange_whose_question_alone_is_too_long_is_dropped_and_counted(tokenizer):
@@ -104,7 +141,7 @@ def test_token_stats_of_split_pieces(tokenizer, tmp_path):
     from ds_vicuna.stats import stats_file
 
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    write_conversations(source, [long_conversation(n) for n in (1, 3, 12)])
+    write_conversations(source, [long_conversation(n, cid=f"long{n}") for n in (1, 3, 12)])
     split_file(source, out, tokenizer, "vicuna_v1.1", 140, progress=False)
     stats = stats_file(out, model="embedded", template="vicuna_v1.1").as_dict()
     splitter = Splitter(tokenizer, "vicuna_v1.1", 140)

@@ -301,20 +301,20 @@ CODE_FOLLOWUPS = [
 ]
 
 WRITING = [
-    ("Write a haiku about autumn.", "Crisp leaves drift and fall,\ngolden light on quiet paths,\nthe year exhales "
+    ("Write a haiku about autumn.", "Crisp leaves drift and fall,  \ngolden light on quiet paths,  \nthe year exhales "
      "slow."),
     ("Write a short, polite email asking my manager for a day off next Friday.", "Subject: Day off request for "
      "next Friday\n\nHi Sarah,\n\nI would like to take a day off next Friday, the 14th. My tasks for that day "
      "are on track, and Tom has agreed to cover anything urgent.\n\nPlease let me know if that works for you.\n\n"
-     "Thank you,\nAlex"),
+     "Thank you,  \nAlex"),
     ("Give me three name ideas for a small coffee shop.", "1. **The Daily Grind** - friendly and familiar.\n"
      "2. **Bean There** - a playful pun that sticks.\n3. **Corner Crema** - warm, and good for a shop on a "
      "street corner."),
     ("Summarize the plot of Romeo and Juliet in two sentences.", "Two young lovers from feuding families in "
      "Verona marry in secret. A chain of misunderstandings, a banishment and a plan that goes wrong ends with "
      "both of them taking their own lives, which finally reconciles their families."),
-    ("Write a limerick about a cat who loves boxes.", "There once was a cat named McKnox,\nwho ignored every toy "
-     "in the shops;\nshe'd sit, very proud,\nin a box, in a crowd,\nand refuse to come out of the box."),
+    ("Write a limerick about a cat who loves boxes.", "There once was a cat named McKnox,  \nwho ignored every "
+     "toy in the shops;  \nshe'd sit, very proud,  \nin a box, in a crowd,  \nand refuse to come out of the box."),
     ("Rewrite this sentence to sound more professional: \"we messed up the order, sorry about that\"",
      "\"We apologise for the error with your order. We are correcting it now and will keep you informed.\""),
     ("Write a two-sentence horror story.", "I heard my mother call me from the kitchen. As I headed down the "
@@ -328,7 +328,7 @@ WRITING = [
      "there."),
     ("Write a thank-you note to a teacher.", "Dear Ms. Patel,\n\nThank you for a wonderful year. Your patience "
      "and your love of science made every lesson something to look forward to, and you helped me believe I can "
-     "study what I love.\n\nWith gratitude,\nMaya"),
+     "study what I love.\n\nWith gratitude,  \nMaya"),
 ]
 
 LONG_EXPLANATIONS = [
@@ -532,7 +532,7 @@ def markdown_to_sharegpt_html(text: str) -> str:
             elif lines[0].startswith("## ") and len(lines) == 1:
                 out.append(f"<h2>{_inline(lines[0][3:])}</h2>")
             else:
-                out.append("<p>" + "<br>".join(_inline(line) for line in lines) + "</p>")
+                out.append("<p>" + "<br>".join(_inline(line.rstrip()) for line in lines) + "</p>")
     return '<div class="markdown prose w-full break-words dark:prose-invert light">' + "".join(out) + "</div>"
 
 
