@@ -8,7 +8,7 @@ from ds_vicuna.config import load_config
 from ds_vicuna.train import samples_of, step_batches
 from ds_vicuna.train_cli import split_argv
 from ds_vicuna.train_metrics import plot_loss
-from ds_vicuna.train_setup import build_model_config, pick_attn_implementation
+from ds_vicuna.train_setup import build_model_config, param_groups, pick_attn_implementation
 from tiny_llama import make_tiny_model
 
 
@@ -29,6 +29,19 @@ def test_rope_scaling_reaches_max_length(tiny_model, kind):
 def test_no_rope_scaling_by_default(tiny_model):
     config = build_model_config(tiny_model, load_config(None))
     assert config.max_position_embeddings == 512
+
+
+def test_weight_decay_reaches_the_matrices_even_when_zero3_partitioned_them():
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    partitioned = torch.nn.Parameter(torch.empty(0))  # what zero.Init leaves in the module
+    partitioned.ds_shape = torch.Size([8, 4])
+    model.register_parameter("zero3_matrix", partitioned)
+    decay, no_decay = param_groups(model, 0.1)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert sorted(tuple(getattr(p, "ds_shape", p.shape)) for p in decay["params"]) == [(4, 4), (8, 4)]
+    assert [tuple(p.shape) for p in no_decay["params"]] == [(4,), (4,), (4,)]
 
 
 def test_attention_choice_on_cpu():
