@@ -68,6 +68,25 @@ def test_each_rank_takes_its_slice_of_the_step():
     assert samples_of([[1, 2], [3]]) == [1, 2, 3] and samples_of([4, 5]) == [4, 5]
 
 
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_a_step_covers_the_same_global_micro_batches_at_any_world_size(world):
+    """The data position is global: at any world size the ranks of a step together run the same micro-batches,
+    in plan order, and each micro-batch draws the same random numbers (its seed depends on its global index)."""
+    from types import SimpleNamespace
+
+    from ds_vicuna.elastic import micro_batch_seed
+    from ds_vicuna.train import rank_share
+
+    plan = [[i, i + 100] for i in range(24)]
+    runs = [SimpleNamespace(launch=SimpleNamespace(rank=r, world_size=world), grad_accum=8 // world, plans=[plan])
+            for r in range(world)]
+    for position in (0, 8, 16):
+        assert [b for run in runs for b in step_batches(run, 0, position)] == plan[position:position + 8]
+        seeds = [micro_batch_seed(42, 0, i) for run in runs for i in rank_share(run, position)]
+        assert seeds == [micro_batch_seed(42, 0, i) for i in range(position, position + 8)]
+    assert len({micro_batch_seed(42, e, i) for e in range(3) for i in range(1000)}) == 3000
+
+
 def test_resume_refuses_a_changed_shape():
     cfg = load_config(None, ["--train_path", "a.json"])
     saved = json.loads(json.dumps(cfg.to_dict()))
