@@ -199,7 +199,8 @@ def test_export_equals_engine_parameters(run_a, tmp_path):
 
     tmp, _, a = run_a
     out = tmp_path / "export"
-    assert cli_main(["export", str(tmp / "A"), str(out), "--dtype", "fp32"]) == 0
+    assert cli_main(["export", str(tmp / "A"), str(out)]) == 0  # default dtype: the training precision, fp32 here
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     exported = dict(model.named_parameters())
     assert exported.keys() == a["params"].keys()
@@ -216,3 +217,33 @@ def test_export_equals_engine_parameters(run_a, tmp_path):
                                                  if isinstance(generation.eos_token_id, int) else generation.eos_token_id)
     meta = read_model_meta(out)
     assert meta["template"] == "vicuna_v1.1" and meta["stop_strings"] == ["</s>"] and meta["max_length"] == 512
+
+
+def test_export_bf16_in_shards_equals_the_engine_parameters_cast(run_a, tmp_path, capsys):
+    """--dtype bf16 --max-shard-size 100KB: Hugging Face's sharded layout with its index, each tensor exactly the
+    engine's parameter cast to bf16, and `transformers` loads the folder as a bf16 model."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from ds_vicuna.cli import main as cli_main
+
+    tmp, _, a = run_a
+    out = tmp_path / "bf16"
+    (out / "model-00001-of-00009.safetensors").parent.mkdir()
+    (out / "model-00001-of-00009.safetensors").write_bytes(b"a stale shard of an earlier export")
+    assert cli_main(["export", str(tmp / "A"), str(out), "--dtype", "bf16", "--max-shard-size", "100KB"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted({*index["weight_map"].values()})
+    assert len(shards) > 1 and sorted(p.name for p in out.glob("*.safetensors")) == shards
+    assert set(index["weight_map"]) == set(a["params"])
+    assert index["metadata"]["total_size"] == sum(v.numel() * 2 for v in a["params"].values())
+    for shard in shards:
+        with safe_open(out / shard, "pt") as weights:
+            tensors = {name: weights.get_tensor(name) for name in weights.keys()}
+        assert sum(t.numel() * 2 for t in tensors.values()) <= 100_000 or len(tensors) == 1  # a big tensor: alone
+        for name, tensor in tensors.items():
+            assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, a["params"][name].to(torch.bfloat16)), name
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16 and json.loads((out / "ds_vicuna.json").read_text())["dtype"] == "bf16"
+    assert cli_main(["export", str(tmp / "A"), str(tmp_path / "x"), "--max-shard-size", "5XB"]) == 2
+    assert "--max-shard-size: expected a size like 5GB" in capsys.readouterr().err
