@@ -21,8 +21,9 @@ changes (gradients reduced over another number of ranks), so losses agree to ~1e
 The converter reads each rank's optimizer file whole (fp32 weights + Adam moments: 12 bytes per parameter divided
 by the old world size), up to min(4, CPUs) files at a time, in its own process on rank 0's node.
 
-DeepSpeed 0.19 ZeRO-3 universal checkpoints, two limitations worked around here (both reproduced in
-tests/test_train_resume.py):
+ZeRO-1/2 checkpoints take DeepSpeed's other universal path (`--inject_missing_state`: a Hugging Face model has no
+Megatron-style universal info). DeepSpeed 0.19 ZeRO-3 universal checkpoints have two limitations worked around
+here (both reproduced in tests/test_train_resume.py):
 - `ds_to_universal` stores rank 0's whole optimizer partition (fp32 weights and both Adam moments) in
   `zero/optimizer_state.pt`, and every rank of the resumed job loads that file to read a step count and the param
   groups: `slim_optimizer_state` keeps only those.
@@ -145,7 +146,7 @@ def restore_param_groups(engine, folder: str | os.PathLike) -> list[str]:
     import torch
 
     saved = torch.load(universal_copy(folder) / OPTIMIZER_STATE_FILE, map_location="cpu", weights_only=False)
-    groups = saved.get("optimizer_state_dict", {}).get("param_groups") or []
+    groups = saved.get("param_groups") or []  # ds_to_universal writes them here for every ZeRO stage
     live = getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups
     if len(groups) != len(live):
         raise CheckpointError(f"{folder}: the checkpoint has {len(groups)} optimizer param groups, this run "

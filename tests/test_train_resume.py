@@ -125,6 +125,32 @@ def test_one_rank_checkpoint_resumes_on_two_ranks(run_a):
                     ELASTIC_WEIGHT_ATOL)
 
 
+def test_zero2_checkpoint_resumes_on_one_rank_and_exports(run_a, tmp_path):
+    """ZeRO-2 (ds_configs/zero2.json, torch AdamW, no offload) takes DeepSpeed's ZeRO-1/2 universal path: 2 ranks
+    for 6 steps, then A's step-2 checkpoint of that run continues on 1 rank like it; the export (gathered whole
+    by DeepSpeed for ZeRO-1/2) equals the engine's parameters."""
+    from transformers import AutoModelForCausalLM
+
+    from ds_vicuna.cli import main as cli_main
+
+    tmp, cfg, _ = run_a
+    zero2 = ["--deepspeed", str(REPO / "ds_configs/zero2.json")]
+    run_ranks(2, tmp / "z2.pt", cfg, "--output_dir", tmp / "Z2", *zero2)
+    reference = torch.load(tmp / "z2.pt")
+    out = tmp / "z2-shrink"
+    out.mkdir()
+    shutil.copytree(tmp / "Z2/step-000002", out / "step-000002")
+    (out / "latest").write_text("step-000002")
+    log = run_ranks(1, tmp / "z2-shrink.pt", cfg, "--output_dir", out, "--resume", "auto", *zero2)
+    assert "ZeRO stage 2" in log and "was written by 2 rank(s), this run has 1: converting it once" in log
+    assert_same_run(torch.load(tmp / "z2-shrink.pt"), reference, range(3, reference["step"] + 1),
+                    ELASTIC_LOSS_RTOL, ELASTIC_WEIGHT_ATOL)
+    assert cli_main(["export", str(tmp / "Z2"), str(tmp_path / "z2-export")]) == 0
+    exported = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "z2-export").named_parameters())
+    for name, value in reference["params"].items():
+        assert torch.equal(exported[name].detach(), value), name
+
+
 def test_a_world_size_that_cannot_split_the_global_batch_stops_at_once(run_a):
     """3 ranks for a global batch of 4 micro-batches: every rank stops before importing torch or meeting the
     others, naming the sizes that work, and nothing is converted or written."""
