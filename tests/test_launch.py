@@ -147,6 +147,9 @@ def assert_matches_reference(out: Path, reference: dict, steps: range | None = N
         assert got[step] == pytest.approx(reference["losses"][step], rel=loss_rtol, abs=1e-7), step
     weights = final_weights(out)
     assert weights.keys() == reference["weights"].keys()
+    worst_loss = max(abs(got[s] - reference["losses"][s]) / abs(reference["losses"][s]) for s in steps)
+    worst_weight = max((weights[n] - v).abs().max().item() for n, v in reference["weights"].items())
+    print(f"{out}: losses within {worst_loss:.1e} relative, final weights within {worst_weight:.1e}")
     for name, value in reference["weights"].items():
         torch.testing.assert_close(weights[name], value, rtol=0, atol=weight_atol, msg=name)
 
@@ -232,6 +235,26 @@ def test_sigterm_on_two_ranks_then_the_same_command_on_one_rank(tiny, tmp_path, 
     text = read(log2)
     assert "rank 0/1 (local rank 0)" in text
     assert f"step-{saved:06d} was written by 2 rank(s), this run has 1: converting it once" in text
+    assert f"resumed from {out}/step-{saved:06d} at step {saved}" in text
+    assert_matches_reference(out, reference, loss_rtol=ELASTIC_LOSS_RTOL, weight_atol=ELASTIC_WEIGHT_ATOL)
+
+
+def test_sigterm_on_one_rank_then_the_same_command_on_two_ranks(tiny, tmp_path, reference):
+    """Capacity that comes back larger: SIGTERM to `GPUS=1 single_node.sh`, then the same command with GPUS=2.
+    The 1-rank checkpoint is converted once; both halves match the uninterrupted 2-rank run step by step."""
+    cmd = ["launch/single_node.sh", str(write_config(tiny, tmp_path))]
+    out, log = tmp_path / "out", tmp_path / "one.txt"
+    proc = start(cmd, launch_env(GPUS=1), log)
+    wait_for_step(out, 2, proc, log)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert finish(proc, log) == REQUEUE, read(log)[-3000:]
+    assert "rank 0/1 (local rank 0)" in read(log)
+    saved = int(re.search(r"preempted \(SIGTERM received\): saved step-(\d+)", read(log))[1])
+    log2 = tmp_path / "two.txt"
+    assert finish(start(cmd, launch_env(GPUS=2), log2), log2) == 0, read(log2)[-3000:]
+    text = read(log2)
+    assert "rank 0/2 (local rank 0)" in text and "rank 1/2 (local rank 1)" in text
+    assert f"step-{saved:06d} was written by 1 rank(s), this run has 2: converting it once" in text
     assert f"resumed from {out}/step-{saved:06d} at step {saved}" in text
     assert_matches_reference(out, reference, loss_rtol=ELASTIC_LOSS_RTOL, weight_atol=ELASTIC_WEIGHT_ATOL)
 
