@@ -46,6 +46,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_batching.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_export.py
 	$(PY) benchmarks/bench_serve.py --max-tokens 16
 
 clean:
