@@ -2,8 +2,10 @@
 
     python tests/scripts/grad_check.py CONFIG OUT.pt 4x1 1x4      # one process: micro 4 x GAS 1, micro 1 x GAS 4
     deepspeed --num_gpus 2 tests/scripts/grad_check.py CONFIG OUT.pt 1x2   # 2 ranks x micro 1 x GAS 2
+    python tests/scripts/grad_check.py CONFIG OUT.pt 4x1 4x1:loss_chunk_tokens=null,gradient_checkpointing=false
 
-Every variant covers the same 4 samples (of different lengths) in one optimizer step.
+Every variant covers the same 4 samples (of different lengths) in one optimizer step; `:key=value,...` after a
+variant adds config overrides for it (results are keyed by the whole variant string).
 """
 import sys
 
@@ -18,9 +20,20 @@ from ds_vicuna.train_cli import quiet_library_warnings
 SAMPLES = [0, 1, 2, 3]
 
 
-def run_variant(config_path: str, launch, micro: int, gas: int) -> dict:
+def parse_variant(variant: str) -> tuple[int, int, list[str]]:
+    """"4x1" or "4x1:key=value,key=value" -> (micro, gas, ["--key", "value", ...])."""
+    shape, _, extra = variant.partition(":")
+    micro, gas = map(int, shape.split("x"))
+    overrides = []
+    for pair in filter(None, extra.split(",")):
+        key, value = pair.split("=", 1)
+        overrides += [f"--{key}", value]
+    return micro, gas, overrides
+
+
+def run_variant(config_path: str, launch, micro: int, gas: int, overrides: list[str]) -> dict:
     cfg = load_config(config_path, ["--micro_batch_size", str(micro),
-                                    "--global_batch_size", str(micro * gas * launch.world_size)])
+                                    "--global_batch_size", str(micro * gas * launch.world_size), *overrides])
     run = setup(cfg, preflight(cfg), launch)
     per_rank = len(SAMPLES) // launch.world_size
     mine = SAMPLES[launch.rank * per_rank:(launch.rank + 1) * per_rank]
@@ -43,8 +56,7 @@ def main() -> None:
     launch = init_distributed()
     results = {}
     for variant in variants:
-        micro, gas = map(int, variant.split("x"))
-        results[variant] = run_variant(config_path, launch, micro, gas)
+        results[variant] = run_variant(config_path, launch, *parse_variant(variant))
     if launch.rank == 0:
         torch.save(results, out)
 
