@@ -48,6 +48,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_batching.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_export.py
 	$(PY) benchmarks/bench_loss_memory.py
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_data.py --sizes 20000 2000

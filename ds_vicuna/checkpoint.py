@@ -4,13 +4,15 @@ Layout of `output_dir` (DeepSpeed's own layout, so its `zero_to_fp32.py` works o
 
     step-000200/                       engine.save_checkpoint(tag="step-000200"): model/optimizer/scheduler shards
         rng_state_rank0.pt ...         python/numpy/torch RNG states, one file per rank
-        hf/                            config.json + tokenizer (with template tokens) for export
+        hf/                            config.json + tokenizer (with template tokens) + the training record
         ds_vicuna_complete.json        written last, after every rank finished: the folder is whole
+        universal/                     only after a resume at another world size (ds_vicuna.elastic)
     latest                             "step-000200", replaced atomically only after the marker exists
 
 The training position rides in DeepSpeed's `client_state` under PROGRESS_KEY as a `TrainingProgress`.
 `--resume auto` takes `latest` if its folder is complete, else the newest complete `step-*` folder; folders
-without the marker (a crash mid-save) are ignored.
+without the marker (a crash mid-save) are ignored. A checkpoint written at another world size is loaded through
+DeepSpeed's universal format (ds_vicuna.elastic).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ CHECKPOINT_PREFIX = "step-"
 LATEST_FILE = "latest"
 COMPLETE_MARKER = "ds_vicuna_complete.json"
 HF_SUBDIR = "hf"
+TRAIN_CONFIG_FILE = "ds_vicuna_train_config.json"  # in hf/: {"config", "precision", "step"} of the run that saved
 PROGRESS_KEY = "ds_vicuna_progress"
 RNG_FILE = "rng_state_rank{rank}.pt"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -167,10 +170,12 @@ def save_checkpoint(engine, output_dir: str | os.PathLike, progress: TrainingPro
             tokenizer.save_pretrained(folder / HF_SUBDIR)
         for name, text in (hf_files or {}).items():
             (folder / HF_SUBDIR / name).write_text(text)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
     if dist.is_initialized():
         dist.barrier()  # every rank's shards and RNG files are on disk before the folder is called complete
     if rank == 0:
-        _write_atomic(folder / COMPLETE_MARKER, json.dumps({"step": progress.step, "epoch": progress.epoch}) + "\n")
+        _write_atomic(folder / COMPLETE_MARKER,
+                      json.dumps({"step": progress.step, "epoch": progress.epoch, "world_size": world_size}) + "\n")
         _write_atomic(root / LATEST_FILE, tag)
         prune_checkpoints(root, keep_last)
     if dist.is_initialized():
@@ -191,8 +196,13 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> list[Pat
     return removed
 
 
-def load_checkpoint(engine, folder: str | os.PathLike, *, rank: int) -> TrainingProgress:
+def load_checkpoint(engine, folder: str | os.PathLike, *, rank: int,
+                    universal: str | os.PathLike | None = None) -> TrainingProgress:
     """Load engine (model, optimizer, scheduler) state and this rank's RNG; return the saved progress.
+
+    Args:
+        universal: the checkpoint's universal copy (`ds_vicuna.elastic.prepare_resume`) when this run's world size
+            differs from the one that wrote `folder`; the engine must have been built with `load_universal`.
 
     Raises:
         CheckpointError: the folder is incomplete or DeepSpeed finds nothing to load.
@@ -202,14 +212,35 @@ def load_checkpoint(engine, folder: str | os.PathLike, *, rank: int) -> Training
     folder = Path(folder)
     if not is_complete(folder):
         raise CheckpointError(f"{folder}: incomplete checkpoint (no {COMPLETE_MARKER})")
-    path, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+    source = Path(universal) if universal is not None else folder
+    path, client_state = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None or PROGRESS_KEY not in (client_state or {}):
         raise CheckpointError(f"{folder}: DeepSpeed could not load it (wrong ZeRO stage or world size?)")
-    rng_file = folder / RNG_FILE.format(rank=rank)
+    if universal is not None:
+        from ds_vicuna.elastic import restore_param_groups
+
+        fixed = restore_param_groups(engine, folder)
+        if fixed and rank == 0:
+            print("[ds-vicuna] DeepSpeed's universal load gave every optimizer param group the hyperparameters of "
+                  "group 0; restored the saved ones: " + ", ".join(fixed), flush=True)
+    saved_ranks = len(list(folder.glob(RNG_FILE.format(rank="*"))))
+    rng_file = folder / RNG_FILE.format(rank=rank % max(saved_ranks, 1))  # more ranks than saved: reuse theirs
     if rng_file.is_file():
         restore_rng_state(torch.load(rng_file, weights_only=False))
     return TrainingProgress.from_dict(client_state[PROGRESS_KEY])
+
+
+def read_training_record(folder: str | os.PathLike) -> dict:
+    """The `{"config", "precision", "step"}` the trainer wrote beside the weights (readable without DeepSpeed).
+
+    Raises:
+        CheckpointError: the folder has no record (not written by ds-vicuna).
+    """
+    path = Path(folder) / HF_SUBDIR / TRAIN_CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {HF_SUBDIR}/{TRAIN_CONFIG_FILE}; not a ds-vicuna checkpoint")
+    return json.loads(path.read_text())
 
 
 SHAPE_KEYS = (("data", "train_path"), ("data", "max_length"), ("data", "mask"), ("data", "batching"),
@@ -219,6 +250,8 @@ SHAPE_KEYS = (("data", "train_path"), ("data", "max_length"), ("data", "mask"), 
 
 def check_resume_compatible(saved: dict, cfg) -> None:
     """The data position only means something for the same data/batch shape: disagreements stop the run.
+
+    The world size may differ: the micro-batch plan is global (rank r takes its share of the same global step).
 
     Args:
         saved: the resolved config stored in the checkpoint (`TrainingProgress.config`).

@@ -195,8 +195,14 @@ class Config:
             raise ConfigError(
                 f"train.global_batch_size ({self.train.global_batch_size}) is not a multiple of "
                 f"micro_batch_size ({self.train.micro_batch_size}) x world size ({world_size}); "
-                f"pick a global batch divisible by {per_step}")
+                f"world sizes that can train it: {', '.join(map(str, self.world_sizes()))} "
+                f"(or, on a fresh start, a global batch divisible by {per_step})")
         return self.train.global_batch_size // per_step
+
+    def world_sizes(self) -> list[int]:
+        """The world sizes that split the global batch evenly (a resume keeps the global batch, so only these)."""
+        micro_batches = self.train.global_batch_size // self.train.micro_batch_size
+        return [n for n in range(1, micro_batches + 1) if micro_batches % n == 0]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ds_vicuna.checkpoint import (TrainingProgress, check_resume_compatible, load_checkpoint, resolve_resume,
-                                  save_checkpoint)
+from ds_vicuna.checkpoint import (TRAIN_CONFIG_FILE, TrainingProgress, check_resume_compatible, load_checkpoint,
+                                  read_training_record, resolve_resume, save_checkpoint)
 from ds_vicuna.config import DEFAULT_LOSS_CHUNK_TOKENS, Config, ConfigError, fill_deepspeed_config, \
     load_deepspeed_config, offloads_optimizer, resolve_precision
-from ds_vicuna.export import TRAIN_CONFIG_FILE
+from ds_vicuna.elastic import micro_batch_seed, prepare_resume, with_universal_load
 from ds_vicuna.launch_env import LaunchEnv, detect_launch_env, init_distributed
 from ds_vicuna.loss import count_label_tokens, token_loss_sum
 from ds_vicuna.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
@@ -216,12 +216,17 @@ def samples_of(micro_batch: list) -> list[int]:
 # --------------------------------------------------------------------------------------------------------- fit
 
 
+def rank_share(run: Run, position: int) -> range:
+    """The global micro-batch indices (in the epoch's plan) this rank runs in the optimizer step starting at
+    `position`: the plan is global, so at any world size the step covers the same micro-batches."""
+    start = position + run.launch.rank * run.grad_accum
+    return range(start, start + run.grad_accum)
+
+
 def step_batches(run: Run, epoch: int, position: int) -> list[list[int]]:
     """This rank's `grad_accum` micro-batches of the optimizer step starting at global micro-batch `position`."""
-    per_step = run.grad_accum * run.launch.world_size
-    chunk = run.plans[epoch][position:position + per_step]
-    start = run.launch.rank * run.grad_accum
-    return chunk[start:start + run.grad_accum]
+    share = rank_share(run, position)
+    return run.plans[epoch][share.start:share.stop]
 
 
 def make_batch(run: Run, data, micro_batch: list) -> dict:
@@ -258,7 +263,8 @@ def all_reduce_sum(values: list, device) -> list[float]:
     return tensor.tolist()
 
 
-def optimizer_step(run: Run, batches: list[dict], before_update=None) -> tuple[float, int]:
+def optimizer_step(run: Run, batches: list[dict], before_update=None, seeds: list[int] | None = None
+                   ) -> tuple[float, int]:
     """One optimizer step from this rank's micro-batches: loss_step + engine.step() per micro-batch.
 
     DeepSpeed counts micro-steps in `engine.step()` and only updates the weights (and the LR schedule) on the
@@ -267,15 +273,21 @@ def optimizer_step(run: Run, batches: list[dict], before_update=None) -> tuple[f
     Args:
         before_update: called with the engine after the last backward, before the weights change (tests read
             gradients there with `deepspeed.utils.safe_get_full_grad`).
+        seeds: torch seed per micro-batch (`elastic.micro_batch_seed`): dropout masks that do not depend on the
+            rank or the world size.
 
     Returns:
         (mean loss over all label tokens of the global step, global label-token count).
     """
+    import torch
+
     local_tokens = sum(count_label_tokens(b) for b in batches)
     global_tokens = int(all_reduce_sum([local_tokens], run.engine.device)[0])
     scale = run.launch.world_size * run.grad_accum / max(global_tokens, 1)
     local_sum = 0.0
     for i, batch in enumerate(batches):
+        if seeds is not None:
+            torch.manual_seed(seeds[i])
         local_sum = local_sum + loss_step(run.engine, batch, scale, run.cfg.train.loss_chunk_tokens)
         if before_update is not None and i == len(batches) - 1:
             before_update(run.engine)
@@ -296,9 +308,11 @@ def fit(run: Run, guard: PreemptionGuard, logger: MetricsLogger) -> tuple[dict[i
             progress.epoch, progress.micro_batch_in_epoch = progress.epoch + 1, 0  # leftover micro-batches dropped
             continue
         indices = step_batches(run, progress.epoch, progress.micro_batch_in_epoch)
+        seeds = [micro_batch_seed(cfg.train.seed, progress.epoch, i)
+                 for i in rank_share(run, progress.micro_batch_in_epoch)]
         started = time.perf_counter()
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
-        loss, label_tokens = optimizer_step(run, [make_batch(run, run.train_data, b) for b in indices])
+        loss, label_tokens = optimizer_step(run, [make_batch(run, run.train_data, b) for b in indices], seeds=seeds)
         lengths = [int(run.train_data.lengths[i]) for b in indices for i in samples_of(b)]
         real_tokens, flops = all_reduce_sum([sum(lengths), step_flops(run, lengths)], engine.device)
         elapsed = time.perf_counter() - started
@@ -383,8 +397,10 @@ def train(cfg: Config, launch: LaunchEnv | None = None, guard: PreemptionGuard |
     if guard is None:
         with PreemptionGuard() as own_guard:
             return train(cfg, launch, own_guard)
+    launch = launch or detect_launch_env()
+    cfg.gradient_accumulation_steps(launch.world_size)  # a world size that cannot split the global batch: stop now
     ds_base = preflight(cfg)
-    launch = init_distributed(launch or detect_launch_env())
+    launch = init_distributed(launch)
     print(f"[ds-vicuna] rank {launch.rank}/{launch.world_size} (local rank {launch.local_rank}) on "
           f"{socket.gethostname()} pid {os.getpid()}, started by {launch.launcher.value}, "
           f"rendezvous {launch.master_addr}:{launch.master_port}", flush=True)
@@ -394,12 +410,18 @@ def train(cfg: Config, launch: LaunchEnv | None = None, guard: PreemptionGuard |
 
         print(f"[ds-vicuna] resolved config (world size {launch.world_size}):\n"
               + yaml.safe_dump(cfg.to_dict(), sort_keys=False), flush=True)
+    resume_from = resolve_resume(cfg.train.resume, cfg.train.output_dir)
+    universal = None
+    if resume_from is not None:
+        check_resume_compatible(read_training_record(resume_from)["config"], cfg)  # before converting or loading
+        universal = prepare_resume(resume_from, launch)  # written at another world size: DeepSpeed's universal copy
+        if universal is not None:
+            ds_base = with_universal_load(ds_base)
     run = setup(cfg, ds_base, launch)
     if launch.is_main:
         print("[ds-vicuna] " + describe_engine(run), flush=True)
-    resume_from = resolve_resume(cfg.train.resume, cfg.train.output_dir)
     if resume_from is not None:
-        run.progress = load_checkpoint(run.engine, resume_from, rank=launch.rank)
+        run.progress = load_checkpoint(run.engine, resume_from, rank=launch.rank, universal=universal)
         check_resume_compatible(run.progress.config, cfg)
         run.progress.config = cfg.to_dict()
         if launch.is_main:

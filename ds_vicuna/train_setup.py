@@ -98,16 +98,26 @@ def build_model(model_path: Path, model_config, tokenizer, cfg: Config, ds: dict
     return model
 
 
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (embeddings, projections), none on vectors (norms, biases).
+
+    Under ZeRO-3 a parameter's own shape is an empty placeholder; its real shape is `ds_shape`.
+    """
+    def is_matrix(param) -> bool:
+        return len(getattr(param, "ds_shape", param.shape)) >= 2
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if is_matrix(p)], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if not is_matrix(p)], "weight_decay": 0.0}]
+
+
 def build_engine(model, ds: dict, cfg: Config, total_steps: int):
     """AdamW (DeepSpeedCPUAdam when offloading), the LR schedule, and `deepspeed.initialize`."""
     import deepspeed
     import torch
     from transformers import get_scheduler
 
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = param_groups(model, cfg.train.weight_decay)
     betas = (cfg.train.adam_beta1, cfg.train.adam_beta2)
     if offloads_optimizer(ds):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -122,4 +132,5 @@ def build_engine(model, ds: dict, cfg: Config, total_steps: int):
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
                                            dist_init_required=False)
+    engine.train()  # from_pretrained returns the model in eval mode: dropout would stay off
     return engine

@@ -8,7 +8,7 @@ from ds_vicuna.config import load_config
 from ds_vicuna.train import samples_of, step_batches
 from ds_vicuna.train_cli import split_argv
 from ds_vicuna.train_metrics import matmul_params, peak_flops, plot_loss
-from ds_vicuna.train_setup import build_model_config, pick_attn_implementation
+from ds_vicuna.train_setup import build_model_config, param_groups, pick_attn_implementation
 from tiny_llama import make_tiny_model
 
 
@@ -29,6 +29,19 @@ def test_rope_scaling_reaches_max_length(tiny_model, kind):
 def test_no_rope_scaling_by_default(tiny_model):
     config = build_model_config(tiny_model, load_config(None))
     assert config.max_position_embeddings == 512
+
+
+def test_weight_decay_reaches_the_matrices_even_when_zero3_partitioned_them():
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    partitioned = torch.nn.Parameter(torch.empty(0))  # what zero.Init leaves in the module
+    partitioned.ds_shape = torch.Size([8, 4])
+    model.register_parameter("zero3_matrix", partitioned)
+    decay, no_decay = param_groups(model, 0.1)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert sorted(tuple(getattr(p, "ds_shape", p.shape)) for p in decay["params"]) == [(4, 4), (8, 4)]
+    assert [tuple(p.shape) for p in no_decay["params"]] == [(4,), (4,), (4,)]
 
 
 def test_attention_choice_on_cpu():
@@ -53,6 +66,25 @@ def test_each_rank_takes_its_slice_of_the_step():
     # step 2 of the epoch covers global micro-batches 4..7: rank 0 gets 4, 5 and rank 1 gets 6, 7
     assert step_batches(Run(0), 0, 4) == [[4], [5]] and step_batches(Run(1), 0, 4) == [[6], [7]]
     assert samples_of([[1, 2], [3]]) == [1, 2, 3] and samples_of([4, 5]) == [4, 5]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_a_step_covers_the_same_global_micro_batches_at_any_world_size(world):
+    """The data position is global: at any world size the ranks of a step together run the same micro-batches,
+    in plan order, and each micro-batch draws the same random numbers (its seed depends on its global index)."""
+    from types import SimpleNamespace
+
+    from ds_vicuna.elastic import micro_batch_seed
+    from ds_vicuna.train import rank_share
+
+    plan = [[i, i + 100] for i in range(24)]
+    runs = [SimpleNamespace(launch=SimpleNamespace(rank=r, world_size=world), grad_accum=8 // world, plans=[plan])
+            for r in range(world)]
+    for position in (0, 8, 16):
+        assert [b for run in runs for b in step_batches(run, 0, position)] == plan[position:position + 8]
+        seeds = [micro_batch_seed(42, 0, i) for run in runs for i in rank_share(run, position)]
+        assert seeds == [micro_batch_seed(42, 0, i) for i in range(position, position + 8)]
+    assert len({micro_batch_seed(42, e, i) for e in range(3) for i in range(1000)}) == 3000
 
 
 def test_resume_refuses_a_changed_shape():

@@ -14,6 +14,14 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Bounds for a resume at another world size. Any resume moves weights by an ulp or two (DeepSpeedCPUAdam recomputes
+# beta**t with pow() instead of continuing its running product), and another world size also sums the gradients
+# in another order (2 ranks x 2 accumulated micro-batches, then reduced, vs 4 accumulated on one rank). Measured:
+# test_train_resume.py (6 steps) losses within 8.3e-7 relative and weights within 3.4e-7, as for a resume at the
+# same world size; test_launch.py (16 steps, SIGTERM) 2 -> 1: 7.1e-8 and 1.2e-7, 1 -> 2: 5.3e-8 and 1.2e-7.
+# DeepSpeed's universal load without our param-group fix is off by 9.5e-5 (losses) and 7.5e-4 (norm weights).
+ELASTIC_LOSS_RTOL = 1e-5
+ELASTIC_WEIGHT_ATOL = 2e-6
 WORDS = ("alpha beta gamma delta apple river stone cloud music paper light table window garden yellow "
          "purple quick slow happy quiet tiger horse eagle seven eleven twenty forty vicuna chat model").split()
 
@@ -25,8 +33,12 @@ def _corpus(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def make_tiny_model(folder: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
-    """A random-init Llama (hidden 64, 2 layers) with a trained sentencepiece tokenizer, saved HF-style."""
+def make_tiny_model(folder: Path, seed: int = 0, hidden: int = 64, layers: int = 2, dropout: float = 0.0,
+                    vocab_size: int | None = None) -> Path:
+    """A random-init Llama (hidden 64, 2 layers) with a trained sentencepiece tokenizer, saved HF-style.
+
+    `dropout` > 0 sets attention dropout, so training draws random numbers (resume tests check RNG handling);
+    `vocab_size` above the tokenizer's 400 pieces makes the embeddings as large as a real model's."""
     import sentencepiece as spm
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
@@ -44,9 +56,10 @@ def make_tiny_model(folder: Path, seed: int = 0, hidden: int = 64, layers: int =
     tokenizer = LlamaTokenizer.from_pretrained(str(folder))
     tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+    config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                         attention_dropout=dropout)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
