@@ -46,14 +46,15 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, position_id
         causal = torch.ones(segment.shape[-1], segment.shape[-1], dtype=torch.bool, device=segment.device).tril()
         mask = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]  # [B, 1, T, T]
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    # unbind/split, not indexing: their backward is one stack/cat, where each slice's backward would write a
+    # zero-filled full-size gradient per conversation
     rows = []
-    for b, starts in enumerate(segment_starts(position_ids)):
-        ends = starts[1:] + [query.shape[2]]
-        parts = [sdpa_attention_forward(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
-                                        value[b:b + 1, :, s:e], None, is_causal=True, **kwargs)[0]
-                 for s, e in zip(starts, ends)]  # each [1, len, H, D]
-        rows.append(torch.cat(parts, dim=1))
-    return torch.cat(rows), None  # [B, T, H, D]
+    for starts, q, k, v in zip(segment_starts(position_ids), query.unbind(0), key.unbind(0), value.unbind(0)):
+        lengths = [end - start for start, end in zip(starts, starts[1:] + [q.shape[1]])]
+        parts = [sdpa_attention_forward(module, qs[None], ks[None], vs[None], None, is_causal=True, **kwargs)[0]
+                 for qs, ks, vs in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))]
+        rows.append(torch.cat(parts, dim=1)[0])  # [T, H, D] from [1, len, H, D] pieces
+    return torch.stack(rows), None  # [B, T, H, D]
 
 
 def _no_mask(*args, **kwargs):
