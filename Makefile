@@ -2,13 +2,15 @@
 #   make demo   - the main job on the embedded default (bundled conversations + SmolLM2-135M-Instruct)
 #   make test   - the whole test suite (what CI runs)
 #   make bench  - benchmark scripts; figures go to BENCHMARKS.md
+#   make gpu-wheels - (with the package index) .gpu_wheels/: what a GPU machine without network needs
+#   make gpu-check  - (on that GPU machine, no network) install .gpu_wheels/, gpu tests + GPU benchmarks, report
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # One JIT build of DeepSpeed's CPU ops per checkout, shared by every test and launch.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: demo test test-fast bench env clean system-deps
+.PHONY: demo test test-fast bench env clean system-deps gpu-wheels gpu-check
 
 env: $(STAMP)
 
@@ -46,7 +48,19 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_batching.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_loss_memory.py
 	$(PY) benchmarks/bench_serve.py --max-tokens 16
 
+# The GPU tier (benchmarks/gpu_check.py). gpu-check uses the GPU machine's own python (its CUDA torch), never $(VENV).
+GPU_WHEELS ?= .gpu_wheels
+GPU_PY     ?= python3
+GPU_REPORT ?= runs/gpu_check
+
+gpu-wheels: $(STAMP)
+	$(PY) benchmarks/gpu_check.py wheels --out $(GPU_WHEELS)
+
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py check --wheels $(GPU_WHEELS) --report-dir $(GPU_REPORT)
+
 clean:
-	rm -rf $(VENV) .torch_extensions .pytest_cache
+	rm -rf $(VENV) .torch_extensions .pytest_cache .gpu_env

@@ -17,7 +17,10 @@ setup(
     packages=find_packages(include=["ds_vicuna", "ds_vicuna.*"]) + list(STAGE_FOLDERS),
     package_dir=STAGE_FOLDERS,
     package_data={"ds_vicuna": ["data/*.json", "data/*.jsonl", "data/*.txt"],
-                  "ds_vicuna.serve": ["static/*"], "ds_vicuna.eval": ["questions/*.jsonl"]},
+                  "ds_vicuna.serve": ["static/*"],
+                  "ds_vicuna.eval": ["questions/*.jsonl", "data/fastchat/*.jsonl", "data/fastchat/*/*.jsonl",
+                                     "data/fastchat/*/*/*.jsonl", "data/fastchat/LICENSE",
+                                     "data/fastchat/README.md"]},
     install_requires=[
         "torch>=2.1",
         "transformers>=4.56",
@@ -35,11 +38,15 @@ setup(
         "accelerate",
         "gguf",
         "matplotlib",
+        "numpy",
         "waitress",
+        "prometheus_client",
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "hypothesis", "openai", "selenium"],
         "flash": ["flash-attn>=2.5"],
+        # lm-evaluation-harness against our server (tests/test_lm_eval.py); heavy, so not in dev
+        "harness": ["lm-eval>=0.4.5"],
     },
     entry_points={"console_scripts": ["ds-vicuna=ds_vicuna.cli:main"]},
 )

@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.fake_openai_judge
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # what tests/test_judge.py imports
 
-from ds_vicuna.eval.answer import load_answers  # noqa: E402
+from ds_vicuna.eval.answer_files import load_answers  # noqa: E402
 from ds_vicuna.eval.judge import plan_tasks, run_judge  # noqa: E402
 from ds_vicuna.eval.judge_client import ChatClient, RetryPolicy  # noqa: E402
-from ds_vicuna.eval.judge_prompts import JudgeMode  # noqa: E402
+from ds_vicuna.eval.judge_prompts import JudgeMode, load_prompt_set  # noqa: E402
 from ds_vicuna.eval.questions import load_questions  # noqa: E402
 from tests.fake_openai_judge import start_server  # noqa: E402
 from tests.test_judge import write_inputs  # noqa: E402
@@ -36,7 +37,8 @@ def main() -> None:
     timings = {}
     with tempfile.TemporaryDirectory() as tmp:
         questions, answers = write_inputs(Path(tmp), rows)
-        tasks, _ = plan_tasks(load_questions(questions), [load_answers(p) for p in answers], JudgeMode.PAIRWISE)
+        tasks = plan_tasks(load_questions(questions), [load_answers(p) for p in answers], JudgeMode.PAIRWISE,
+                           load_prompt_set("vicuna")).tasks
         for workers in (1, 8):
             client = ChatClient(base_url, "fake", retry=RetryPolicy(max_attempts=2, base_wait=0.01))
             start = time.perf_counter()
@@ -44,7 +46,8 @@ def main() -> None:
             timings[workers] = time.perf_counter() - start
             assert stats.written == len(tasks)
     server.shutdown()
-    print(f"{len(tasks)} judgments, judge latency {args.latency:.2f} s")
+    print(f"{len(tasks)} pairwise records ({2 * len(tasks)} judge requests, both orders), "
+          f"judge latency {args.latency:.2f} s")
     print(f"workers=1: {timings[1]:.2f} s   workers=8: {timings[8]:.2f} s   speed-up x{timings[1] / timings[8]:.1f}")
 
 

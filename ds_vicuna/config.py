@@ -25,6 +25,7 @@ BATCHING = ("pack", "group", "max")
 MASKS = ("assistant", "last_turn", "all")
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DEFAULT_LOSS_CHUNK_TOKENS = 1024
 
 
 class ConfigError(ValueError):
@@ -113,6 +114,9 @@ class TrainConfig:
     """`auto` (newest complete checkpoint in output_dir, if any) or a checkpoint folder."""
     stop_after_steps: int | None = None
     """Save and exit after this many steps of this run, as a preempted job would (resume continues)."""
+    loss_chunk_tokens: int | None = DEFAULT_LOSS_CHUNK_TOKENS
+    """Labelled tokens per lm_head + cross-entropy chunk: the loss never holds the whole [tokens, vocab] logits
+    (see ds_vicuna/loss.py); null = the plain path that does (8 GiB in fp32 for 16K tokens x 128K vocabulary)."""
 
     def __post_init__(self):
         _check_choice("train.precision", self.precision, PRECISIONS)
@@ -120,7 +124,7 @@ class TrainConfig:
         for name in ("global_batch_size", "micro_batch_size", "epochs", "save_every", "keep_last", "log_every",
                      "sequence_parallel_size"):
             _check_positive(f"train.{name}", getattr(self, name))
-        for name in ("max_steps", "eval_every", "stop_after_steps"):
+        for name in ("max_steps", "eval_every", "stop_after_steps", "loss_chunk_tokens"):
             if getattr(self, name) is not None:
                 _check_positive(f"train.{name}", getattr(self, name))
         if self.learning_rate <= 0:

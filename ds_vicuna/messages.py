@@ -31,6 +31,38 @@ class Message:
 
 MessageLike = Union[Message, Mapping[str, object]]
 
+# OpenAI's newer name for system instructions (sent by o1-era clients and LangChain).
+ROLE_ALIASES = {"developer": Role.SYSTEM.value}
+
+
+def flatten_openai_message(raw: object, where: str = "message") -> object:
+    """An OpenAI chat message in the plain `{"role", "content"}` form: text parts joined, `developer` -> `system`.
+
+    OpenAI clients (LangChain among them) may send `content` as a list of parts `[{"type": "text", "text": ...}]`;
+    the texts are joined with a newline, as FastChat and vLLM join them. Anything that is not such a message is
+    returned unchanged, for `to_message` to judge.
+
+    Raises:
+        MessageError: a part that is not text (images, audio, ...), naming `where` and the part's index.
+    """
+    if not isinstance(raw, Mapping):
+        return raw
+    role, content = raw.get("role"), raw.get("content")
+    alias = ROLE_ALIASES.get(role) if isinstance(role, str) else None
+    if not isinstance(content, list) and alias is None:
+        return raw
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                got = "a text part without a string 'text'" if kind == "text" else f"{kind!r}"
+                raise MessageError(f"{where}.content[{j}]: only text parts ({{'type': 'text', 'text': '...'}}) are "
+                                   f"supported, got {got}")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    return {**raw, "role": alias or role, "content": content}
+
 
 def to_message(raw: MessageLike, where: str = "message") -> Message:
     """Turn a `{"role", "content"}` mapping (or a Message) into a Message.

@@ -25,15 +25,15 @@ from pathlib import Path
 
 from ds_vicuna.checkpoint import (TrainingProgress, check_resume_compatible, load_checkpoint, resolve_resume,
                                   save_checkpoint)
-from ds_vicuna.config import Config, ConfigError, fill_deepspeed_config, load_deepspeed_config, offloads_optimizer, \
-    resolve_precision
+from ds_vicuna.config import DEFAULT_LOSS_CHUNK_TOKENS, Config, ConfigError, fill_deepspeed_config, \
+    load_deepspeed_config, offloads_optimizer, resolve_precision
 from ds_vicuna.export import TRAIN_CONFIG_FILE
 from ds_vicuna.launch_env import LaunchEnv, detect_launch_env, init_distributed
 from ds_vicuna.loss import count_label_tokens, token_loss_sum
 from ds_vicuna.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
 from ds_vicuna.sequence_parallel import check_sequence_parallel, register_ulysses, shard_batch
-from ds_vicuna.train_metrics import (LOSS_PLOT, MetricsLogger, describe_engine, peak_flops, plot_loss, progress_bar,
-                                     step_flops)
+from ds_vicuna.train_metrics import (LOSS_PLOT, MetricsLogger, describe_engine, matmul_params, peak_flops, plot_loss,
+                                     progress_bar, step_flops)
 from ds_vicuna.train_setup import (bf16_supported, build_engine, build_model, build_model_config, check_cpu_adam,
                                    cpu_has_native_bf16, load_tokenizer, pick_training_attention,
                                    share_cpu_threads)
@@ -61,6 +61,7 @@ class Run:
     steps_per_epoch: list[int]
     total_steps: int
     num_params: int
+    matmul_params: int  # what MFU counts (train_metrics.matmul_params)
     peak_flops: float | None
     flatten_packs: bool
     precision: str
@@ -191,7 +192,8 @@ def setup(cfg: Config, ds_base: dict, launch: LaunchEnv) -> Run:
     return Run(cfg=cfg, launch=launch, engine=engine, tokenizer=tokenizer, model_config=model_config,
                train_data=train_data, train_indices=train_indices, eval_data=eval_data, eval_indices=eval_indices,
                plans=plans, grad_accum=grad_accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               num_params=num_params, peak_flops=peak, flatten_packs=flatten, precision=precision, sp_size=sp_size,
+               num_params=num_params, matmul_params=matmul_params(engine.module), peak_flops=peak,
+               flatten_packs=flatten, precision=precision, sp_size=sp_size,
                progress=TrainingProgress(seed=cfg.train.seed, config=cfg.to_dict()))
 
 
@@ -264,25 +266,26 @@ def make_batch(run: Run, data, micro_batch: list) -> dict:
     return {k: v.to(run.engine.device) for k, v in batch.items()}
 
 
-def loss_step(engine, batch: dict, scale: float) -> float:
-    """Forward + backward of one micro-batch; returns its token-loss sum.
+def loss_step(engine, batch: dict, scale: float, chunk_tokens: int | None = DEFAULT_LOSS_CHUNK_TOKENS):
+    """Forward + backward of one micro-batch; returns its token-loss sum as a detached device tensor.
 
     `scale` = world_size * grad_accum / global_label_tokens: DeepSpeed divides by grad_accum in backward and
     ZeRO-3's reduce-scatter divides the gradients summed over ranks by the world size (also under sequence
     parallelism, where each rank's loss covers its shard of the rows), so the step's gradient is
     d(sum of all token losses)/d(w) / global tokens.
+    The sum is not read here: reading it would make the host wait for the GPU after every micro-batch.
     """
-    loss_sum = token_loss_sum(engine, batch)
+    loss_sum = token_loss_sum(engine, batch, chunk_tokens)
     engine.backward(loss_sum * scale)
-    return float(loss_sum.detach())
+    return loss_sum.detach()
 
 
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    """Sum a few numbers over ranks (float64)."""
+def all_reduce_sum(values: list, device) -> list[float]:
+    """Sum a few numbers (floats or 0-dim tensors) over ranks in float64; one host sync for all of them."""
     import torch
     import torch.distributed as dist
 
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])  # [len(values)]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
     return tensor.tolist()
@@ -306,7 +309,7 @@ def optimizer_step(run: Run, batches: list[dict], before_update=None) -> tuple[f
     scale = run.launch.world_size * run.grad_accum / max(global_tokens, 1)
     local_sum = 0.0
     for i, batch in enumerate(batches):
-        local_sum += loss_step(run.engine, batch, scale)
+        local_sum = local_sum + loss_step(run.engine, batch, scale, run.cfg.train.loss_chunk_tokens)
         if before_update is not None and i == len(batches) - 1:
             before_update(run.engine)
         run.engine.step()
@@ -384,7 +387,7 @@ def evaluate(run: Run) -> float:
     with torch.no_grad():
         for indices, weight in zip(mine, weights):
             batch = make_batch(run, run.eval_data, indices)
-            loss_sum += weight * float(token_loss_sum(run.engine, batch))
+            loss_sum = loss_sum + weight * token_loss_sum(run.engine, batch, run.cfg.train.loss_chunk_tokens)
             tokens += weight * count_label_tokens(batch)
     run.engine.train()
     loss_sum, tokens = all_reduce_sum([loss_sum, tokens], run.engine.device)

@@ -10,27 +10,44 @@ from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
-# Dense bf16 peak FLOP/s by GPU name fragment, for MFU (no entry: MFU not logged).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-                   "L4": 121e12, "A6000": 155e12, "4090": 165e12, "V100": 125e12}
+# Dense (no sparsity) bf16 peak FLOP/s by GPU name fragment, for MFU; the first fragment found in the device name
+# wins, so the more specific come first (no entry: MFU not logged).
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200", 989e12), ("H100", 989e12), ("H800", 989e12),
+                   ("H20", 148e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
+                   ("A10G", 125e12), ("L4", 121e12), ("A6000", 155e12), ("4090", 165e12), ("V100", 125e12))
 
 
-def peak_flops(precision: str) -> float | None:
-    """Dense peak FLOP/s of this GPU for `precision` (fp32 counted as TF32 ~ half), or None if unknown."""
-    import torch
+def peak_flops(precision: str, device_name: str | None = None) -> float | None:
+    """Dense peak FLOP/s of this GPU (or `device_name`) for `precision` (fp32 counted as TF32 ~ half), or None."""
+    if device_name is None:
+        import torch
 
-    name = torch.cuda.get_device_name()
-    for fragment, flops in PEAK_BF16_FLOPS.items():
-        if fragment in name:
+        device_name = torch.cuda.get_device_name()
+    for fragment, flops in PEAK_BF16_FLOPS:
+        if fragment in device_name:
             return flops / 2 if precision == "fp32" else flops
     return None
 
 
+def matmul_params(model) -> int:
+    """Parameters that do a multiply-add per token: all but the input embedding table (a lookup), unless the
+    output layer shares it. What the 6*N of `step_flops` counts (PaLM and torchtitan count the same)."""
+    def numel(p):
+        return getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitions hold the full size in ds_numel
+
+    total = sum(numel(p) for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding
+    return total if tied else total - numel(embedding)
+
+
 def step_flops(run, sample_lengths: list[int]) -> float:
-    """Model FLOPs of one step: 6*N per token plus attention 12*layers*hidden*len per token (PaLM's count)."""
+    """Model FLOPs of one step: 6*N per token (N = `matmul_params`) plus attention 12*layers*hidden*len per
+    token (PaLM's count: recomputation by gradient checkpointing is not model work and is not counted)."""
     layers, hidden = run.model_config.num_hidden_layers, run.model_config.hidden_size
     tokens = sum(sample_lengths)
-    return 6 * run.num_params * tokens + 12 * layers * hidden * sum(n * n for n in sample_lengths)
+    return 6 * run.matmul_params * tokens + 12 * layers * hidden * sum(n * n for n in sample_lengths)
 
 
 def describe_engine(run) -> str:

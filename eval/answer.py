@@ -4,32 +4,25 @@
     ds-vicuna eval answer --questions vicuna_80 --base-url http://127.0.0.1:8000/v1 --api-model my-model \
         --workers 8 --out answers/my-model.jsonl
 
-Output is FastChat's answer format, one record per question, appended and flushed as each question finishes:
-`{"question_id", "answer_id", "model_id", "text"}` for a single-turn question, `choices: [{"index": 0,
-"turns": [...]}]` for a multi-turn one. Questions already in the output file are skipped, so an interrupted
-run is resumed by running it again. Multi-turn questions are answered turn by turn, each reply fed back.
+Output is FastChat's answer format (`eval/answer_files.py`), one record per question, appended and flushed as
+each question finishes: `{"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [...]}],
+"tstamp"}`, one turn per question turn, single-turn questions included. Questions already in the output file
+are skipped, so an interrupted run is resumed by running it again. Multi-turn questions are answered turn by
+turn, each reply fed back.
 """
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
+from ds_vicuna.eval.answer_files import answer_record, load_answers
 from ds_vicuna.eval.judge_client import ChatClient, map_concurrent
 from ds_vicuna.eval.questions import Question
-from ds_vicuna.eval.records import AppendWriter, RecordError, iter_jsonl
+from ds_vicuna.eval.records import AppendWriter
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Answer:
-    question_id: int | str
-    model_id: str
-    turns: tuple[str, ...]
 
 
 @dataclass
@@ -41,79 +34,65 @@ class AnswerStats:
     """Not written because generation failed; a rerun retries them."""
 
 
+# FastChat's `temperature_config` (llm_judge/common.py): MT-bench answers are sampled per category.
+FASTCHAT_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+                         "reasoning": 0.0, "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0}
+FASTCHAT_DEFAULT_TEMPERATURE = 0.7
+PER_CATEGORY = "fastchat"
+
+
+def fastchat_temperature(question: Question) -> float:
+    """The sampling temperature FastChat's `gen_*_answer.py` uses for a question's category."""
+    return FASTCHAT_TEMPERATURES.get(question.category, FASTCHAT_DEFAULT_TEMPERATURE)
+
+
 class AnswerBackend(Protocol):
+    temperature: float
+    """Sampling temperature of the next `generate` call (0: greedy); `run_answers` may set it per chunk."""
+
     def generate(self, conversations: Sequence[list[dict]]) -> list[str | None]:
         """One reply per conversation (each ends with the user's turn); None where generation failed."""
 
 
-def load_answers(path: str | Path) -> dict[int | str, Answer]:
-    """Read a FastChat answer file (`text` or `choices[0].turns`) keyed by question_id.
-
-    Raises:
-        RecordError: a record without a question_id, model_id or answer text, or a duplicate id; names file:line.
-    """
-    answers: dict = {}
-    for line, record in iter_jsonl(path, allow_torn_tail=True):
-        where = f"{path}:{line}"
-        qid = record.get("question_id")
-        if isinstance(qid, bool) or not isinstance(qid, (int, str)):
-            raise RecordError(f"{where}:question_id: expected an integer or string, got {qid!r}")
-        model_id = record.get("model_id")
-        if not isinstance(model_id, str) or not model_id:
-            raise RecordError(f"{where}:model_id: expected a non-empty string, got {model_id!r}")
-        if qid in answers:
-            raise RecordError(f"{where}:question_id: duplicate answer for {qid!r}")
-        answers[qid] = Answer(qid, model_id, _answer_turns(record, where))
-    return answers
-
-
-def _answer_turns(record: dict, where: str) -> tuple[str, ...]:
-    if "choices" in record:
-        try:
-            turns = record["choices"][0]["turns"]
-        except (TypeError, KeyError, IndexError):
-            raise RecordError(f"{where}:choices: expected [{{\"index\": 0, \"turns\": [...]}}]") from None
-        if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
-            raise RecordError(f"{where}:choices[0].turns: expected a list of strings")
-        return tuple(turns)
-    if not isinstance(record.get("text"), str):
-        raise RecordError(f"{where}:text: expected the answer text (or choices[0].turns)")
-    return (record["text"],)
-
-
-def answer_record(question: Question, model_id: str, turns: list[str]) -> dict:
-    """The FastChat answer record for one question."""
-    record = {"question_id": question.question_id, "answer_id": uuid.uuid4().hex, "model_id": model_id}
-    if question.multi_turn:
-        record["choices"] = [{"index": 0, "turns": turns}]
-    else:
-        record["text"] = turns[0]
-    record["tstamp"] = round(time.time(), 3)
-    return record
-
-
 def run_answers(questions: Sequence[Question], backend: AnswerBackend, out_path: str | Path, model_id: str,
-                chunk_size: int = 8, progress: bool = True) -> AnswerStats:
-    """Answer every question not yet in `out_path`, `chunk_size` questions per backend call, turn by turn."""
+                chunk_size: int = 8, progress: bool = True,
+                temperature_of: Callable[[Question], float] | None = None) -> AnswerStats:
+    """Answer every question not yet in `out_path`, `chunk_size` questions per backend call, turn by turn.
+
+    `temperature_of` (e.g. `fastchat_temperature`) sets the backend's temperature per question; chunks then
+    hold questions of one temperature. None keeps the backend's own.
+    """
     done = set(load_answers(out_path)) if Path(out_path).is_file() else set()
     pending = [q for q in questions if q.question_id not in done]
-    pending.sort(key=lambda q: len(q.turns[0]))  # similar lengths per batch: less padding
+    temperature = temperature_of or (lambda q: backend.temperature)
+    pending.sort(key=lambda q: (temperature(q), len(q.turns[0])))  # similar lengths per batch: less padding
     stats = AnswerStats(skipped=len(questions) - len(pending))
     from tqdm import tqdm
 
     bar = tqdm(total=len(pending), desc=f"answer {model_id}", unit="q", disable=not progress)
     with AppendWriter(out_path) as writer:
-        for start in range(0, len(pending), chunk_size):
-            chunk = pending[start:start + chunk_size]
+        for chunk in _chunks(pending, chunk_size, temperature):
+            backend.temperature = temperature(chunk[0])
             for question, turns in zip(chunk, _answer_chunk(chunk, backend)):
                 if turns is None:
                     stats.failed += 1
                     continue
-                writer.write(answer_record(question, model_id, turns))
+                writer.write(answer_record(question.question_id, model_id, turns))
                 stats.written += 1
             bar.update(len(chunk))
     bar.close()
     return stats
+
+
+def _chunks(questions: list[Question], size: int, key) -> list[list[Question]]:
+    """Consecutive runs of at most `size` questions sharing `key` (the list is sorted by it)."""
+    chunks: list[list[Question]] = []
+    for question in questions:
+        if chunks and len(chunks[-1]) < size and key(chunks[-1][0]) == key(question):
+            chunks[-1].append(question)
+        else:
+            chunks.append([question])
+    return chunks
 
 
 def _answer_chunk(chunk: list[Question], backend: AnswerBackend) -> list[list[str] | None]:

@@ -1,19 +1,43 @@
-"""Judge prompts, built apart from the API call: Vicuna's pairwise reviews and MT-bench's single grades.
+"""Judge prompts: one registry entry per prompt, loaded from FastChat's `judge_prompts.jsonl` format.
 
-Pairwise (Vicuna evaluation): the judge rates Assistant 1 and Assistant 2 from 1 to 10 on helpfulness, relevance,
-accuracy and level of detail. General questions: the two scores on the first line, then the explanation.
-Coding: the judge reviews the code. Math: the judge solves the problem first, checks each step, and ends with
-`Assistant 1: x` / `Assistant 2: y` (reason first, scores last; the parser reads both layouts).
-Single (MT-bench): one answer graded 1-10 as `Rating: [[x]]`; math questions with a reference answer are graded
-against it (reference-guided). Multi-turn questions are judged per turn, the judge seeing the whole
-conversation so far and asked to grade the last assistant reply.
+    prompts = load_prompt_set("mt_bench")          # FastChat's eight MT-bench prompts, as FastChat ships them
+    prompts = load_prompt_set("vicuna")            # the Vicuna post's three GPT-4 review prompts
+    prompts = load_prompt_set("my_prompts.jsonl")  # any file in that format
+    chosen = prompts.select(JudgeMode.PAIRWISE, question, turn=1)
+    messages = chosen.prompt.render(question, [answer_a_turns, answer_b_turns], turn=1)
+    verdict = chosen.prompt.parse(judge_text)
+
+A record of the file (`name`, `type`, `system_prompt`, `prompt_template`, `output_format`, optional
+`categories`) becomes one `JudgePrompt`: its mode (`type`), whether it judges the second turn (the template
+names `{question_2}`), whether it needs reference answers (it names `{ref_answer_1}`), the question categories
+it serves and its score parser (`output_format`). Routing follows FastChat's `gen_judgment.py`: turn 1 is judged
+with a single-turn prompt, turn 2 of a two-turn question with a multi-turn prompt (which shows the whole
+conversation and asks about the second answer); a prompt that uses references serves FastChat's reference
+categories (math, reasoning, coding) unless the record lists `categories`; every other question gets the
+prompt without categories. A question in a reference category without a reference answer for the judged turns
+falls back to the general prompt, and the selection says so (the judge counts and reports these).
+
+Rendering fills the template with FastChat's placeholder names (`question`, `answer`, `answer_a`, `answer_b`,
+`question_1`, `answer_a_2`, `ref_answer_1`, ...) by `str.format`, as FastChat does, and sends the system
+prompt as the system message. The prompt texts are therefore FastChat's, character for character.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
 
 from ds_vicuna.eval.questions import Question
+from ds_vicuna.eval.records import RecordError, iter_jsonl
+from ds_vicuna.eval.score_parsing import (PAIRWISE_FORMATS, SINGLE_FORMATS, PairVerdict, SingleScore,
+                                          parse_pairwise, parse_single)
+
+REFERENCE_CATEGORIES = frozenset({"math", "reasoning", "coding", "arena-hard-200"})  # FastChat's NEED_REF_CATS
+BUNDLED_PROMPT_SETS = {"mt_bench": ("data", "fastchat", "judge_prompts.jsonl"),
+                       "vicuna": ("data", "fastchat", "vicuna_judge_prompts.jsonl")}
+MULTI_TURN_TURNS = 2  # FastChat's multi-turn templates show exactly two turns
 
 
 class JudgeMode(str, enum.Enum):
@@ -23,131 +47,165 @@ class JudgeMode(str, enum.Enum):
 
 @dataclass(frozen=True)
 class JudgePrompt:
+    """One judge prompt: everything about it in one place."""
+
     name: str
-    """Which prompt was used (recorded next to each judgment), e.g. "pair-math" or "single-math-ref-multi"."""
-    messages: list[dict]
+    mode: JudgeMode
+    multi_turn: bool
+    """Judges turn 2 of a two-turn question, seeing both turns."""
+    categories: frozenset[str] | None
+    """Question categories this prompt serves; None: every category no other prompt claims."""
+    uses_reference: bool
+    system_prompt: str
+    template: str
+    output_format: str
+    """Selects the score parser (score_parsing.PAIRWISE_FORMATS / SINGLE_FORMATS)."""
+
+    def render(self, question: Question, answers: Sequence[Sequence[str]], turn: int) -> list[dict]:
+        """Chat messages for judging `turn` (1-based) of `answers` (one answer's turns for single mode; the
+        answers shown as A and B for pairwise mode).
+
+        Raises:
+            ValueError: wrong number of answers, an answer or reference missing a turn the template needs.
+        """
+        needed = MULTI_TURN_TURNS if self.multi_turn else 1
+        expected = 2 if self.mode is JudgeMode.PAIRWISE else 1
+        if len(answers) != expected:
+            raise ValueError(f"{self.name}: {expected} answer(s) needed, got {len(answers)}")
+        if turn != needed or len(question.turns) < needed or any(len(a) < needed for a in answers):
+            raise ValueError(f"{self.name}: judges turn {needed} of a question with at least {needed} turns; "
+                             f"question {question.question_id!r} turn {turn} has {len(question.turns)} turns and "
+                             f"answers with {[len(a) for a in answers]}")
+        return [{"role": "system", "content": self.system_prompt},
+                {"role": "user", "content": self.template.format(**self._fields(question, answers))}]
+
+    def _fields(self, question: Question, answers: Sequence[Sequence[str]]) -> dict:
+        fields: dict = {}
+        if self.uses_reference:
+            for n in range(1, (MULTI_TURN_TURNS if self.multi_turn else 1) + 1):
+                reference = question.reference_for(n)
+                if reference is None:
+                    raise ValueError(f"{self.name}: question {question.question_id!r} has no reference for turn {n}")
+                fields[f"ref_answer_{n}"] = reference
+        names = ("answer",) if self.mode is JudgeMode.SINGLE else ("answer_a", "answer_b")
+        if not self.multi_turn:
+            fields["question"] = question.turns[0]
+            fields.update({name: answer[0] for name, answer in zip(names, answers)})
+            return fields
+        for n in (1, 2):
+            fields[f"question_{n}"] = question.turns[n - 1]
+            fields.update({f"{name}_{n}": answer[n - 1] for name, answer in zip(names, answers)})
+        return fields
+
+    def parse(self, text: str | None) -> PairVerdict | SingleScore:
+        """The judge's verdict (pairwise, in the order shown) or grade (single)."""
+        if self.mode is JudgeMode.PAIRWISE:
+            return parse_pairwise(text, self.output_format)
+        return parse_single(text, self.output_format)
+
+    def serves(self, category: str) -> bool:
+        return self.categories is not None and category in self.categories
 
 
-PAIR_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
-SINGLE_SYSTEM = "You are a helpful assistant."
-REFERENCE_CATEGORIES = frozenset({"math"})
-
-_PAIR_GENERAL = (
-    "We would like to request your feedback on the performance of two AI assistants in response to the user "
-    "question displayed above.\nPlease rate the helpfulness, relevance, accuracy, level of details of their "
-    "responses. Each assistant receives an overall score on a scale of 1 to 10, where a higher score indicates "
-    "better overall performance.\nPlease first output a single line containing only two values indicating the "
-    "scores for Assistant 1 and 2, respectively. The two scores are separated by a space. In the subsequent line, "
-    "please provide a comprehensive explanation of your evaluation, avoiding any potential bias and ensuring that "
-    "the order in which the responses were presented does not affect your judgment.")
-_PAIR_CODING = (
-    "Your task is to evaluate the coding abilities of the above two assistants. They have been asked to implement "
-    "a program to solve a given problem. Please review their code submissions, paying close attention to their "
-    "problem-solving approach, code structure, readability, and the inclusion of helpful comments.\n\n"
-    "Please ensure that the assistants' submissions:\n\n1. Correctly implement the given problem statement.\n"
-    "2. Contain accurate and efficient code.\n3. Include clear and concise comments that explain the code's logic "
-    "and functionality.\n4. Adhere to proper coding standards and best practices.\n\nOnce you have carefully "
-    "reviewed both submissions, you should first output a single line containing only two scores on the scale of "
-    "1-10 (1: no code/no sense; 10: perfect) for Assistant 1 and 2, respectively, separated by a space. Then give "
-    "detailed feedback on their strengths and weaknesses, with any suggestions for improvement, starting from the "
-    "next line.")
-_PAIR_MATH = (
-    "We would like to request your feedback on the mathematical proficiency of two AI assistants regarding the "
-    "given user question displayed above.\nFirst, please solve the problem independently, without referring to "
-    "the answers provided by both AI assistants.\nNext, please examine the problem-solving process of each "
-    "assistant step-by-step to ensure their correctness, identifying any incorrect steps if present. Your "
-    "evaluation should take into account not only the answer but also the problem-solving steps.\nFinally, rate "
-    "each assistant on a scale of 1 to 10, where a higher score indicates better overall performance, and end "
-    "your review with exactly these two lines:\nAssistant 1: <score>\nAssistant 2: <score>")
-_MULTI_TURN_FOCUS = ("The user asked {n} questions in turn; evaluate only the assistants' replies to the last one "
-                     "(question {n}), taking the earlier conversation into account.")
-_SINGLE_GENERAL = (
-    "Please act as an impartial judge and evaluate the quality of the response provided by an AI assistant to the "
-    "user question displayed below. Your evaluation should consider factors such as the helpfulness, relevance, "
-    "accuracy, depth, creativity, and level of detail of the response. Begin your evaluation by providing a short "
-    "explanation. Be as objective as possible. After providing your explanation, you must rate the response on a "
-    'scale of 1 to 10 by strictly following this format: "[[rating]]", for example: "Rating: [[5]]".')
-_SINGLE_REFERENCE = (
-    "Please act as an impartial judge and evaluate the quality of the response provided by an AI assistant to the "
-    "user question displayed below. Your evaluation should consider correctness and helpfulness. You will be "
-    "given a reference answer and the assistant's answer. Begin your evaluation by comparing the assistant's "
-    "answer with the reference answer. Identify and correct any mistakes. Be as objective as possible. After "
-    "providing your explanation, you must rate the response on a scale of 1 to 10 by strictly following this "
-    'format: "[[rating]]", for example: "Rating: [[5]]".')
+@dataclass(frozen=True)
+class Selection:
+    prompt: JudgePrompt | None
+    """None: no prompt in the set judges this turn."""
+    missing_reference: bool = False
+    """A reference prompt serves the category, but the question lacks a reference: the general one was chosen."""
 
 
-def pair_instruction_name(category: str) -> str:
-    """Vicuna's category routing: coding and math get their own reviewer instructions."""
-    return {"coding": "pair-coding", "math": "pair-math"}.get(category, "pair-general")
+@dataclass(frozen=True)
+class PromptSet:
+    name: str
+    prompts: tuple[JudgePrompt, ...]
+
+    def select(self, mode: JudgeMode, question: Question, turn: int) -> Selection:
+        """The prompt for judging `turn` (1-based) of `question` in `mode` (module docstring: routing)."""
+        if turn > MULTI_TURN_TURNS or (turn == MULTI_TURN_TURNS and len(question.turns) != MULTI_TURN_TURNS):
+            return Selection(None)
+        slot = [p for p in self.prompts if p.mode is mode and p.multi_turn == (turn == MULTI_TURN_TURNS)]
+        general = next((p for p in slot if p.categories is None), None)
+        special = next((p for p in slot if p.serves(question.category)), None)
+        if special is None:
+            return Selection(general)
+        if special.uses_reference and any(question.reference_for(n) is None for n in range(1, turn + 1)):
+            return Selection(general, missing_reference=True)
+        return Selection(special)
+
+    def by_name(self, name: str) -> JudgePrompt:
+        """Raises KeyError naming the set's prompts."""
+        for prompt in self.prompts:
+            if prompt.name == name:
+                return prompt
+        raise KeyError(f"judge prompt {name!r} is not in {self.name} ({[p.name for p in self.prompts]})")
 
 
-def build_pairwise_prompt(question: Question, answer_1: list[str], answer_2: list[str], turn: int) -> JudgePrompt:
-    """The review request for turn `turn` (1-based) with `answer_1` shown as Assistant 1.
+def prompt_set_path(name_or_path: str | Path) -> Path:
+    """A bundled set name (`mt_bench`, `vicuna`) -> its packaged file; anything else is a path."""
+    if str(name_or_path) in BUNDLED_PROMPT_SETS:
+        return Path(str(resources.files("ds_vicuna.eval").joinpath(*BUNDLED_PROMPT_SETS[str(name_or_path)])))
+    return Path(name_or_path)
+
+
+def load_prompt_set(name_or_path: str | Path) -> PromptSet:
+    """Load a judge prompt file in FastChat's `judge_prompts.jsonl` format.
 
     Raises:
-        ValueError: an answer with fewer turns than `turn`, or a turn the question does not have.
+        RecordError: a bad record (file:line:field), a duplicate name, or two prompts competing for the same
+            mode, turn and category.
     """
-    _check_turn(question, turn, answer_1, answer_2)
-    name = pair_instruction_name(question.category)
-    instruction = {"pair-coding": _PAIR_CODING, "pair-math": _PAIR_MATH}.get(name, _PAIR_GENERAL)
-    parts = []
-    if turn == 1:
-        parts.append(f"[Question]\n{question.turns[0]}\n")
-        for label, answer in (("Assistant 1", answer_1), ("Assistant 2", answer_2)):
-            parts.append(f"[The Start of {label}'s Answer]\n{answer[0]}\n\n[The End of {label}'s Answer]\n")
-    else:
-        for label, answer in (("Assistant 1", answer_1), ("Assistant 2", answer_2)):
-            parts.append(_conversation_block(label, question.turns[:turn], answer[:turn]))
-        instruction = _MULTI_TURN_FOCUS.format(n=turn) + "\n" + instruction
-        name += "-multi"
-    reference = _reference(question, turn)
-    if reference is not None and name.startswith("pair-math"):
-        parts.append(f"[The Start of Reference Answer]\n{reference}\n[The End of Reference Answer]\n")
-        name += "-ref"
-    parts.append(f"[System]\n{instruction}\n")
-    return JudgePrompt(name, [{"role": "system", "content": PAIR_SYSTEM},
-                              {"role": "user", "content": "\n".join(parts)}])
+    path = prompt_set_path(name_or_path)
+    prompts: list[JudgePrompt] = []
+    for line, record in iter_jsonl(path):
+        prompt = parse_prompt(record, f"{path}:{line}")
+        for other in prompts:
+            if other.name == prompt.name:
+                raise RecordError(f"{path}:{line}:name: duplicate judge prompt {prompt.name!r}")
+            if (other.mode, other.multi_turn) == (prompt.mode, prompt.multi_turn) and _overlap(other, prompt):
+                raise RecordError(f"{path}:{line}: judge prompts {other.name!r} and {prompt.name!r} both serve "
+                                  f"{prompt.mode.value} {'turn 2' if prompt.multi_turn else 'turn 1'} of the same "
+                                  "categories; keep one of them in the file")
+        prompts.append(prompt)
+    if not prompts:
+        raise RecordError(f"{path}: no judge prompts")
+    return PromptSet(str(name_or_path), tuple(prompts))
 
 
-def build_single_prompt(question: Question, answer: list[str], turn: int) -> JudgePrompt:
-    """The MT-bench grading request for turn `turn` (1-based); math with a reference is reference-guided."""
-    _check_turn(question, turn, answer)
-    reference = _reference(question, turn) if question.category in REFERENCE_CATEGORIES else None
-    name = "single-math-ref" if reference is not None else "single-general"
-    instruction = _SINGLE_REFERENCE if reference is not None else _SINGLE_GENERAL
-    parts = [f"[Instruction]\n{instruction}\n"]
-    if turn == 1:
-        parts.append(f"[Question]\n{question.turns[0]}\n")
-        if reference is not None:
-            parts.append(f"[The Start of Reference Answer]\n{reference}\n[The End of Reference Answer]\n")
-        parts.append(f"[The Start of Assistant's Answer]\n{answer[0]}\n[The End of Assistant's Answer]")
-    else:
-        parts[0] = f"[Instruction]\n{_MULTI_TURN_FOCUS.format(n=turn)}\n{instruction}\n"
-        if reference is not None:
-            parts.append(f"[The Start of Reference Answer to question {turn}]\n{reference}\n"
-                         "[The End of Reference Answer]\n")
-        parts.append(_conversation_block("Assistant", question.turns[:turn], answer[:turn]))
-        name += "-multi"
-    return JudgePrompt(name, [{"role": "system", "content": SINGLE_SYSTEM},
-                              {"role": "user", "content": "\n".join(parts)}])
+def _overlap(a: JudgePrompt, b: JudgePrompt) -> bool:
+    if a.categories is None or b.categories is None:
+        return a.categories is None and b.categories is None
+    return bool(a.categories & b.categories)
 
 
-def _conversation_block(label: str, questions: tuple[str, ...], replies: list[str]) -> str:
-    lines = [f"<|The Start of {label}'s Conversation with User|>\n"]
-    for i, (asked, reply) in enumerate(zip(questions, replies), start=1):
-        lines.append(f"### User (question {i}):\n{asked}\n\n### {label}:\n{reply}\n")
-    lines.append(f"<|The End of {label}'s Conversation with User|>\n")
-    return "\n".join(lines)
+def parse_prompt(record: dict, where: str) -> JudgePrompt:
+    """One `judge_prompts.jsonl` record -> JudgePrompt; `where` ("file:line") prefixes every error."""
+    for field in ("name", "type", "system_prompt", "prompt_template", "output_format"):
+        if not isinstance(record.get(field), str) or (field != "system_prompt" and not record[field]):
+            raise RecordError(f"{where}:{field}: expected a string, got {record.get(field)!r}")
+    try:
+        mode = JudgeMode(record["type"])
+    except ValueError:
+        raise RecordError(f"{where}:type: expected 'pairwise' or 'single', got {record['type']!r}") from None
+    known = PAIRWISE_FORMATS if mode is JudgeMode.PAIRWISE else SINGLE_FORMATS
+    if record["output_format"] not in known:
+        raise RecordError(f"{where}:output_format: {record['output_format']!r} is not a {mode.value} format "
+                          f"this parser reads ({', '.join(known)})")
+    template = record["prompt_template"]
+    uses_reference = "{ref_answer_1}" in template
+    categories = record.get("categories")
+    if categories is not None:
+        if not isinstance(categories, list) or not all(isinstance(c, str) and c for c in categories):
+            raise RecordError(f"{where}:categories: expected a list of category names")
+        categories = frozenset(categories)
+    elif uses_reference:
+        categories = REFERENCE_CATEGORIES
+    return JudgePrompt(record["name"], mode, "{question_2}" in template, categories, uses_reference,
+                       record["system_prompt"], template, record["output_format"])
 
 
-def _reference(question: Question, turn: int) -> str | None:
-    return question.reference[turn - 1] if question.reference else None
-
-
-def _check_turn(question: Question, turn: int, *answers: list[str]) -> None:
-    if not 1 <= turn <= len(question.turns):
-        raise ValueError(f"question {question.question_id}: no turn {turn} (it has {len(question.turns)})")
-    for answer in answers:
-        if len(answer) < turn:
-            raise ValueError(f"question {question.question_id}: an answer has {len(answer)} turns, "
-                             f"turn {turn} requested")
+def default_prompt_set(mode: JudgeMode, questions: Sequence[Question]) -> str:
+    """`vicuna` (scores, Vicuna's Table 2) for pairwise judging of single-turn questions; `mt_bench` otherwise."""
+    if mode is JudgeMode.PAIRWISE and all(len(q.turns) == 1 for q in questions):
+        return "vicuna"
+    return "mt_bench"

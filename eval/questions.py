@@ -1,14 +1,21 @@
 """Question sets in FastChat's format: one JSON object per line.
 
-    {"question_id": 1, "category": "generic", "text": "How can I improve my time management skills?"}
+    {"question_id": 1, "category": "generic", "turns": ["How can I improve my time management skills?"]}
     {"question_id": 81, "category": "math", "turns": ["...", "..."], "reference": ["...", "..."]}
+    {"question_id": 1, "category": "generic", "text": "..."}       # Vicuna's March-2023 single-turn form
 
-`text` is a single-turn question (Vicuna's 80); `turns` is an MT-bench-style multi-turn question. `reference`
-(optional, one per turn) holds reference answers for reference-guided grading.
+`turns` holds one string per user turn (FastChat's MT-bench and Vicuna-bench files); `text` is the older
+single-turn form. `reference` (optional, one string per turn; an empty string means "none for this turn", as in
+eight of MT-bench's records) holds reference answers. FastChat's judging reads references from a separate
+answer file instead (`reference_answer/gpt-4.jsonl`); `with_reference_answers` attaches such a file, and the
+bundled `mt_bench` and `vicuna_bench` sets come with FastChat's GPT-4 reference answers attached.
+
+Bundled sets: `vicuna_80` and `mt_bench_mini` (written for ds-vicuna), `mt_bench` and `vicuna_bench`
+(FastChat's files, byte for byte; see `eval/data/fastchat/README.md`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -16,7 +23,15 @@ from ds_vicuna.eval.records import RecordError, iter_jsonl
 
 VICUNA_CATEGORIES = ("generic", "knowledge", "roleplay", "common-sense", "fermi", "counterfactual", "writing",
                      "coding", "math")
-BUNDLED_SETS = {"vicuna_80": "vicuna_80.jsonl", "mt_bench_mini": "mt_bench_mini.jsonl"}
+_FASTCHAT = ("data", "fastchat")
+BUNDLED_SETS = {  # name -> (question file, reference answer file or None), relative to the package
+    "vicuna_80": (("questions", "vicuna_80.jsonl"), None),
+    "mt_bench_mini": (("questions", "mt_bench_mini.jsonl"), None),
+    "mt_bench": ((*_FASTCHAT, "mt_bench", "question.jsonl"),
+                 (*_FASTCHAT, "mt_bench", "reference_answer", "gpt-4.jsonl")),
+    "vicuna_bench": ((*_FASTCHAT, "vicuna_bench", "question.jsonl"),
+                     (*_FASTCHAT, "vicuna_bench", "reference_answer", "gpt-4.jsonl")),
+}
 
 
 class QuestionError(RecordError):
@@ -28,22 +43,39 @@ class Question:
     question_id: int | str
     category: str
     turns: tuple[str, ...]
-    reference: tuple[str, ...] | None = None
+    reference: tuple[str | None, ...] | None = None
+    """One reference answer per turn (None where a turn has none), or None for no references at all."""
 
     @property
     def multi_turn(self) -> bool:
         return len(self.turns) > 1
 
+    def reference_for(self, turn: int) -> str | None:
+        """The reference answer of turn `turn` (1-based), or None."""
+        if not self.reference or turn > len(self.reference):
+            return None
+        return self.reference[turn - 1]
+
+
+def _package_file(parts: tuple[str, ...]) -> Path:
+    return Path(str(resources.files("ds_vicuna.eval").joinpath(*parts)))
+
 
 def question_set_path(name_or_path: str | Path) -> Path:
-    """A bundled set name (`vicuna_80`, `mt_bench_mini`) -> its packaged file; anything else is a path."""
+    """A bundled set name (see BUNDLED_SETS) -> its packaged file; anything else is a path."""
     if str(name_or_path) in BUNDLED_SETS:
-        return Path(str(resources.files("ds_vicuna.eval") / "questions" / BUNDLED_SETS[str(name_or_path)]))
+        return _package_file(BUNDLED_SETS[str(name_or_path)][0])
     return Path(name_or_path)
 
 
+def bundled_reference_answers(name_or_path: str | Path) -> Path | None:
+    """The reference answer file that comes with a bundled set (FastChat's GPT-4 answers), else None."""
+    entry = BUNDLED_SETS.get(str(name_or_path))
+    return _package_file(entry[1]) if entry and entry[1] else None
+
+
 def load_questions(name_or_path: str | Path) -> list[Question]:
-    """Load and validate a question file.
+    """Load and validate a question file (references only from its own `reference` fields).
 
     Raises:
         QuestionError: a bad or duplicate record, naming file:line:field.
@@ -61,6 +93,43 @@ def load_questions(name_or_path: str | Path) -> list[Question]:
     if not questions:
         raise QuestionError(f"{path}: no questions")
     return questions
+
+
+def load_question_set(name_or_path: str | Path, reference_answers: str | Path | None = None) -> list[Question]:
+    """Questions with reference answers attached: from `reference_answers` if given, else the bundled set's.
+
+    Raises:
+        QuestionError, RecordError: a bad question or reference answer record (file:line:field).
+    """
+    questions = load_questions(name_or_path)
+    references = reference_answers or bundled_reference_answers(name_or_path)
+    return with_reference_answers(questions, references) if references else questions
+
+
+def with_reference_answers(questions: list[Question], path: str | Path) -> list[Question]:
+    """Attach a FastChat reference answer file (`choices[0].turns` per question_id) to the questions it covers.
+
+    A question the file covers takes the file's references (FastChat judges with these, not the question's own
+    `reference` field); other questions keep theirs.
+
+    Raises:
+        QuestionError: a reference answer with fewer turns than its question.
+    """
+    from ds_vicuna.eval.answer_files import load_answers
+
+    answers = load_answers(path)
+    out = []
+    for question in questions:
+        answer = answers.get(question.question_id)
+        if answer is None:
+            out.append(question)
+            continue
+        if len(answer.turns) < len(question.turns):
+            raise QuestionError(f"{path}: question {question.question_id!r}: {len(answer.turns)} reference turns "
+                                f"for {len(question.turns)} question turns")
+        out.append(replace(question, reference=tuple(t if t.strip() else None for t in
+                                                     answer.turns[:len(question.turns)])))
+    return out
 
 
 def parse_question(record: dict, where: str) -> Question:
@@ -83,15 +152,18 @@ def parse_question(record: dict, where: str) -> Question:
     reference = record.get("reference")
     if reference is not None:
         reference = [reference] if isinstance(reference, str) else reference
-        _check_strings(reference, f"{where}:reference")
+        _check_strings(reference, f"{where}:reference", allow_empty=True)
         if len(reference) != len(turns):
             raise QuestionError(f"{where}:reference: {len(reference)} reference answers for {len(turns)} turns")
-    return Question(qid, category, tuple(turns), tuple(reference) if reference is not None else None)
+        reference = tuple(r if r.strip() else None for r in reference)
+        if all(r is None for r in reference):
+            reference = None
+    return Question(qid, category, tuple(turns), reference)
 
 
-def _check_strings(values, where: str) -> None:
+def _check_strings(values, where: str, allow_empty: bool = False) -> None:
     if not isinstance(values, list) or not values:
         raise QuestionError(f"{where}: expected a non-empty list of strings")
     for i, value in enumerate(values):
-        if not isinstance(value, str) or not value.strip():
+        if not isinstance(value, str) or (not allow_empty and not value.strip()):
             raise QuestionError(f"{where}[{i}]: expected a non-empty string, got {value!r}")

@@ -10,6 +10,13 @@ Pairwise forms, tried in this order:
 3. A Python tuple on the last line that has one: `(3, 7)` (FastChat's math prompt asked for a tuple).
 Single forms: `[[7]]` (last one), `Rating: [7]`, `Rating: 7/10`.
 Scores must lie in [0, 10]; anything else is OUT_OF_RANGE, not clipped.
+
+MT-bench verdicts (FastChat's `[[A]]` output format): the LAST of `[[A]]`, `[[B]]`, `[[C]]` (tie) in the text.
+FastChat takes the first one it finds in the order A, B, C, so a judge that quotes the format before its
+verdict ("...output [[A]] if...; my verdict: [[B]]") is read as A there and as B here.
+Two bracketed scores (`[[rating_a,rating_b]]`): `[[8, 9]]`, else `[8, 9]`, as FastChat's patterns.
+`parse_pairwise(text, output_format)` dispatches on a judge prompt's `output_format` and always returns a winner
+("A", "B" or "tie"; scores within TIE_DELTA are a tie, as in FastChat).
 """
 from __future__ import annotations
 
@@ -18,6 +25,13 @@ import re
 from dataclasses import dataclass
 
 MIN_SCORE, MAX_SCORE = 0.0, 10.0
+TIE_DELTA = 0.1  # FastChat's: two scores this close are a tie
+VERDICT = "[[A]]"
+RATING = "[[rating]]"
+BRACKET_PAIR = "[[rating_a,rating_b]]"
+VICUNA_PAIR = "score_a score_b"
+PAIRWISE_FORMATS = (VERDICT, BRACKET_PAIR, VICUNA_PAIR)
+SINGLE_FORMATS = (RATING,)
 _NUM = r"(\d+(?:\.\d+)?)"
 _OUT_OF_TEN = r"(?:\s*(?:/|out\s+of)\s*10(?:\.0)?)?"
 _FIRST_LINE = re.compile(
@@ -33,6 +47,9 @@ _TUPLE = re.compile(r"\(\s*" + _NUM + r"\s*,\s*" + _NUM + r"\s*\)")
 _DOUBLE_BRACKET = re.compile(r"\[\[\s*" + _NUM + r"\s*(?:/\s*10)?\s*\]\]")
 _RATING = re.compile(r"rating\s*[:=]?\s*(?:\*\*)?\s*\[?\s*" + _NUM + r"\s*(?:/\s*10)?\s*\]?", re.IGNORECASE)
 _MARKUP = re.compile(r"[*_`#]+")
+_VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
+_BRACKET_PAIR = re.compile(r"\[\[\s*" + _NUM + r"\s*,\s*" + _NUM + r"\s*\]\]")
+_BRACKET_PAIR_BACKUP = re.compile(r"\[\s*" + _NUM + r"\s*,\s*" + _NUM + r"\s*\]")
 
 
 class ParseFailure(str, enum.Enum):
@@ -48,6 +65,18 @@ class PairScore:
     parsed: bool
     score_1: float | None = None
     score_2: float | None = None
+    failure: ParseFailure | None = None
+
+
+@dataclass(frozen=True)
+class PairVerdict:
+    """A pairwise judgment read in the order shown: A = the first answer, B = the second."""
+
+    parsed: bool
+    winner: str | None = None
+    """"A", "B" or "tie"."""
+    score_a: float | None = None
+    score_b: float | None = None
     failure: ParseFailure | None = None
 
 
@@ -79,6 +108,61 @@ def parse_single_score(text: str | None) -> SingleScore:
     if not MIN_SCORE <= score <= MAX_SCORE:
         return SingleScore(False, failure=ParseFailure.OUT_OF_RANGE)
     return SingleScore(True, score=score)
+
+
+def parse_pairwise(text: str | None, output_format: str) -> PairVerdict:
+    """Read a pairwise judgment written for a prompt with this `output_format` (see PAIRWISE_FORMATS).
+
+    Raises:
+        ValueError: an output format no parser reads.
+    """
+    if output_format == VERDICT:
+        return parse_verdict(text)
+    if output_format == BRACKET_PAIR:
+        scores = parse_bracket_pair_scores(text)
+    elif output_format == VICUNA_PAIR:
+        scores = parse_pair_scores(text)
+    else:
+        raise ValueError(f"no pairwise parser for output_format {output_format!r} (known: {PAIRWISE_FORMATS})")
+    if not scores.parsed:
+        return PairVerdict(False, failure=scores.failure)
+    return PairVerdict(True, winner_of(scores.score_1, scores.score_2), scores.score_1, scores.score_2)
+
+
+def parse_single(text: str | None, output_format: str) -> SingleScore:
+    """Read a single-answer grade written for a prompt with this `output_format` (see SINGLE_FORMATS).
+
+    Raises:
+        ValueError: an output format no parser reads.
+    """
+    if output_format != RATING:
+        raise ValueError(f"no single-answer parser for output_format {output_format!r} (known: {SINGLE_FORMATS})")
+    return parse_single_score(text)
+
+
+def winner_of(score_a: float, score_b: float) -> str:
+    """"A", "B" or "tie" (within TIE_DELTA) from two scores."""
+    if abs(score_a - score_b) <= TIE_DELTA:
+        return "tie"
+    return "A" if score_a > score_b else "B"
+
+
+def parse_verdict(text: str | None) -> PairVerdict:
+    """Read an MT-bench verdict: the last `[[A]]`, `[[B]]` or `[[C]]` (a tie)."""
+    if not text or not text.strip():
+        return PairVerdict(False, failure=ParseFailure.EMPTY)
+    found = _VERDICT.findall(text)
+    if not found:
+        return PairVerdict(False, failure=ParseFailure.NO_SCORES)
+    return PairVerdict(True, {"A": "A", "B": "B", "C": "tie"}[found[-1]])
+
+
+def parse_bracket_pair_scores(text: str | None) -> PairScore:
+    """Read `[[8, 9]]` (else `[8, 9]`), FastChat's `[[rating_a,rating_b]]` format; the first match counts."""
+    if not text or not text.strip():
+        return PairScore(False, failure=ParseFailure.EMPTY)
+    match = _BRACKET_PAIR.search(text) or _BRACKET_PAIR_BACKUP.search(text)
+    return _checked_pair(*match.groups()) if match else PairScore(False, failure=ParseFailure.NO_SCORES)
 
 
 def _first_line_pair(text: str) -> tuple[str, str] | None:

@@ -1,14 +1,16 @@
 """`ds-vicuna serve ...` and `ds-vicuna chat`: start the serving stack, or talk to it from a terminal.
 
     ds-vicuna serve all --model embedded --port 8000                  # controller + worker + API, one process
-    ds-vicuna serve controller --port 21001 --worker-secret S
+    ds-vicuna serve controller --host 0.0.0.0 --port 21001 --worker-secret S
     ds-vicuna serve worker --model out/export --controller http://10.0.0.1:21001 --host 0.0.0.0 \
         --worker-address http://10.0.0.2:21002 --port 21002 --worker-secret S
-    ds-vicuna serve api --controller http://10.0.0.1:21001 --port 8000 --api-key K
+    ds-vicuna serve api --controller http://10.0.0.1:21001 --port 8000 --api-key K --worker-secret S
     ds-vicuna chat --base-url http://127.0.0.1:8000/v1
 
-Every server binds 127.0.0.1 unless --host says otherwise and runs under waitress. The worker secret and API keys
-can come from $DS_VICUNA_WORKER_SECRET and $DS_VICUNA_API_KEYS (comma separated) to keep them out of `ps`.
+Every server binds 127.0.0.1 unless --host says otherwise and runs under waitress. The worker secret guards every
+internal endpoint (controller and workers; the API sends it); a controller or worker bound to another interface
+refuses to start without one unless `--insecure` is given. The worker secret and API keys can come from
+$DS_VICUNA_WORKER_SECRET and $DS_VICUNA_API_KEYS (comma separated) to keep them out of `ps`.
 """
 from __future__ import annotations
 
@@ -33,20 +35,22 @@ def register(subparsers) -> None:
     _worker_args(p)
     _api_args(p)
     _secret_arg(p)
+    p.add_argument("--controller-host", default="127.0.0.1",
+                   help="interface the controller binds (another than 127.0.0.1 lets workers on other hosts join)")
     p.add_argument("--controller-port", type=int, default=0, help="controller port (default: a free one)")
     p.add_argument("--heartbeat-expiry", type=float, default=10.0, help="seconds before a silent worker is dropped")
     p.set_defaults(func=run_all)
 
     p = roles.add_parser("controller", help="the worker registry and router")
     _net_args(p, 21001)
-    _secret_arg(p)
+    _secret_arg(p, exposed=True)
     p.add_argument("--heartbeat-expiry", type=float, default=10.0, help="seconds before a silent worker is dropped")
     p.set_defaults(func=run_controller)
 
     p = roles.add_parser("worker", help="one model worker")
     _net_args(p, 21002)
     _worker_args(p)
-    _secret_arg(p)
+    _secret_arg(p, exposed=True)
     p.add_argument("--controller", default=DEFAULT_CONTROLLER, help="controller URL")
     p.add_argument("--worker-address", help="URL the controller calls (default: http://HOST:PORT)")
     p.set_defaults(func=run_worker)
@@ -54,6 +58,7 @@ def register(subparsers) -> None:
     p = roles.add_parser("api", help="the OpenAI-compatible API server and web chat page")
     _net_args(p, 8000)
     _api_args(p)
+    _secret_arg(p)
     p.add_argument("--controller", default=DEFAULT_CONTROLLER, help="controller URL")
     p.set_defaults(func=run_api)
 
@@ -94,9 +99,30 @@ def _api_args(p) -> None:
     p.add_argument("--moderation-key", default=os.environ.get("DS_VICUNA_MODERATION_KEY"))
 
 
-def _secret_arg(p) -> None:
+def _secret_arg(p, exposed: bool = False) -> None:
     p.add_argument("--worker-secret", default=os.environ.get("DS_VICUNA_WORKER_SECRET"),
-                   help="shared secret for worker registration (default: $DS_VICUNA_WORKER_SECRET)")
+                   help="shared secret of controller, workers and API (default: $DS_VICUNA_WORKER_SECRET)")
+    if exposed:
+        p.add_argument("--insecure", action="store_true",
+                       help="allow binding a non-loopback interface without a worker secret (not recommended)")
+
+
+def _check_exposure(args, role: str, host: str) -> None:
+    """A controller or worker reachable from other hosts needs the worker secret, or an explicit --insecure.
+
+    Raises:
+        SystemExit: bound beyond loopback without a secret or --insecure.
+    """
+    from ds_vicuna.serve.http_util import is_loopback
+
+    if args.worker_secret or is_loopback(host):
+        return
+    if not args.insecure:
+        raise SystemExit(f"error: refusing to start the {role} on {host} without a worker secret: anyone who "
+                         "reaches it could use the model without an API key (and register workers). Set "
+                         "--worker-secret or $DS_VICUNA_WORKER_SECRET, bind 127.0.0.1, or pass --insecure.")
+    print(f"WARNING: the {role} listens on {host} with NO worker secret (--insecure): anyone who reaches this "
+          "port can generate, read its status and register workers.", file=sys.stderr, flush=True)
 
 
 # ---- building blocks ----------------------------------------------------------------------------------
@@ -105,15 +131,20 @@ def _api_keys(args) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _build_api(args, controller_url: str):
+def _build_api(args, controller_url: str, secret: str | None):
     import requests
 
     from ds_vicuna.serve.api import APIConfig, create_app
+    from ds_vicuna.serve.http_util import is_loopback
     from ds_vicuna.serve.moderation import Moderator
 
     moderator = Moderator.from_file(args.blocked_words, endpoint=args.moderation_url, api_key=args.moderation_key,
                                     http=requests)
-    config = APIConfig(controller_url, _api_keys(args), args.max_content_length, moderator=moderator)
+    keys = _api_keys(args)
+    if not keys and not is_loopback(args.host):
+        print(f"warning: the API listens on {args.host} without --api-key: anyone who reaches it can use the model",
+              file=sys.stderr, flush=True)
+    config = APIConfig(controller_url, keys, args.max_content_length, moderator=moderator, worker_secret=secret)
     return create_app(config, http=requests)
 
 
@@ -148,14 +179,18 @@ class Servers:
         for server in self.servers:
             threading.Thread(target=server.run, daemon=True).start()
 
-    def wait(self) -> None:
+    def wait(self, until: threading.Event | None = None) -> None:
+        """Serve until Ctrl-C, SIGTERM or `until` is set; then close every server."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
         try:
-            while not self.stop_event.wait(0.5):
+            while not self.stop_event.wait(0.5) and not (until is not None and until.is_set()):
                 pass
         except KeyboardInterrupt:
             pass
+        self.close()
+
+    def close(self) -> None:
         for server in self.servers:
             server.close()
 
@@ -170,6 +205,41 @@ def _setup_logging(args) -> None:
 
 
 # ---- commands -----------------------------------------------------------------------------------------
+def _start_worker(worker, servers: Servers) -> bool:
+    """Start the worker; when the controller refuses it, say so and close the servers (False)."""
+    from ds_vicuna.serve.worker import RegistrationRefused
+
+    try:
+        worker.start()
+    except RegistrationRefused as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        servers.close()
+        return False
+    return True
+
+
+def _reachable_name(host: str) -> str:
+    """What other hosts call this one: `host` itself unless it is a wildcard address."""
+    import socket
+
+    return socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+
+
+def _join_instructions(args, controller_url: str, secret_given: bool) -> str:
+    """How a worker on another host joins this `serve all`."""
+    from ds_vicuna.serve.http_util import is_loopback
+
+    if is_loopback(args.controller_host):
+        return ("workers on other hosts can join after a restart with --controller-host 0.0.0.0 and "
+                "--worker-secret S (or $DS_VICUNA_WORKER_SECRET)")
+    command = (f"DS_VICUNA_WORKER_SECRET=<the secret> ds-vicuna serve worker --model PATH --controller "
+               f"{controller_url} --host 0.0.0.0 --port 21002 --worker-address http://<that host>:21002")
+    if not secret_given:
+        return (f"workers on other hosts join with: {command}\n  (this run's worker secret was generated and is "
+                "not shown: restart with --worker-secret or $DS_VICUNA_WORKER_SECRET to share one)")
+    return f"workers on other hosts join with the same worker secret: {command}"
+
+
 def run_all(args) -> int:
     from ds_vicuna.serve.controller import Controller
     from ds_vicuna.serve.controller import create_app as controller_app
@@ -177,25 +247,30 @@ def run_all(args) -> int:
     from ds_vicuna.serve.worker import create_app as worker_app
 
     _setup_logging(args)
-    secret = args.worker_secret or secrets.token_hex(16)  # workers on other hosts need --worker-secret
+    secret_given = bool(args.worker_secret)
+    secret = args.worker_secret or secrets.token_hex(16)
     servers = Servers()
-    controller = servers.add(controller_app(Controller(args.heartbeat_expiry, secret)), "127.0.0.1",
+    controller = servers.add(controller_app(Controller(args.heartbeat_expiry, secret)), args.controller_host,
                              args.controller_port, 8)
-    controller_url = server_url(controller, "127.0.0.1")
-    api = servers.add(_build_api(args, controller_url), args.host, args.port, _threads(args, 64))
+    controller_url = server_url(controller, "127.0.0.1" if args.controller_host in ("0.0.0.0", "::")
+                                else args.controller_host)
+    api = servers.add(_build_api(args, controller_url, secret), args.host, args.port, _threads(args, 64))
     box = {}  # the worker app needs the worker, the worker needs its own URL: bind first, build after
     worker_server = servers.add(lambda environ, start: box["app"](environ, start), "127.0.0.1", 0,
                                 args.max_queue + 8)
     servers.start()
     worker = _build_worker(args, controller_url, server_url(worker_server, "127.0.0.1"), secret)
     box["app"] = worker_app(worker)
-    worker.start()
+    if not _start_worker(worker, servers):
+        return 1
+    public_controller = f"http://{_reachable_name(args.controller_host)}:{controller.effective_port}"
     print(f"controller at {controller_url}; worker {worker.address} serving {worker.loaded.name!r}", flush=True)
+    print(_join_instructions(args, public_controller, secret_given), flush=True)
     print(f"ds-vicuna API ready at http://{args.host}:{api.effective_port}/v1 "
           f"(chat page: http://{args.host}:{api.effective_port}/)", flush=True)
-    servers.wait()
+    servers.wait(until=worker.stopped)
     worker.stop()
-    return 0
+    return 1 if worker.refused else 0
 
 
 def run_controller(args) -> int:
@@ -203,6 +278,7 @@ def run_controller(args) -> int:
     from ds_vicuna.serve.http_util import server_url
 
     _setup_logging(args)
+    _check_exposure(args, "controller", args.host)
     if not args.worker_secret:
         print("warning: no --worker-secret; any process that reaches this port can register a worker",
               file=sys.stderr)
@@ -220,6 +296,7 @@ def run_worker(args) -> int:
     from ds_vicuna.serve.worker import create_app
 
     _setup_logging(args)
+    _check_exposure(args, "worker", args.host)
     box = {}  # the worker app needs the worker, the worker needs its own URL: bind first, build after
     servers = Servers()
     server = servers.add(lambda environ, start: box["app"](environ, start), args.host, args.port,
@@ -228,10 +305,14 @@ def run_worker(args) -> int:
     worker = _build_worker(args, args.controller, address, args.worker_secret)
     box["app"] = create_app(worker)
     servers.start()
-    worker.start()
+    if not _start_worker(worker, servers):
+        return 1
     print(f"ds-vicuna worker ready at {address} serving {worker.loaded.name!r} (pid {os.getpid()})", flush=True)
-    servers.wait()
+    servers.wait(until=worker.stopped)
     worker.stop()
+    if worker.refused:
+        print(f"error: {worker.refused}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
@@ -240,7 +321,8 @@ def run_api(args) -> int:
 
     _setup_logging(args)
     servers = Servers()
-    server = servers.add(_build_api(args, args.controller), args.host, args.port, _threads(args, 64))
+    server = servers.add(_build_api(args, args.controller, args.worker_secret), args.host, args.port,
+                         _threads(args, 64))
     servers.start()
     print(f"ds-vicuna API ready at {server_url(server, args.host)}/v1", flush=True)
     servers.wait()

@@ -1,24 +1,29 @@
 """Controller: knows which workers serve which models, and sends each request to the least loaded one.
 
     ds-vicuna serve controller --port 21001 --worker-secret S --heartbeat-expiry 10
+    curl -H "X-Worker-Secret: S" http://127.0.0.1:21001/          # the status table
 
-Workers register with their models and a shared secret, then send heartbeats with their queue length. A worker
-whose last heartbeat is older than `heartbeat_expiry` seconds is dropped. Routing picks the healthy worker with
-the shortest queue; each pick counts one more queued request on that worker until its next heartbeat, so a burst
-of requests spreads out instead of piling onto whoever reported the shortest queue last.
+Workers register with their models and a shared secret, then send heartbeats with their queue length and health.
+A worker whose last heartbeat is older than `heartbeat_expiry` seconds, or that reports itself unhealthy, is
+dropped. Routing picks the worker with the shortest queue; each pick counts one more queued request on that
+worker until its next heartbeat, so a burst of requests spreads out instead of piling onto whoever reported the
+shortest queue last.
 
-Endpoints: POST /register_worker, /heartbeat, /get_worker_address; GET /list_models, /health, /status (JSON),
-/ (an HTML status table).
+The table lives in memory: a restarted controller answers `exist: false` to heartbeats, workers register again,
+and for one `heartbeat_expiry` after its start an unknown model is a 503 (retry) rather than a 404.
+
+Endpoints (all but /health need the worker secret when one is set): POST /register_worker, /heartbeat,
+/unregister_worker, /get_worker_address; GET /list_models, /health, /status (JSON), / (an HTML status table).
 """
 from __future__ import annotations
 
-import hmac
 import html
 import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
+from ds_vicuna.serve.http_util import require_secret
 from ds_vicuna.serve.schemas import APIError, ErrorCode
 
 
@@ -37,34 +42,39 @@ class Controller:
 
     Args:
         heartbeat_expiry: seconds without a heartbeat after which a worker is dropped.
-        secret: the shared secret workers must present to register (None: no check; only on a trusted host).
+        secret: the shared secret every caller but /health must present (None: no check; only on a trusted host).
         clock: returns seconds (monotonic); injected so tests control time.
+        registration_grace: seconds after start during which an unknown model is NO_WORKER (503), not
+            MODEL_NOT_FOUND: every live worker heartbeats, and so registers again, within one expiry (the default).
     """
 
     def __init__(self, heartbeat_expiry: float = 10.0, secret: str | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, registration_grace: float | None = None):
         if heartbeat_expiry <= 0:
             raise ValueError(f"heartbeat_expiry must be positive, got {heartbeat_expiry}")
         self.heartbeat_expiry = heartbeat_expiry
-        self._secret = secret
+        self.registration_grace = heartbeat_expiry if registration_grace is None else registration_grace
+        self.secret = secret
         self._clock = clock
+        self._started = clock()
         self._workers: dict[str, WorkerInfo] = {}
         self._lock = threading.Lock()
-
-    def check_secret(self, given: str | None) -> None:
-        """Raises APIError(INVALID_WORKER_SECRET) unless `given` matches the shared secret."""
-        if self._secret is not None and not hmac.compare_digest((given or "").encode(), self._secret.encode()):
-            raise APIError(ErrorCode.INVALID_WORKER_SECRET, "worker registration secret is missing or wrong")
 
     def register(self, address: str, models: Iterable[str], queue_length: int = 0, max_queue: int = 0) -> None:
         now = self._clock()
         with self._lock:
             self._workers[address] = WorkerInfo(address, sorted(set(models)), queue_length, max_queue, now, now)
 
-    def heartbeat(self, address: str, queue_length: int) -> bool:
-        """Record a heartbeat; False when the worker is unknown (dropped), so it registers again."""
+    def heartbeat(self, address: str, queue_length: int, healthy: bool = True) -> bool:
+        """Record a heartbeat; False when the worker is unknown (dropped), so it registers again.
+
+        A worker that reports itself unhealthy (its scheduler died) is dropped at once.
+        """
         with self._lock:
             self._expire_locked()
+            if not healthy:
+                self._workers.pop(address, None)
+                return False
             info = self._workers.get(address)
             if info is None:
                 return False
@@ -84,13 +94,23 @@ class Controller:
         """The address of the least loaded healthy worker serving `model`, not in `exclude`.
 
         Raises:
-            APIError: MODEL_NOT_FOUND when no worker serves it, NO_WORKER when all serving ones are excluded.
+            APIError: MODEL_NOT_FOUND when no worker serves it (NO_WORKER during the first `heartbeat_expiry`
+                seconds, while workers of a restarted controller register again), NO_WORKER when all serving ones
+                are excluded.
         """
+        return self.pick(model, exclude)[0]
+
+    def pick(self, model: str, exclude: Iterable[str] = ()) -> tuple[str, list[str]]:
+        """`pick_worker`'s address, and every worker serving `model` (the API routes by them if we go down)."""
         excluded = set(exclude)
         with self._lock:
             self._expire_locked()
             serving = [w for w in self._workers.values() if model in w.models]
             if not serving:
+                since = self._clock() - self._started
+                if since < self.registration_grace:
+                    raise APIError(ErrorCode.NO_WORKER, f"the controller started {since:.0f} s ago and workers are "
+                                   f"still registering; no worker serves '{model}' yet, retry shortly", "model")
                 known = sorted({m for w in self._workers.values() for m in w.models})
                 raise APIError(ErrorCode.MODEL_NOT_FOUND, f"the model '{model}' does not exist; available: "
                                f"{', '.join(known) or 'none'}", "model")
@@ -100,7 +120,7 @@ class Controller:
                                f"(tried {len(excluded)})")
             best = min(candidates, key=lambda w: (w.queue_length, w.address))
             best.queue_length += 1  # until the next heartbeat tells the truth
-            return best.address
+            return best.address, sorted(w.address for w in serving)
 
     def status(self) -> list[dict]:
         now = self._clock()
@@ -124,11 +144,11 @@ def create_app(controller: Controller, max_content_length: int = 64 * 1024):
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_content_length
     install_error_handlers(app)
+    require_secret(app, controller.secret)
 
     @app.post("/register_worker")
     def register_worker():
         body = json_body(request)
-        controller.check_secret(request.headers.get("X-Worker-Secret"))
         address, models = body.get("worker_address"), body.get("models")
         if not isinstance(address, str) or not address.startswith(("http://", "https://")):
             raise APIError(ErrorCode.INVALID_VALUE, "'worker_address' must be an http(s) URL", "worker_address")
@@ -140,14 +160,15 @@ def create_app(controller: Controller, max_content_length: int = 64 * 1024):
     @app.post("/heartbeat")
     def heartbeat():
         body = json_body(request)
-        controller.check_secret(request.headers.get("X-Worker-Secret"))
-        known = controller.heartbeat(str(body.get("worker_address")), _int(body, "queue_length"))
+        healthy = body.get("healthy", True)
+        if not isinstance(healthy, bool):
+            raise APIError(ErrorCode.INVALID_TYPE, "'healthy' must be a boolean", "healthy")
+        known = controller.heartbeat(str(body.get("worker_address")), _int(body, "queue_length"), healthy)
         return jsonify({"exist": known})
 
     @app.post("/unregister_worker")
     def unregister_worker():
         body = json_body(request)
-        controller.check_secret(request.headers.get("X-Worker-Secret"))
         controller.remove(str(body.get("worker_address")))
         return jsonify({"removed": True})
 
@@ -158,7 +179,8 @@ def create_app(controller: Controller, max_content_length: int = 64 * 1024):
         if not isinstance(model, str):
             raise APIError(ErrorCode.INVALID_TYPE, "'model' must be a string", "model")
         exclude = body.get("exclude") or []
-        return jsonify({"address": controller.pick_worker(model, [str(e) for e in exclude])})
+        address, workers = controller.pick(model, [str(e) for e in exclude])
+        return jsonify({"address": address, "workers": workers})
 
     @app.get("/list_models")
     def list_models():

@@ -1,20 +1,33 @@
-"""Pieces every server app shares: OpenAI-shaped error handlers, JSON bodies, waitress startup."""
+"""Pieces every server app shares: OpenAI-shaped error handlers, the worker-secret check, JSON bodies, waitress."""
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
 
 from ds_vicuna.serve.schemas import APIError, ErrorCode, parse_json_body
 
 log = logging.getLogger("ds_vicuna.serve")
 
+SECRET_HEADER = "X-Worker-Secret"
 
-def install_error_handlers(app) -> None:
-    """Every error, ours or Flask's (404, 405, 413), answers in OpenAI's error shape; tracebacks stay in the log."""
-    from flask import jsonify
+
+def install_error_handlers(app, metrics=None) -> None:
+    """Every error, ours or Flask's (404, 405, 413), answers in OpenAI's error shape; tracebacks stay in the log.
+
+    A 429 or 503 carries `Retry-After`; every 5xx leaves one log line; `metrics` (a `ServingMetrics`) counts
+    errors by code.
+    """
+    from flask import jsonify, request
     from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
     def respond(err: APIError):
-        return jsonify(err.body()), err.code.status
+        if metrics is not None:
+            metrics.errors.labels(err.code.value).inc()
+        if err.code.status >= 500:
+            log.warning("%s %s -> %d %s: %s", request.method, request.path, err.code.status, err.code.value,
+                        err.message)
+        return jsonify(err.body()), err.code.status, err.headers()
 
     @app.errorhandler(APIError)
     def api_error(err: APIError):
@@ -38,6 +51,42 @@ def install_error_handlers(app) -> None:
         return respond(APIError(ErrorCode.INTERNAL, f"internal error: {type(err).__name__}"))
 
 
+def secret_matches(given: str | None, secret: str | None) -> bool:
+    """True when no secret is set, or `given` is it (compared in constant time)."""
+    return secret is None or hmac.compare_digest((given or "").encode(), secret.encode())
+
+
+def given_secret(request) -> str | None:
+    """The worker secret a request carries: `X-Worker-Secret: S`, or `Authorization: Bearer S` (Prometheus)."""
+    header = request.headers.get(SECRET_HEADER)
+    if header is not None:
+        return header
+    auth = request.headers.get("Authorization", "")
+    return auth[len("Bearer "):].strip() if auth.startswith("Bearer ") else None
+
+
+def require_secret(app, secret: str | None, public: tuple[str, ...] = ("/health",)) -> None:
+    """Refuse (403) every request to `app` that lacks the worker secret, except the `public` paths."""
+    from flask import request
+
+    @app.before_request
+    def check_secret():
+        if request.path in public or secret_matches(given_secret(request), secret):
+            return None
+        raise APIError(ErrorCode.INVALID_WORKER_SECRET, f"this endpoint needs the worker secret: send "
+                       f"'{SECRET_HEADER}: <secret>'" if given_secret(request) is None else "wrong worker secret")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps a server reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
 def json_body(request) -> dict:
     """The request's JSON object body (raises APIError otherwise; 413 past MAX_CONTENT_LENGTH)."""
     return parse_json_body(request.get_data(cache=True))
@@ -48,8 +97,10 @@ def make_server(app, host: str, port: int, threads: int):
     from waitress.server import create_server
 
     # send_bytes=1: flush each streamed chunk at once instead of waiting for 18 kB of output.
+    # channel_request_lookahead: keep reading the socket while the app runs, so a handler can ask
+    # environ["waitress.client_disconnected"]() whether its client went away (non-streaming cancel).
     return create_server(app, host=host, port=port, threads=threads, send_bytes=1, ident="ds-vicuna",
-                         channel_timeout=300, connection_limit=max(100, threads * 4))
+                         channel_timeout=300, connection_limit=max(100, threads * 4), channel_request_lookahead=4)
 
 
 def server_url(server, host: str) -> str:

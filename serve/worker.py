@@ -11,7 +11,11 @@ A scheduler thread runs `engine.BatchEngine`: between decode steps it admits wai
 slots (up to `max_batch_size` rows decode together) and finished rows leave at once. A full queue answers 429; a
 prompt plus max_tokens beyond the model's context answers 400.
 
-Endpoints: POST /worker_generate_stream (JSON lines), GET /worker_status, /health.
+The worker registers with the controller and heartbeats its queue length and health; a controller that refuses
+the secret ends the worker (`RegistrationRefused`), one that forgot it (restarted) gets a new registration.
+
+Endpoints (all but /health need the worker secret when one is set): POST /worker_generate_stream (JSON lines of
+`serve.protocol` events), POST /count_tokens, GET /worker_status, /metrics (Prometheus), /health.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from typing import Iterator
 
 from ds_vicuna.messages import MessageError, validate_messages
 from ds_vicuna.serve.engine import BatchEngine, GenerationJob, SamplingParams
-from ds_vicuna.serve.protocol import ErrorEvent, Event, is_final, to_line
+from ds_vicuna.serve.http_util import SECRET_HEADER
+from ds_vicuna.serve.protocol import DoneEvent, ErrorEvent, Event, TextEvent, is_final, to_line
 from ds_vicuna.serve.schemas import DEFAULT_MAX_TOKENS, APIError, ErrorCode
 
 log = logging.getLogger("ds_vicuna.serve.worker")
@@ -70,6 +75,10 @@ def load_model(model: str, template: str | None = None, name: str | None = None)
     return LoadedModel(name or Path(path).name, lm, tokenizer, encoder, sorted(stop_ids), context)
 
 
+class RegistrationRefused(RuntimeError):
+    """The controller refused this worker (wrong or missing worker secret): retrying cannot help."""
+
+
 class Worker:
     """Request intake, batching scheduler and controller heartbeats for one LoadedModel.
 
@@ -101,6 +110,9 @@ class Worker:
         self._lock = threading.Condition()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.refused: str | None = None  # why the controller refused us; set before `stopped` is
+        self.stopped = threading.Event()  # the worker ended itself (registration refused): its process exits
+        self._said_unhealthy = False
 
     # ---- intake ---------------------------------------------------------------------------------------
     def prompt_ids(self, body: dict) -> list[int]:
@@ -111,6 +123,14 @@ class Worker:
             except MessageError as err:
                 raise APIError(ErrorCode.INVALID_MESSAGES, str(err), "messages") from None
             return self.loaded.encoder.encode_prompt(messages)
+        if "prompt_ids" in body:  # token ids, used as given (no BOS added), e.g. lm-evaluation-harness's
+            ids = body["prompt_ids"]
+            vocab = len(self.loaded.tokenizer)
+            if not isinstance(ids, list) or not ids or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+                raise APIError(ErrorCode.INVALID_VALUE, f"a token-id prompt must be a non-empty list of ids in "
+                               f"[0, {vocab})", "prompt")
+            return list(ids)
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise APIError(ErrorCode.MISSING_PARAMETER, "give 'messages' or a non-empty 'prompt'", "prompt")
@@ -173,15 +193,29 @@ class Worker:
             job.cancelled.set()
 
     # ---- threads --------------------------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        """False once the scheduler thread has died. (The worker side of issue 14 owns this rule; this is the
+        least version the heartbeat and /health need.)"""
+        scheduler = self._threads[0] if self._threads else None
+        return scheduler is None or scheduler.is_alive()
+
     def start(self) -> None:
-        """Start the scheduler and (with a controller) the heartbeat thread; tries to register first."""
-        self._threads = [threading.Thread(target=self._schedule_loop, name="scheduler", daemon=True)]
+        """Start the scheduler and (with a controller) the heartbeat thread; tries to register first.
+
+        Raises:
+            RegistrationRefused: the controller refused the secret; nothing was started.
+        """
         if self.controller:
             try:
                 self.register()
+            except RegistrationRefused:
+                raise
             except Exception as err:  # e.g. the controller starts later: heartbeats retry the registration
                 log.warning("could not register with %s yet (%s); retrying every %.1f s", self.controller, err,
                             self.heartbeat_interval)
+        self._threads = [threading.Thread(target=self._schedule_loop, name="scheduler", daemon=True)]
+        if self.controller:
             self._threads.append(threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True))
         for thread in self._threads:
             thread.start()
@@ -214,46 +248,99 @@ class Worker:
             with self._lock:
                 self._running = engine.active
 
+    # ---- the controller ---------------------------------------------------------------------------------
     def _headers(self) -> dict:
-        return {"X-Worker-Secret": self.secret} if self.secret else {}
+        return {SECRET_HEADER: self.secret} if self.secret else {}
+
+    def _post(self, path: str, body: dict, timeout: float) -> dict:
+        reply = self.http.post(f"{self.controller}{path}", headers=self._headers(), timeout=timeout, json=body)
+        if reply.status_code in (401, 403):
+            raise RegistrationRefused(f"the controller at {self.controller} refused this worker (HTTP "
+                                      f"{reply.status_code}): wrong or missing --worker-secret")
+        reply.raise_for_status()
+        return reply.json()
 
     def register(self) -> None:
-        self.http.post(f"{self.controller}/register_worker", headers=self._headers(), timeout=10, json={
-            "worker_address": self.address, "models": [self.loaded.name], "queue_length": self.queue_length(),
-            "max_queue": self.max_queue}).raise_for_status()
+        """Register with the controller.
+
+        Raises:
+            RegistrationRefused: the controller refused the secret.
+        """
+        self._post("/register_worker", {"worker_address": self.address, "models": [self.loaded.name],
+                                        "queue_length": self.queue_length(), "max_queue": self.max_queue}, 10)
         log.info("registered %s with %s", self.address, self.controller)
 
     def heartbeat(self) -> None:
-        reply = self.http.post(f"{self.controller}/heartbeat", headers=self._headers(), timeout=5, json={
-            "worker_address": self.address, "queue_length": self.queue_length()})
-        reply.raise_for_status()
-        if not reply.json().get("exist", False):
+        """Report queue length and health; register again when the controller forgot us (e.g. it restarted).
+
+        An unhealthy worker says so (the controller drops it at once) and does not register again.
+        """
+        healthy = self.healthy
+        reply = self._post("/heartbeat", {"worker_address": self.address, "queue_length": self.queue_length(),
+                                          "healthy": healthy}, 5)
+        if not healthy and not self._said_unhealthy:
+            self._said_unhealthy = True
+            log.error("the scheduler stopped: this worker reported itself unhealthy and left the controller")
+        elif healthy and not reply.get("exist", False):
+            log.warning("the controller at %s does not know this worker (restarted?): registering again",
+                        self.controller)
             self.register()
 
     def _heartbeat_loop(self) -> None:
         while not self._stopping.wait(self.heartbeat_interval):
             try:
                 self.heartbeat()
+            except RegistrationRefused as err:  # the controller now wants another secret: end the worker
+                log.error("%s; stopping", err)
+                self.refused = str(err)
+                self.stopped.set()
+                return
             except Exception as err:  # the controller may restart; keep trying
                 log.warning("heartbeat to %s failed: %s", self.controller, err)
 
 
 def create_app(worker: Worker, max_content_length: int = 4 * 1024 * 1024):
-    """The worker's Flask app; /worker_generate_stream answers `serve.protocol` event lines."""
+    """The worker's Flask app; /worker_generate_stream answers `serve.protocol` event lines.
+
+    Every endpoint but /health needs the worker secret (when the worker has one), so nobody reaches the model
+    around the API's keys and moderation.
+    """
+    import time
+
     from flask import Flask, Response, jsonify, request, stream_with_context
 
-    from ds_vicuna.serve.http_util import install_error_handlers, json_body
+    from ds_vicuna.serve.http_util import install_error_handlers, json_body, require_secret
+    from ds_vicuna.serve.metrics import ServingMetrics, install_metrics
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_content_length
-    install_error_handlers(app)
+    metrics = ServingMetrics()
+    metrics.gauge("ds_vicuna_queue_length", "Requests waiting or running on this worker", worker.queue_length)
+    metrics.gauge("ds_vicuna_queue_limit", "Requests this worker holds before answering 429",
+                  lambda: worker.max_queue)
+    install_error_handlers(app, metrics)
+    require_secret(app, worker.secret)
+    install_metrics(app, metrics)
+
+    def observed(job: GenerationJob) -> Iterator[bytes]:
+        started, first = time.monotonic(), True
+        for event in worker.stream(job):
+            if first and isinstance(event, TextEvent):
+                first = False
+                metrics.time_to_first_token.observe(time.monotonic() - started)
+            elif isinstance(event, DoneEvent):
+                metrics.job_finished(event.prompt_tokens, event.completion_tokens)
+            elif isinstance(event, ErrorEvent):
+                metrics.errors.labels(event.code).inc()
+            yield to_line(event)
 
     @app.post("/worker_generate_stream")
     def generate_stream():
+        if not worker.healthy:
+            raise APIError(ErrorCode.WORKER_FAILED, "this worker's scheduler has stopped; it takes no requests")
         job = worker.make_job(json_body(request))
         worker.submit(job)
-        lines = (to_line(event) for event in worker.stream(job))
-        return Response(stream_with_context(lines), mimetype="application/x-ndjson")
+        return Response(stream_with_context(observed(job)), mimetype="application/x-ndjson")
 
     @app.post("/count_tokens")
     def count_tokens():
@@ -263,10 +350,12 @@ def create_app(worker: Worker, max_content_length: int = 4 * 1024 * 1024):
     def worker_status():
         return jsonify({"model": worker.loaded.name, "queue_length": worker.queue_length(),
                         "max_queue": worker.max_queue, "max_batch_size": worker.engine.max_batch_size,
-                        "context_length": worker.loaded.context_length})
+                        "context_length": worker.loaded.context_length, "healthy": worker.healthy})
 
     @app.get("/health")
     def health():
+        if not worker.healthy:
+            return jsonify({"status": "unhealthy", "reason": "the scheduler thread has stopped"}), 503
         return jsonify({"status": "ok"})
 
     return app

@@ -4,10 +4,15 @@
 
 Replies are driven by markers inside the prompt text, so concurrent requests stay deterministic:
 - `quality=N` in an answer: a judge prompt scores that assistant N (its last marker in a conversation).
-- `#fake:bias`: Assistant 1 gets +1 (position bias), `#fake:garbage`: an unparseable judgment.
+  Vicuna's review prompts get two scores (`8 6`, or `Assistant 1: 8` lines for math); FastChat's MT-bench
+  pairwise prompts a verdict (`[[A]]`, `[[B]]`, `[[C]]` for equal quality); single-answer prompts
+  `Rating: [[N]]`.
+- `#fake:bias`: the first-shown assistant gets +1 (position bias), `#fake:garbage`: an unparseable judgment.
 - `#fake:400xK` / `#fake:429xK` / `#fake:500xK`: the first K requests with this exact prompt fail with that status;
   `#fake:429xKra` adds `Retry-After: 1`; `#fake:slowxK`: the first K requests sleep 2 s first.
-Non-judge prompts get `reply to: <question> (messages=M)`. GET /stats returns request counts.
+Non-judge prompts get `reply to: <question> (messages=M)`; a requested model named `...-qN` adds
+`quality=Q` with Q = N-1, N or N+1 chosen by a hash of the prompt and model (answers differ per question).
+GET /stats returns request counts.
 """
 from __future__ import annotations
 
@@ -55,10 +60,21 @@ def _between(text: str, start: str, end: str) -> str:
     return text[i + len(start): text.find(end, i)] if i >= 0 else ""
 
 
-def judge_reply(content: str) -> str:
-    """The scripted judgment (or chat reply) for a prompt."""
+def judge_reply(content: str) -> str | None:
+    """The scripted judgment for a prompt (the last user message), or None for a non-judge prompt."""
     if "#fake:garbage" in content:
         return "I am unable to compare these answers, sorry."
+    pair_blocks = [_between(content, f"[The Start of Assistant {n}'s Answer]", f"[The End of Assistant {n}'s Answer]")
+                   or _between(content, f"<|The Start of Assistant {n}'s Conversation",
+                               f"<|The End of Assistant {n}'s Conversation") for n in ("A", "B")]
+    if pair_blocks[1]:  # FastChat's pairwise prompts: a verdict
+        first, second = _quality(pair_blocks[0]), _quality(pair_blocks[1])
+        if "#fake:bias" in content:
+            first = min(10, first + 1)
+        verdict = "A" if first > second else "B" if second > first else "C"
+        return f"Assistant A is {first}/10, assistant B {second}/10.\nFinal verdict: [[{verdict}]]"
+    if pair_blocks[0]:  # FastChat's single multi-turn prompts label the one assistant "A"
+        return f"A fair conversation.\nRating: [[{_quality(pair_blocks[0])}]]"
     if "[The Start of Assistant 1's" in content or "<|The Start of Assistant 1's" in content:
         blocks = []
         for n in (1, 2):
@@ -124,6 +140,11 @@ def make_handler(state: FakeJudgeState):
             text = judge_reply(content)
             if text is None:
                 text = f"reply to: {content[:40]} (messages={len(messages)})"
+                level = re.search(r"-q(\d+)$", str(body.get("model", "")))
+                if level:
+                    seed = (content + str(body.get("model"))).encode()
+                    jitter = int(hashlib.sha1(seed).hexdigest(), 16) % 3 - 1
+                    text += f" quality={max(1, min(10, int(level.group(1)) + jitter))}"
             self._send(200, {"id": "x", "object": "chat.completion", "model": body.get("model"),
                              "choices": [{"index": 0, "finish_reason": "stop",
                                           "message": {"role": "assistant", "content": text}}]})

@@ -1,4 +1,4 @@
-"""`eval answer`: FastChat answer records from an endpoint (fake) and from a local checkpoint (embedded)."""
+"""`eval answer`: FastChat answer records (choices[].turns) from an endpoint (fake) and a local checkpoint (embedded)."""
 import json
 import subprocess
 import sys
@@ -7,10 +7,13 @@ from pathlib import Path
 import pytest
 from fake_openai_judge import start_server
 
-from ds_vicuna.eval.answer import ApiBackend, load_answers, run_answers
+from ds_vicuna.eval.answer import ApiBackend, fastchat_temperature, run_answers
+from ds_vicuna.eval.answer_files import load_answers
 from ds_vicuna.eval.judge_client import ChatClient, RetryPolicy
 from ds_vicuna.eval.questions import load_questions
 from ds_vicuna.eval.records import RecordError
+
+ASSETS = Path(__file__).parent / "assets"
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +34,10 @@ def test_api_answers_single_and_multi_turn_then_resume(tmp_path, base_url):
     stats = run_answers(questions, _backend(base_url), out, "fake-model", chunk_size=3, progress=False)
     assert (stats.written, stats.skipped, stats.failed) == (7, 0, 0)
     records = {r["question_id"]: r for r in map(json.loads, out.read_text().splitlines())}
-    single = records[1]
-    assert set(single) == {"question_id", "answer_id", "model_id", "text", "tstamp"}
-    assert single["model_id"] == "fake-model" and single["text"].startswith("reply to: " + questions[0].turns[0][:20])
+    single = records[1]  # single-turn questions are written with choices[].turns too (FastChat reads only that)
+    assert set(single) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+    assert single["model_id"] == "fake-model" and len(single["choices"][0]["turns"]) == 1
+    assert single["choices"][0]["turns"][0].startswith("reply to: " + questions[0].turns[0][:20])
     turns = records[101]["choices"][0]["turns"]
     assert records[101]["choices"][0]["index"] == 0 and len(turns) == 2
     assert turns[0].endswith("(messages=1)") and turns[1].endswith("(messages=3)")  # turn 2 saw turn 1's reply
@@ -60,6 +64,52 @@ def test_failed_api_answers_are_not_written(tmp_path, base_url):
     out = tmp_path / "a.jsonl"
     stats = run_answers(load_questions(bad), _backend(base_url), out, "m", progress=False)
     assert (stats.written, stats.failed) == (1, 1) and set(load_answers(out)) == {1}
+
+
+def test_older_text_records_are_still_read(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"question_id": 1, "answer_id": "x", "model_id": "m", "text": "old answer"}) + "\n"
+                    + json.dumps({"question_id": 2, "model_id": "m", "choices": [{"index": 0, "turns": ["a", "b"]}]})
+                    + "\n")
+    answers = load_answers(path)
+    assert answers[1].turns == ("old answer",) and answers[2].turns == ("a", "b")
+
+
+class RecordingBackend:
+    """Answers instantly and records the temperature of each generate call."""
+
+    def __init__(self):
+        self.temperature, self.calls = 0.0, []
+
+    def generate(self, conversations):
+        self.calls.append((self.temperature, len(conversations)))
+        return ["ok"] * len(conversations)
+
+
+def test_fastchat_per_category_temperatures(tmp_path):
+    backend = RecordingBackend()
+    questions = load_questions("mt_bench")
+    stats = run_answers(questions, backend, tmp_path / "a.jsonl", "m", chunk_size=8, progress=False,
+                        temperature_of=fastchat_temperature)
+    assert stats.written == 80
+    # writing/roleplay 0.7, extraction/math/coding/reasoning 0.0, stem/humanities 0.1: 10 questions each,
+    # two turns each, chunks never mix temperatures
+    per_temperature = {}
+    for temperature, n in backend.calls:
+        per_temperature[temperature] = per_temperature.get(temperature, 0) + n
+    assert per_temperature == {0.0: 80, 0.1: 40, 0.7: 40}
+
+
+def test_cli_answers_fastchat_question_file_as_is(tmp_path, base_url):
+    out = tmp_path / "answers.jsonl"
+    done = subprocess.run([sys.executable, "-m", "ds_vicuna.eval.cli", "answer", "--questions",
+                           str(ASSETS / "fastchat" / "question.jsonl"), "--base-url", base_url, "--api-model",
+                           "fake-model", "--temperature", "fastchat", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["question_id"] for r in records) == [81, 103, 111, 123, 133]
+    assert all(len(r["choices"][0]["turns"]) == 2 for r in records)
 
 
 def test_bad_answer_record_names_file_line_field(tmp_path):

@@ -1,4 +1,5 @@
-"""End to end with real processes: `ds-vicuna serve all --model embedded` answers and judges; summarize, plot.
+"""End to end with real processes: `ds-vicuna serve all --model embedded` answers and judges; summarize, plot;
+then `eval run` with our server as one of the models and the scripted fake as the other model and the judge.
 
 A 135M model judges badly; the point is the real path: answers from our own API, both judging modes through
 the same API, unparsed judgments counted (not crashing, not scored), the summary and plots produced.
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import requests
+
+from fake_openai_judge import start_server
 
 from ds_vicuna.eval.questions import load_questions
 
@@ -90,7 +93,7 @@ def test_answer_judge_summarize_plot_through_our_server(tmp_path, api_url):
         answers.append(out)
         records = [json.loads(line) for line in out.read_text().splitlines()]
         assert sorted(r["question_id"] for r in records) == [1, 102]
-        assert len(next(r for r in records if r["question_id"] == 102)["choices"][0]["turns"]) == 2
+        assert [len(r["choices"][0]["turns"]) for r in sorted(records, key=lambda r: r["question_id"])] == [1, 2]
 
     pairwise, single = tmp_path / "pairwise.jsonl", tmp_path / "single.jsonl"
     for mode, out in (("pairwise", pairwise), ("single", single)):
@@ -98,22 +101,43 @@ def test_answer_judge_summarize_plot_through_our_server(tmp_path, api_url):
                         "--model", MODEL, "--max-tokens", "16", *client)
         assert "0 failed" in printed
     judged = [json.loads(line) for line in pairwise.read_text().splitlines()]
-    assert len(judged) == 6 and len({r["key"] for r in judged}) == 6  # 3 question turns x 2 orders
-    assert {r["prompt"] for r in judged} == {"pair-general", "pair-math-ref", "pair-math-multi-ref"}
-    assert all(r["text"] is not None for r in judged)
+    assert len(judged) == 3 and len({r["key"] for r in judged}) == 3  # 3 question turns, both orders in each
+    assert {r["judge"][1] for r in judged} == {"pair-v2", "pair-math-v1", "pair-math-v1-multi-turn"}
+    assert all(r["g1_judgment"] is not None and r["g2_judgment"] is not None for r in judged)
 
     summary = json.loads(_eval("summarize", "--json", pairwise, single))
     pair = summary[0]
     assert list(pair)[:9] == ["model_1", "model_2", "n", "score_1", "score_2", "wins_1", "ties", "wins_2",
                               "unparsed"]
     assert (pair["model_1"], pair["model_2"]) == ("smol-greedy", "smol-hot")
-    assert pair["unparsed"] == sum(not r["parsed"] for r in judged)
+    assert pair["unparsed"] == sum((r["g1_winner"] == "error") + (r["g2_winner"] == "error") for r in judged)
     assert pair["n"] + pair["excluded"] == 3 and pair["wins_1"] + pair["ties"] + pair["wins_2"] == pair["n"]
     graded = [json.loads(line) for line in single.read_text().splitlines()]
-    assert len(graded) == 6 and {r["prompt"] for r in graded} == {"single-general", "single-math-ref",
-                                                                  "single-math-ref-multi"}
+    assert len(graded) == 6 and {r["judge"][1] for r in graded} == {"single-v1", "single-math-v1",
+                                                                    "single-math-v1-multi-turn"}
     assert sum(m["unparsed"] + m["n"] for m in summary[1]["models"].values()) == 6
 
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     pngs = _eval("plot", tmp_path / "summary.json", "--out-dir", tmp_path / "plots").split()
-    assert len(pngs) == 3 and all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    assert "win_tie_loss.png" in [Path(p).name for p in pngs]
+    assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+@pytest.mark.slow
+def test_eval_run_with_our_server_as_one_model(tmp_path, api_url):
+    fake, _ = start_server()
+    fake_url = f"http://127.0.0.1:{fake.server_address[1]}/v1"
+    try:
+        printed = _eval("run", "--questions", _question_file(tmp_path), "--models", f"{api_url}={MODEL}",
+                        f"{fake_url}=fake-q6", "--judge", f"{fake_url}=gpt-4", "--out", tmp_path / "run",
+                        "--max-tokens", "12", "--workers", "4", "--quiet", "--bootstrap", "100",
+                        "--max-attempts", "3")
+    finally:
+        fake.shutdown()
+    assert "report ->" in printed
+    ours = [json.loads(line) for line in (tmp_path / "run" / "model_answer" / f"{MODEL}.jsonl").read_text().splitlines()]
+    assert sorted(len(r["choices"][0]["turns"]) for r in ours) == [1, 2] and all(r["model_id"] == MODEL for r in ours)
+    ratings = json.loads((tmp_path / "run" / "ratings.json").read_text())
+    assert set(ratings["models"]) == {MODEL, "fake-q6"} and ratings["battles"] == 3
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "Every answer and judgment is in." in report and f"`{MODEL}`" in report

@@ -1,4 +1,5 @@
-"""`eval judge` against the scripted fake judge: both orders, parsing, totals, unparsed counting, resume."""
+"""`eval judge` against the scripted fake judge: FastChat's record layout, both orders, Vicuna and MT-bench prompts,
+parsing, totals, unparsed counting, resume."""
 import json
 import os
 import signal
@@ -10,12 +11,13 @@ from pathlib import Path
 import pytest
 from fake_openai_judge import start_server
 
-from ds_vicuna.eval.answer import load_answers
+from ds_vicuna.eval.answer_files import load_answers
 from ds_vicuna.eval.judge import existing_keys, plan_tasks, run_judge
 from ds_vicuna.eval.judge_client import ChatClient, RetryPolicy
-from ds_vicuna.eval.judge_prompts import JudgeMode
+from ds_vicuna.eval.judge_prompts import JudgeMode, load_prompt_set
+from ds_vicuna.eval.judgments import read_judgments
 from ds_vicuna.eval.questions import load_questions
-from ds_vicuna.eval.summarize import summarize_file, summarize_single
+from ds_vicuna.eval.summarize import summarize_loaded
 
 TESTS = Path(__file__).parent
 QUESTIONS = [  # (id, category, turns, reference, alpha's answer turns, beta's answer turns)
@@ -56,83 +58,155 @@ def client(base_url, attempts=4):
     return ChatClient(base_url, "fake-judge", retry=RetryPolicy(max_attempts=attempts, base_wait=0.01))
 
 
-def plan(folder, mode=JudgeMode.PAIRWISE, rows=QUESTIONS):
+def plan(folder, mode=JudgeMode.PAIRWISE, rows=QUESTIONS, prompts="mt_bench", **kwargs):
     questions, answers = write_inputs(folder, rows)
-    return plan_tasks(load_questions(questions), [load_answers(p) for p in answers], mode)[0]
+    return plan_tasks(load_questions(questions), [load_answers(p) for p in answers], mode, load_prompt_set(prompts),
+                      **kwargs)
 
 
 def lines(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def test_pairwise_both_orders_totals_unparsed_and_resume(tmp_path, server):
-    tasks = plan(tmp_path)
-    out = tmp_path / "judgments.jsonl"
-    stats = run_judge(tasks, client(server), out, workers=3, progress=False)
-    assert (stats.written, stats.unparsed, stats.failed, stats.skipped) == (14, 2, 0, 0)
-    records = lines(out)
-    assert len({r["key"] for r in records}) == 14
-    swapped = next(r for r in records if r["question_id"] == 1 and r["order"] == "21")
-    assert swapped["text"].startswith("8 6") and (swapped["score_1"], swapped["score_2"]) == (6, 8)
-    math = next(r for r in records if r["question_id"] == 3)
-    assert math["prompt"] == "pair-math-ref" and "Assistant 1:" in math["text"] and math["parsed"]
-    garbage = [r for r in records if r["question_id"] == 4]
-    assert all(not r["parsed"] and r["failure"] == "no_scores" and r["score_1"] is None for r in garbage)
-    assert all(r["text"] for r in garbage)  # raw text kept
+def summary_of(path, **kwargs):
+    return summarize_loaded(read_judgments(path), **kwargs)
 
-    summary = summarize_file(out).as_dict()
-    # q1 6/8 beta; q2 bias -> orders disagree -> tie 7.5/7.5; q3 9/3 alpha; q5 turn 1 4/6 beta, turn 2 9/5
-    # alpha; q6 5/5 tie after a 429; q4 unparsed in both orders -> excluded.
+
+SINGLE_TURN = [row for row in QUESTIONS if len(row[2]) == 1]
+FASTCHAT_PAIR_FIELDS = {"question_id", "model_1", "model_2", "g1_winner", "g2_winner", "judge", "g1_user_prompt",
+                        "g1_judgment", "g2_user_prompt", "g2_judgment", "turn", "tstamp"}
+
+
+def test_vicuna_prompts_both_orders_in_one_record_scores_and_resume(tmp_path, server):
+    plan_ = plan(tmp_path, rows=SINGLE_TURN, prompts="vicuna")
+    out = tmp_path / "judgments.jsonl"
+    stats = run_judge(plan_.tasks, client(server), out, workers=3, progress=False)
+    assert (stats.written, stats.unparsed, stats.failed, stats.skipped) == (5, 2, 0, 0)
+    records = {r["question_id"]: r for r in lines(out)}
+    assert all(FASTCHAT_PAIR_FIELDS <= set(r) for r in records.values())
+    q1 = records[1]  # beta better; game 2 shows beta first, so the judge's text reads "8 6"
+    assert (q1["g1_winner"], q1["g2_winner"], q1["judge"]) == ("model_2", "model_2", ["fake-judge",
+                                                                                      "vicuna-general-v1"])
+    assert q1["g1_judgment"].startswith("6 8") and q1["g2_judgment"].startswith("8 6")
+    assert (q1["g1_scores"], q1["g2_scores"], q1["answer_lengths"]) == ([6, 8], [8, 6], [9, 9])
+    assert q1["g1_user_prompt"].index("quality=6") < q1["g1_user_prompt"].index("quality=8")
+    assert q1["g2_user_prompt"].index("quality=8") < q1["g2_user_prompt"].index("quality=6")
+    assert records[3]["judge"][1] == "vicuna-math-v1" and "Assistant 1: 9" in records[3]["g1_judgment"]
+    assert records[2]["judge"][1] == "vicuna-coding-v1"
+    garbage = records[4]
+    assert (garbage["g1_winner"], garbage["g2_winner"], garbage["failures"]) == ("error", "error",
+                                                                                 ["no_scores", "no_scores"])
+    assert garbage["g1_judgment"]  # raw text kept
+
+    summary = summary_of(out)[0]
+    # q1 6/8 beta; q2 bias -> games disagree -> tie 7.5/7.5; q3 9/3 alpha; q6 5/5 tie after a 429;
+    # q4 unparsed in both games -> excluded.
     assert {k: summary[k] for k in ("model_1", "model_2", "n", "score_1", "score_2", "wins_1", "ties", "wins_2",
                                     "unparsed", "excluded", "inconsistent")} == {
-        "model_1": "alpha", "model_2": "beta", "n": 6, "score_1": 40.5, "score_2": 34.5, "wins_1": 2, "ties": 2,
-        "wins_2": 2, "unparsed": 2, "excluded": 1, "inconsistent": 1}
-    assert summary["relative_score"] == round(100 * 34.5 / 40.5, 2)
-    assert summary["categories"]["writing"]["n"] == 2
+        "model_1": "alpha", "model_2": "beta", "n": 4, "score_1": 27.5, "score_2": 23.5, "wins_1": 1, "ties": 2,
+        "wins_2": 1, "unparsed": 2, "excluded": 1, "inconsistent": 1}
+    assert summary["relative_score"] == round(100 * 23.5 / 27.5, 2)
+    assert summary["consistency"] == {"judged_both_orders": 4, "consistent": 3, "rate": 0.75,
+                                      "inconsistent_favoring_first_shown": 1,
+                                      "inconsistent_favoring_second_shown": 0, "inconsistent_with_a_tie": 0}
+    assert summary["mismatches"] == []
 
-    again = run_judge(tasks, client(server), out, workers=3, progress=False)
-    assert (again.written, again.skipped) == (0, 14) and len(lines(out)) == 14
+    again = run_judge(plan_.tasks, client(server), out, workers=3, progress=False)
+    assert (again.written, again.skipped) == (0, 5) and len(lines(out)) == 5
+
+
+def test_mt_bench_prompts_verdicts_multi_turn_and_missing_reference(tmp_path, server):
+    plan_ = plan(tmp_path)
+    assert plan_.missing_reference == [(2, 1)]  # coding without a reference: general prompt, reported
+    assert "judged WITHOUT a reference answer" in plan_.warnings()[0]
+    out = tmp_path / "pair.jsonl"
+    stats = run_judge(plan_.tasks, client(server), out, workers=3, progress=False)
+    assert (stats.written, stats.unparsed) == (7, 2)
+    records = {(r["question_id"], r["turn"]): r for r in lines(out)}
+    assert {k: r["judge"][1] for k, r in records.items()} == {
+        (1, 1): "pair-v2", (2, 1): "pair-v2", (3, 1): "pair-math-v1", (4, 1): "pair-v2", (5, 1): "pair-v2",
+        (5, 2): "pair-v2-multi-turn", (6, 1): "pair-v2"}
+    assert "[The Start of Reference Answer]\nref\n" in records[(3, 1)]["g1_user_prompt"]
+    turn_2 = records[(5, 2)]
+    assert "### User:\nQ5b" in turn_2["g1_user_prompt"] and turn_2["g1_judgment"].endswith("[[A]]")
+    assert (turn_2["g1_winner"], turn_2["g2_winner"], turn_2["g1_scores"]) == ("model_1", "model_1", None)
+    summary = summary_of(out)[0]
+    assert {k: summary[k] for k in ("n", "score_1", "wins_1", "ties", "wins_2", "inconsistent", "excluded")} == {
+        "n": 6, "score_1": None, "wins_1": 2, "ties": 2, "wins_2": 2, "inconsistent": 1, "excluded": 1}
+
+
+def test_no_swap_plays_one_game_recorded_as_fastchat_does(tmp_path, server):
+    tasks = plan(tmp_path, rows=SINGLE_TURN[:2], prompts="vicuna", swap=False).tasks
+    out = tmp_path / "one.jsonl"
+    assert run_judge(tasks, client(server), out, progress=False).written == 2
+    q2 = {r["question_id"]: r for r in lines(out)}[2]  # alpha shown first gets the +1 bias: 8 vs 7
+    assert (q2["games"], q2["g1_winner"], q2["g2_winner"], q2["g2_judgment"]) == (1, "model_1", "model_1", None)
+    summary = summary_of(out)[0]
+    assert (summary["wins_1"], summary["wins_2"], summary["consistency"]["judged_both_orders"]) == (1, 1, 0)
 
 
 def test_failed_requests_write_nothing_and_are_retried_next_run(tmp_path, server):
     rows = QUESTIONS[:1] + [(7, "generic", ["Q7"], None, ["quality=2 #fake:500x3"], ["quality=3"])]
-    tasks = plan(tmp_path, rows=rows)
+    tasks = plan(tmp_path, rows=rows).tasks
     out = tmp_path / "j.jsonl"
-    first = run_judge(tasks, client(server, attempts=2), out, workers=2, progress=False)
-    assert (first.written, first.failed) == (2, 2)
-    second = run_judge(tasks, client(server, attempts=2), out, workers=2, progress=False)
-    assert (second.written, second.failed, second.skipped) == (2, 0, 2)
+    # each game's prompt fails 3 times; 2 attempts per run: run 1 loses game 1, run 2 game 2, run 3 succeeds
+    runs = [run_judge(tasks, client(server, attempts=2), out, workers=2, progress=False) for _ in range(3)]
+    assert [(r.written, r.failed, r.skipped) for r in runs] == [(1, 1, 0), (0, 1, 1), (1, 0, 1)]
     assert sorted(r["key"] for r in lines(out)) == sorted(t.key for t in tasks)
 
 
 def test_single_mode_grades_each_answer_reference_guided_for_math(tmp_path, server):
-    tasks = plan(tmp_path, mode=JudgeMode.SINGLE)
+    plan_ = plan(tmp_path, mode=JudgeMode.SINGLE)
     out = tmp_path / "single.jsonl"
-    stats = run_judge(tasks, client(server), out, workers=2, progress=False)
+    stats = run_judge(plan_.tasks, client(server), out, workers=2, progress=False)
     assert (stats.written, stats.unparsed) == (14, 1)
     records = lines(out)
-    assert {r["prompt"] for r in records if r["question_id"] == 3} == {"single-math-ref"}
-    assert {r["prompt"] for r in records if r["question_id"] == 5} == {"single-general", "single-general-multi"}
-    summary = summarize_single(out)["models"]
-    assert summary["alpha"] == {"n": 6, "total": 40.0, "mean": round(40 / 6, 4), "unparsed": 1,
-                                "categories": {"coding": 7.0, "generic": 5.5, "math": 9.0, "writing": 6.5}}
+    assert all({"question_id", "model", "judge", "user_prompt", "judgment", "score", "turn", "tstamp"} <= set(r)
+               for r in records)
+    assert {r["judge"][1] for r in records if r["question_id"] == 3} == {"single-math-v1"}
+    assert {(r["turn"], r["judge"][1]) for r in records if r["question_id"] == 5} == {
+        (1, "single-v1"), (2, "single-v1-multi-turn")}
+    assert next(r for r in records if r["question_id"] == 4 and r["model"] == "alpha")["score"] is None
+    summary = summary_of(out)[0]["models"]
+    assert {k: summary["alpha"][k] for k in ("n", "total", "mean", "unparsed", "categories", "turns")} == {
+        "n": 6, "total": 40.0, "mean": round(40 / 6, 4), "unparsed": 1,
+        "categories": {"coding": 7.0, "generic": 5.5, "math": 9.0, "writing": 6.5}, "turns": {"1": 6.2, "2": 9.0}}
     assert summary["beta"]["n"] == 7 and summary["beta"]["total"] == 39.0
+    lo, hi = summary["beta"]["ci"]["mean"]
+    assert lo <= 39 / 7 <= hi
 
 
-def test_output_of_another_comparison_is_refused(tmp_path):
+def test_output_of_another_mode_or_layout_is_refused(tmp_path):
     out = tmp_path / "j.jsonl"
-    out.write_text(json.dumps({"key": "k", "mode": "pairwise", "model_1": "x", "model_2": "y"}) + "\n")
-    with pytest.raises(ValueError, match="j.jsonl:1: holds a pairwise judgment of \\['x', 'y'\\]"):
-        existing_keys(out, JudgeMode.PAIRWISE, ("alpha", "beta"))
+    out.write_text(json.dumps({"key": "k", "mode": "single", "model": "x"}) + "\n")
+    with pytest.raises(ValueError, match="j.jsonl:1: holds a single judgment; write this pairwise run"):
+        existing_keys(out, JudgeMode.PAIRWISE)
+    out.write_text(json.dumps({"key": "k", "mode": "pairwise", "order": "12"}) + "\n")
+    with pytest.raises(ValueError, match="holds a record in another layout"):
+        existing_keys(out, JudgeMode.PAIRWISE)
+
+
+def test_pairs_of_three_models_all_or_against_a_baseline(tmp_path):
+    questions, answers = write_inputs(tmp_path, SINGLE_TURN[:2])
+    gamma = tmp_path / "gamma.jsonl"
+    gamma.write_text(answers[0].read_text().replace('"alpha"', '"gamma"'))
+    loaded = [load_answers(p) for p in (*answers, gamma)]
+    prompts = load_prompt_set("vicuna")
+    every = plan_tasks(load_questions(questions), loaded, JudgeMode.PAIRWISE, prompts)
+    assert sorted({t.models for t in every.tasks}) == [("alpha", "beta"), ("alpha", "gamma"), ("beta", "gamma")]
+    baseline = plan_tasks(load_questions(questions), loaded, JudgeMode.PAIRWISE, prompts, baseline="gamma")
+    assert sorted({t.models for t in baseline.tasks}) == [("gamma", "alpha"), ("gamma", "beta")]
+    with pytest.raises(ValueError, match="baseline 'delta' is not among"):
+        plan_tasks(load_questions(questions), loaded, JudgeMode.PAIRWISE, prompts, baseline="delta")
 
 
 def test_pairwise_needs_two_different_models(tmp_path):
     questions, answers = write_inputs(tmp_path)
     loaded = load_answers(answers[0])
-    with pytest.raises(ValueError, match="exactly two"):
-        plan_tasks(load_questions(questions), [loaded], JudgeMode.PAIRWISE)
+    with pytest.raises(ValueError, match="two or more"):
+        plan_tasks(load_questions(questions), [loaded], JudgeMode.PAIRWISE, load_prompt_set("mt_bench"))
     with pytest.raises(ValueError, match="different models"):
-        plan_tasks(load_questions(questions), [loaded, loaded], JudgeMode.PAIRWISE)
+        plan_tasks(load_questions(questions), [loaded, loaded], JudgeMode.PAIRWISE, load_prompt_set("mt_bench"))
 
 
 @pytest.mark.slow
@@ -148,18 +222,18 @@ def test_sigkill_mid_run_then_rerun_has_no_duplicates_or_losses(tmp_path):
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 8):
+        while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 4):
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         written = out.read_text().count("\n")
-        assert 8 <= written < 60, "the kill must land mid-run"
+        assert 4 <= written < 30, "the kill must land mid-run"
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-        assert f"{60 - written} written" in done.stdout, done.stdout
+        assert f"{30 - written} written" in done.stdout, done.stdout
     finally:
         srv.shutdown()
     records = lines(out)
     keys = [r["key"] for r in records]
-    assert len(keys) == len(set(keys)) == 60
-    assert summarize_file(out).as_dict()["n"] == 30
+    assert len(keys) == len(set(keys)) == 30
+    assert summary_of(out)[0]["n"] == 30

@@ -1,7 +1,8 @@
 """Table-driven tests for the judge score parser: real-looking judge outputs, including garbage."""
 import pytest
 
-from ds_vicuna.eval.score_parsing import ParseFailure, parse_pair_scores, parse_single_score
+from ds_vicuna.eval.score_parsing import (BRACKET_PAIR, VERDICT, VICUNA_PAIR, ParseFailure, parse_pair_scores,
+                                          parse_pairwise, parse_single_score)
 
 EMPTY, NONE, RANGE = ParseFailure.EMPTY, ParseFailure.NO_SCORES, ParseFailure.OUT_OF_RANGE
 
@@ -84,3 +85,41 @@ def test_parse_single_score(text, expected):
         assert (result.parsed, result.failure, result.score) == (False, expected, None)
     else:
         assert result.parsed and result.score == expected and result.failure is None
+
+
+VERDICT_CASES = [
+    ("Assistant A is more helpful.\n\n[[A]]", "A"),
+    ("Both are similar. Final verdict: [[C]]", "tie"),
+    ("**Verdict: [[B]]**", "B"),
+    ('Following the format ("[[A]]" if A is better), my verdict is [[B]].', "B"),  # the last one counts
+    ("[[ A ]]", "A"),
+    ("I prefer A.", NONE),
+    ("[[D]]", NONE),
+    ("", EMPTY),
+]
+
+
+@pytest.mark.parametrize("text,expected", VERDICT_CASES)
+def test_verdicts(text, expected):
+    verdict = parse_pairwise(text, VERDICT)
+    if isinstance(expected, ParseFailure):
+        assert (verdict.parsed, verdict.failure) == (False, expected)
+    else:
+        assert (verdict.parsed, verdict.winner, verdict.score_a) == (True, expected, None)
+
+
+@pytest.mark.parametrize("text,output_format,expected", [
+    ("explanation [[8, 9]]", BRACKET_PAIR, ("B", 8, 9)),
+    ("explanation [7,7]", BRACKET_PAIR, ("tie", 7, 7)),
+    ("[[8.05, 8]]", BRACKET_PAIR, ("tie", 8.05, 8)),  # within FastChat's TIE_DELTA
+    ("9 6\nreasons", VICUNA_PAIR, ("A", 9, 6)),
+    ("no scores", VICUNA_PAIR, None),
+])
+def test_score_formats_give_winners(text, output_format, expected):
+    verdict = parse_pairwise(text, output_format)
+    assert ((verdict.winner, verdict.score_a, verdict.score_b) if verdict.parsed else None) == expected
+
+
+def test_unknown_output_format_is_an_error():
+    with pytest.raises(ValueError, match="no pairwise parser"):
+        parse_pairwise("x", "[[rating]]")

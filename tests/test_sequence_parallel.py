@@ -85,8 +85,8 @@ def test_two_rank_sequence_parallel_step_equals_one_rank_on_whole_rows(sp_config
     cfg, tmp = sp_config
     script = REPO / "tests/scripts/grad_check.py"
     run_checked([sys.executable, str(script), str(cfg), str(tmp / "one.pt"), "2x1"])
-    run_checked(deepspeed_command(2, script, cfg, tmp / "sp.pt", "2x1", "--sequence_parallel_size", "2"))
-    one, sp = torch.load(tmp / "one.pt")["2x1"], torch.load(tmp / "sp.pt")["2x1"]
+    run_checked(deepspeed_command(2, script, cfg, tmp / "sp.pt", "2x1:sequence_parallel_size=2"))
+    one, sp = torch.load(tmp / "one.pt")["2x1"], torch.load(tmp / "sp.pt")["2x1:sequence_parallel_size=2"]
     assert sp["tokens"] == one["tokens"] > 0
     assert sp["loss"] == pytest.approx(one["loss"], rel=1e-5)
     assert sp["grads"].keys() == one["grads"].keys()

@@ -97,11 +97,13 @@ def chat_body(content: str = "What is the capital of France?", **extra) -> dict:
 
 def test_health_and_readiness_line(stack):
     assert any(f"{stack['base']}/v1" in line for line in stack["lines"])
+    assert any("workers on other hosts can join" in line for line in stack["lines"])
     reply = requests.get(f"{stack['base']}/health", timeout=10)
     assert reply.status_code == 200 and reply.json()["models"] == [MODEL]
 
 
 def test_official_openai_client(stack):
+    import openai
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{stack['base']}/v1", api_key=KEY, max_retries=0, timeout=120)
@@ -116,8 +118,18 @@ def test_official_openai_client(stack):
     assert "".join(pieces) == text and len([p for p in pieces if p]) > 1  # same greedy text, streamed in pieces
     completion = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
                                            temperature=0)
-    assert completion.choices[0].text.strip() and completion.usage.completion_tokens == 4 or \
-        completion.choices[0].finish_reason == "stop"
+    choice, used = completion.choices[0], completion.usage.completion_tokens
+    assert choice.text.strip()
+    assert (choice.finish_reason, used) == ("length", 4) or (choice.finish_reason == "stop" and 0 < used <= 4)
+    # what LangChain sends: a developer message and content as a list of text parts
+    reply = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, messages=[
+        {"role": "developer", "content": "Answer in one word."},
+        {"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}])
+    assert "Paris" in reply.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "hi"}],
+                                       response_format={"type": "json_object"})
+    assert err.value.body["param"] == "response_format" and err.value.body["code"] == "unsupported_parameter"
 
 
 def test_bad_inputs_are_openai_errors_and_server_keeps_serving(stack):
@@ -132,6 +144,15 @@ def test_bad_inputs_are_openai_errors_and_server_keeps_serving(stack):
         (dict(json=chat_body("x" * (BODY_LIMIT + 10)), headers=headers()), 413, "request_too_large"),
         (dict(json=chat_body(), headers={}), 401, "invalid_api_key"),
         (dict(json=chat_body(), headers=headers("wrong")), 401, "invalid_api_key"),
+        # each of these once killed a worker's scheduler or failed between the API and the worker
+        (dict(json=chat_body(seed=2**64), headers=headers()), 400, "invalid_value"),
+        (dict(json=chat_body(seed=2**63 - 1, n=2), headers=headers()), 400, "invalid_value"),
+        (dict(data=json.dumps(chat_body()).replace('"temperature": 0', '"temperature": NaN').encode(),
+              headers=json_headers), 400, "invalid_value"),
+        (dict(data=json.dumps(chat_body("bad \ud800 text")).encode(), headers=json_headers), 400,
+         "invalid_value"),
+        (dict(json=chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), headers=headers()), 400,
+         "unsupported_parameter"),
     ]
     for kwargs, status, code in cases:
         reply = requests.post(url, timeout=60, **kwargs)
@@ -201,6 +222,7 @@ def test_web_page_streams_an_answer(stack, tmp_path):
         driver.save_screenshot(str(shot))
         print(f"screenshot: {shot}")
         answer_class = answer.get_attribute("class")
+        answer_box, scale = answer.rect, driver.execute_script("return window.devicePixelRatio")
     except Exception:
         print(log.read_text()[-3000:] if log.exists() else "no chromedriver log")
         raise
@@ -210,11 +232,65 @@ def test_web_page_streams_an_answer(stack, tmp_path):
     assert "Paris" in text
     partial = {t for t in states if t and t != text}
     assert partial and all(text.startswith(t) for t in partial), states  # seen growing, i.e. streamed
-    assert shot.stat().st_size > 1000
+    assert 0.01 < ink_fraction(shot, answer_box, scale) < 0.6  # the answer is drawn where the page says it is
+
+
+def ink_fraction(png: Path, box: dict, scale: float) -> float:
+    """The share of pixels inside `box` (CSS pixels, as Selenium's `rect`) that stand out from the box's
+    background colour: 0 for an empty or blank box, a few percent for a line of text."""
+    from matplotlib.image import imread
+
+    image = imread(str(png))[..., :3]  # [H, W, 3] floats in 0..1
+    top, left = int(box["y"] * scale), int(box["x"] * scale)
+    region = image[top:top + int(box["height"] * scale), left:left + int(box["width"] * scale)]
+    assert region.size, f"the answer box {box} is outside the {image.shape[1]}x{image.shape[0]} screenshot"
+    light = region.mean(-1)  # [h, w]
+    return float((abs(light - float(sorted(light.ravel())[light.size // 2])) > 0.25).mean())
+
+
+SECRET_HEADERS = {"X-Worker-Secret": SECRET}
 
 
 def controller_workers(stack) -> list[str]:
-    return [w["address"] for w in requests.get(f"{stack['controller']}/status", timeout=10).json()["workers"]]
+    reply = requests.get(f"{stack['controller']}/status", headers=SECRET_HEADERS, timeout=10)
+    return [w["address"] for w in reply.json()["workers"]]
+
+
+def queue_length(address: str) -> int:
+    return requests.get(f"{address}/worker_status", headers=SECRET_HEADERS, timeout=10).json()["queue_length"]
+
+
+def test_internal_endpoints_refuse_calls_without_the_worker_secret(stack):
+    worker = controller_workers(stack)[0]
+    direct = requests.post(f"{worker}/worker_generate_stream", timeout=10,
+                           json={"messages": [{"role": "user", "content": "hi"}], "params": {"max_tokens": 2}})
+    assert direct.status_code == 403 and direct.json()["error"]["code"] == "invalid_worker_secret"
+    for path in ("/status", "/list_models", "/"):
+        assert requests.get(f"{stack['controller']}{path}", timeout=10).status_code == 403
+    assert requests.post(f"{stack['controller']}/get_worker_address", json={"model": MODEL},
+                         timeout=10).status_code == 403
+    assert requests.get(f"{worker}/health", timeout=10).json() == {"status": "ok"}
+
+
+def test_a_non_streaming_request_is_cancelled_when_its_client_goes_away(stack):
+    import socket
+
+    workers = controller_workers(stack)
+    body = json.dumps(chat_body("Count from 1 to 500, separated by commas.", max_tokens=400)).encode()
+    port = int(stack["base"].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 60
+        while sum(queue_length(w) for w in workers) == 0:  # generating now, and for many seconds more
+            assert time.monotonic() < deadline, "the request never reached a worker"
+            time.sleep(0.05)
+    closed_at = time.monotonic()
+    while sum(queue_length(w) for w in workers) > 0:  # 400 tokens take this model far longer than 3 s here
+        assert time.monotonic() - closed_at < 3, "the job kept running after its client left"
+        time.sleep(0.1)
+    metrics = requests.get(f"{stack['base']}/metrics", headers=headers(), timeout=10).text
+    assert 'ds_vicuna_requests_total{endpoint="/v1/chat/completions",status="499"} 1.0' in metrics
 
 
 def test_killed_worker_is_dropped_and_requests_keep_succeeding(stack):
@@ -225,16 +301,20 @@ def test_killed_worker_is_dropped_and_requests_keep_succeeding(stack):
         time.sleep(0.5)
     first_worker = next(line for line in stack["lines"] if line.startswith("controller at")).split()[4]
     second_address = next(a for a in controller_workers(stack) if a != first_worker)
-    with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(requests.post, f"{stack['base']}/v1/chat/completions", headers=headers(),
-                               json=chat_body(f"Count to {i}.", max_tokens=32), timeout=300) for i in range(6)]
-        while requests.get(f"{second_address}/worker_status", timeout=10).json()["queue_length"] == 0:
-            assert not any(f.done() for f in futures), "no request reached the second worker"
-            time.sleep(0.05)
+    with ThreadPoolExecutor(8) as pool:
+        futures = []
+        deadline = time.monotonic() + 120
+        while queue_length(second_address) == 0:  # until the second worker holds a request (a short reply may
+            assert time.monotonic() < deadline, "no request reached the second worker"  # finish first: send more)
+            if all(f.done() for f in futures):
+                futures += [pool.submit(requests.post, f"{stack['base']}/v1/chat/completions", headers=headers(),
+                                        json=chat_body(f"Count from 1 to {20 + i}.", max_tokens=48), timeout=300)
+                            for i in range(len(futures), len(futures) + 4)]
+            time.sleep(0.02)
         os.kill(second.pid, signal.SIGKILL)  # with requests in flight on it
         killed_at = time.monotonic()
         replies = [f.result() for f in futures]
-    assert [r.status_code for r in replies] == [200] * 6, [r.text for r in replies]
+    assert [r.status_code for r in replies] == [200] * len(replies), [r.text for r in replies]
     while len(controller_workers(stack)) != 1:
         assert time.monotonic() - killed_at < EXPIRY + 5, "the controller kept the dead worker"
         time.sleep(0.2)
@@ -242,3 +322,37 @@ def test_killed_worker_is_dropped_and_requests_keep_succeeding(stack):
         reply = requests.post(f"{stack['base']}/v1/chat/completions", headers=headers(),
                               json=chat_body(f"Say {i}.", max_tokens=4), timeout=120)
         assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+
+
+WORKER_SIDE = ("needs the worker side of issue 14 (logprobs and echo in serve/engine.py, branch issue-14-worker); "
+               "remove this marker when both are merged")
+
+
+@pytest.mark.xfail(strict=True, reason=WORKER_SIDE)
+def test_logprobs_and_prompt_scoring_match_the_model(stack):
+    """Through the official client: greedy chat logprobs are the top alternatives, and an echoed prompt's
+    log-probabilities equal a plain forward pass of the same model."""
+    import torch
+    from openai import OpenAI
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ds_vicuna.models import embedded_model_path
+
+    client = OpenAI(base_url=f"{stack['base']}/v1", api_key=KEY, max_retries=0, timeout=120)
+    reply = client.chat.completions.create(model=MODEL, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+    content = reply.choices[0].logprobs.content
+    assert len(content) >= reply.usage.completion_tokens > 0
+    for entry in content:  # greedy: each token is its position's most likely one
+        assert len(entry.top_logprobs) == 3 and entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+    prompt = "The capital of France is Paris."
+    scored = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1).choices[0]
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_path(), dtype=torch.float32).eval()
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1)  # [T, V]
+    expected = [float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids))]
+    assert scored.text == prompt and scored.logprobs.token_logprobs[0] is None
+    assert scored.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-3)
+    assert scored.logprobs.tokens == [tokenizer.decode([i]) for i in ids]

@@ -7,7 +7,7 @@ from ds_vicuna.checkpoint import CheckpointError, check_resume_compatible
 from ds_vicuna.config import load_config
 from ds_vicuna.train import samples_of, step_batches
 from ds_vicuna.train_cli import split_argv
-from ds_vicuna.train_metrics import plot_loss
+from ds_vicuna.train_metrics import matmul_params, peak_flops, plot_loss
 from ds_vicuna.train_setup import build_model_config, pick_attn_implementation, share_cpu_threads
 from tiny_llama import make_tiny_model
 
@@ -90,3 +90,33 @@ def test_loss_plot(tmp_path):
                        + json.dumps({"step": 5, "eval_loss": 0.9}) + "\n")
     png = plot_loss(metrics, tmp_path / "loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_mfu_counts_matmul_parameters(tied):
+    import torch
+    from device_checks import tiny_llama
+
+    model = tiny_llama("cpu", torch.float32, tied=tied)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()  # 512 x 64
+    # the input embedding is a lookup; when the output layer shares it, its matmul counts once
+    assert matmul_params(model) == (total if tied else total - embedding)
+
+
+def test_peak_flops_by_device_name():
+    assert peak_flops("bf16", "NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("bf16", "NVIDIA H100 PCIe") == 756e12  # the more specific entry wins
+    assert peak_flops("bf16", "NVIDIA H200") == 989e12 and peak_flops("bf16", "NVIDIA H20") == 148e12
+    assert peak_flops("fp32", "NVIDIA A100-SXM4-80GB") == 156e12
+    assert peak_flops("bf16", "Some Future GPU") is None
+
+
+def test_importing_the_trainer_does_not_import_torch():
+    """`python -m ds_vicuna.train` imports the trainer before its stop-signal handler is installed: a slow torch
+    import there would let a SIGTERM/SIGUSR1 during start-up kill the rank (tests/test_launch.py)."""
+    import subprocess
+    import sys
+
+    code = "import sys, ds_vicuna.train, ds_vicuna.train_cli; print(sorted(m for m in sys.modules if m == 'torch'))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

@@ -79,12 +79,14 @@ def write_train_config(path: Path, model, data: Path, deepspeed: str = "zero3_of
     return Path(path)
 
 
-def subprocess_env() -> dict:
-    """Environment for launched trainers: shared CPU-Adam build, quiet, no GPU, repo importable."""
+def subprocess_env(gpu: bool = False) -> dict:
+    """Environment for launched trainers: shared CPU-Adam build, quiet, repo importable; no GPU unless `gpu`."""
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
-    env.update({"CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+    env.update({"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": str(REPO) + os.pathsep + str(REPO / "tests") + os.pathsep + env.get("PYTHONPATH", "")})
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
@@ -96,9 +98,10 @@ def deepspeed_command(num_ranks: int, script: str | Path, *args: str, port: int 
             str(script), *map(str, args)]
 
 
-def run_checked(cmd: list[str], timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
-    """Run a command; on failure raise with the last of its output so the test log shows why."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), **kwargs)
+def run_checked(cmd: list, timeout: int = 300, gpu: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command (GPUs hidden unless `gpu`); on failure raise with the last of its output so the log shows why."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+                          env=subprocess_env(gpu), **kwargs)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

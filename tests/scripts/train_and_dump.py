@@ -1,5 +1,6 @@
 """Run the trainer like `deepspeed --module ds_vicuna.train CONFIG [--key value]`, then dump on rank 0 what tests
-compare: this run's losses and the engine's parameters gathered from the ZeRO-3 partitions.
+compare: this run's losses, the engine's parameters gathered from the ZeRO-3 partitions (as float32; bf16 on a
+bf16 run) and the optimizer's fp32 master copy of them.
 
     deepspeed --num_gpus 2 tests/scripts/train_and_dump.py DUMP.pt CONFIG [--key value ...]
 """
@@ -7,6 +8,7 @@ import sys
 
 import deepspeed
 import torch
+from deepspeed.utils import safe_get_full_fp32_param
 
 from ds_vicuna.config import load_config
 from ds_vicuna.train import train
@@ -19,12 +21,13 @@ def main() -> int:
     dump, config, overrides = args[0], args[1], args[2:]
     result = train(load_config(config, overrides))
     module = result.engine.module
-    params = {}
+    params, master = {}, {}
     for name, param in module.named_parameters():
         with deepspeed.zero.GatheredParameters([param]):  # collective: every rank gathers the full tensor
-            params[name] = param.detach().clone().float()
+            params[name] = param.detach().float().cpu()
+        master[name] = safe_get_full_fp32_param(param).detach().clone().cpu()  # collective too
     if torch.distributed.get_rank() == 0:
-        torch.save({"losses": result.losses, "params": params, "step": result.progress.step,
+        torch.save({"losses": result.losses, "params": params, "master": master, "step": result.progress.step,
                     "checkpoint": str(result.checkpoint), "exit_code": result.exit_code}, dump)
     return result.exit_code
 
