@@ -130,7 +130,8 @@ class TrainConfig:
     deepspeed: str = "ds_configs/zero3_offload.json"
     """DeepSpeed engine settings (ZeRO stage, offload); batch/bucket/precision fields are filled at start."""
     precision: str = "auto"
-    """auto = bf16 on a bf16 GPU, fp16 with loss scaling on older GPUs, fp32 on CPU."""
+    """auto = bf16 on a bf16 GPU, fp16 with loss scaling on older GPUs, fp32 on CPU. bf16 on CPU when asked for
+    (fast where the CPU has avx512_bf16/AMX, emulated and slower than fp32 elsewhere, half the memory anyway)."""
     learning_rate: float = 2e-5
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
@@ -144,7 +145,10 @@ class TrainConfig:
     global_batch_size: int = 128
     """Sequences per optimizer step over all ranks; kept whatever the world size (accumulation is derived)."""
     micro_batch_size: int = 2
-    """Sequences per forward pass on one rank."""
+    """Sequences per forward pass on one rank (per sequence-parallel group with sequence_parallel_size > 1)."""
+    sequence_parallel_size: int = 1
+    """Ulysses sequence parallelism (DeepSpeed ALST): split every row's tokens over this many consecutive ranks,
+    which train the same micro-batches; must divide the world size and the model's attention heads."""
     seed: int = 42
     save_every: int = 200
     """Save a checkpoint every N optimizer steps (and always at the end)."""
@@ -164,7 +168,8 @@ class TrainConfig:
     def __post_init__(self):
         _check_choice("train.precision", self.precision, PRECISIONS)
         _check_choice("train.lr_scheduler", self.lr_scheduler, SCHEDULERS)
-        for name in ("global_batch_size", "micro_batch_size", "epochs", "save_every", "keep_last", "log_every"):
+        for name in ("global_batch_size", "micro_batch_size", "epochs", "save_every", "keep_last", "log_every",
+                     "sequence_parallel_size"):
             _check_positive(f"train.{name}", getattr(self, name))
         for name in ("max_steps", "eval_every", "stop_after_steps", "loss_chunk_tokens"):
             if getattr(self, name) is not None:
@@ -184,25 +189,40 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def gradient_accumulation_steps(self, world_size: int) -> int:
-        """global_batch_size / (micro_batch_size * world_size).
+    def data_parallel_size(self, world_size: int) -> int:
+        """Ranks that train different micro-batches: world_size / sequence_parallel_size.
 
         Raises:
-            ConfigError: the global batch does not split evenly over the ranks.
+            ConfigError: sequence_parallel_size does not divide the world size.
         """
-        per_step = self.train.micro_batch_size * world_size
+        sp = self.train.sequence_parallel_size
+        if world_size % sp:
+            raise ConfigError(f"train.sequence_parallel_size ({sp}) must divide the world size ({world_size})")
+        return world_size // sp
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        """global_batch_size / (micro_batch_size * data-parallel size).
+
+        Raises:
+            ConfigError: the global batch does not split evenly over the data-parallel ranks.
+        """
+        replicas = self.data_parallel_size(world_size)
+        per_step = self.train.micro_batch_size * replicas
         if self.train.global_batch_size % per_step:
+            what = "world size" if replicas == world_size else "data-parallel size (world / sequence_parallel_size)"
             raise ConfigError(
                 f"train.global_batch_size ({self.train.global_batch_size}) is not a multiple of "
-                f"micro_batch_size ({self.train.micro_batch_size}) x world size ({world_size}); "
+                f"micro_batch_size ({self.train.micro_batch_size}) x {what} ({replicas}); "
                 f"world sizes that can train it: {', '.join(map(str, self.world_sizes()))} "
                 f"(or, on a fresh start, a global batch divisible by {per_step})")
         return self.train.global_batch_size // per_step
 
     def world_sizes(self) -> list[int]:
-        """The world sizes that split the global batch evenly (a resume keeps the global batch, so only these)."""
+        """The world sizes that split the global batch evenly (a resume keeps the global batch, so only these):
+        sequence_parallel_size x every data-parallel size that divides the global batch's micro-batches."""
         micro_batches = self.train.global_batch_size // self.train.micro_batch_size
-        return [n for n in range(1, micro_batches + 1) if micro_batches % n == 0]
+        sp = self.train.sequence_parallel_size
+        return [n * sp for n in range(1, micro_batches + 1) if micro_batches % n == 0]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -383,33 +403,39 @@ def offloads_optimizer(ds: dict) -> bool:
 
 
 def resolve_precision(requested: str, device_type: str, bf16_supported: bool) -> str:
-    """auto -> bf16 on a bf16 GPU, fp16 on an older GPU, fp32 on CPU; explicit choices are checked.
+    """auto -> bf16 on a bf16 GPU, fp16 on an older GPU, fp32 on CPU (exact, reproducible); explicit choices are
+    checked: bf16 runs on a CPU whose torch can do bf16 (oneDNN), fp16 needs a GPU.
 
     Raises:
-        ConfigError: bf16/fp16 asked for on CPU, or bf16 on a GPU without it.
+        ConfigError: fp16 asked for on CPU, or bf16 on a device without it.
     """
     if requested == "auto":
         if device_type == "cpu":
             return "fp32"
         return "bf16" if bf16_supported else "fp16"
-    if device_type == "cpu" and requested != "fp32":
-        raise ConfigError(f"train.precision {requested} needs a GPU; on CPU use fp32 (or auto)")
+    if device_type == "cpu" and requested == "fp16":
+        raise ConfigError("train.precision fp16 needs a GPU; on CPU use bf16, fp32 or auto")
     if requested == "bf16" and not bf16_supported:
-        raise ConfigError("train.precision bf16: this GPU has no bf16 support; use fp16 or auto")
+        raise ConfigError(f"train.precision bf16: this {'CPU' if device_type == 'cpu' else 'GPU'} has no bf16 "
+                          "support; use auto")
     return requested
 
 
 def fill_deepspeed_config(ds: dict, *, micro_batch_size: int, grad_accum: int, world_size: int,
-                          hidden_size: int, precision: str, max_grad_norm: float) -> dict:
+                          hidden_size: int, precision: str, max_grad_norm: float,
+                          sequence_parallel_size: int = 1) -> dict:
     """A copy of `ds` with batch sizes, "auto" bucket sizes and precision written in (what HF Trainer would do).
 
     Buckets follow transformers' `HfTrainerDeepSpeedConfig`: reduce_bucket_size = h*h,
-    stage3_prefetch_bucket_size = 0.9*h*h, stage3_param_persistence_threshold = 10*h.
+    stage3_prefetch_bucket_size = 0.9*h*h, stage3_param_persistence_threshold = 10*h. With sequence parallelism
+    the batch counts data-parallel replicas (world / sequence_parallel_size), as DeepSpeed does.
     """
     out = json.loads(json.dumps(ds))
     out["train_micro_batch_size_per_gpu"] = micro_batch_size
     out["gradient_accumulation_steps"] = grad_accum
-    out["train_batch_size"] = micro_batch_size * grad_accum * world_size
+    out["train_batch_size"] = micro_batch_size * grad_accum * (world_size // sequence_parallel_size)
+    if sequence_parallel_size > 1:  # read by zero.Init (HfDeepSpeedConfig) before the engine gets the mpu
+        out["sequence_parallel_size"] = sequence_parallel_size
     if out.get("gradient_clipping", "auto") == "auto":
         out["gradient_clipping"] = max_grad_norm
     zero = out.setdefault("zero_optimization", {})

@@ -127,7 +127,30 @@ def init_distributed(launch: LaunchEnv | None = None) -> LaunchEnv:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    rank=launch.rank, world_size=launch.world_size, timeout=timeout)
+        if not torch.cuda.is_available() and launch.world_size > 1:
+            torch.distributed.barrier()  # every rank has mapped every peer's buffer (DeepSpeed's shm_initialize)
+            release_shm_allreduce_buffer(launch)
     return launch
+
+
+def release_shm_allreduce_buffer(launch: LaunchEnv, shm_dir: str = "/dev/shm") -> bool:
+    """Unlink the name of this rank's DeepSpeed CPU shared-memory all-reduce buffer once all ranks have mapped it.
+
+    DeepSpeed 0.19's CPU communication (csrc/cpu/comm/shm.cpp) creates
+    `deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>` (66 MiB) and never unlinks it, so every
+    multi-rank CPU run, finished or killed, left that much RAM behind in /dev/shm. The mappings stay valid after
+    the unlink; the memory goes back when the process exits, however it exits.
+
+    Returns:
+        Whether a buffer was there to release.
+    """
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{launch.rank}")
+    try:
+        os.unlink(os.path.join(shm_dir, name))
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def shutdown_distributed() -> None:

@@ -31,9 +31,12 @@ from ds_vicuna.elastic import micro_batch_seed, prepare_resume, with_universal_l
 from ds_vicuna.launch_env import LaunchEnv, detect_launch_env, init_distributed
 from ds_vicuna.loss import count_label_tokens, token_loss_sum
 from ds_vicuna.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
+from ds_vicuna.sequence_parallel import check_sequence_parallel, register_ulysses, shard_batch
 from ds_vicuna.train_metrics import (LOSS_PLOT, MetricsLogger, describe_engine, matmul_params, peak_flops, plot_loss,
                                      progress_bar, step_flops)
-from ds_vicuna.train_setup import (build_engine, build_model, build_model_config, check_cpu_adam, load_tokenizer)
+from ds_vicuna.train_setup import (bf16_supported, build_engine, build_model, build_model_config, check_cpu_adam,
+                                   cpu_has_native_bf16, load_tokenizer, pick_training_attention,
+                                   share_cpu_threads)
 
 
 class TrainError(RuntimeError):
@@ -62,7 +65,23 @@ class Run:
     peak_flops: float | None
     flatten_packs: bool
     precision: str
+    sp_size: int = 1  # ranks per sequence-parallel group: consecutive ranks that train the same micro-batches
     progress: TrainingProgress = field(default_factory=TrainingProgress)
+
+    @property
+    def dp_rank(self) -> int:
+        """Which data-parallel replica (sequence-parallel group) this rank belongs to."""
+        return self.launch.rank // self.sp_size
+
+    @property
+    def dp_size(self) -> int:
+        """Replicas that train different micro-batches: world size / sequence_parallel_size."""
+        return self.launch.world_size // self.sp_size
+
+    @property
+    def sp_rank(self) -> int:
+        """This rank's shard of every row within its sequence-parallel group."""
+        return self.launch.rank % self.sp_size
 
 
 @dataclass
@@ -137,7 +156,8 @@ def setup(cfg: Config, ds_base: dict, launch: LaunchEnv) -> Run:
         eval_data, eval_indices = load_data(cfg, cfg.data.eval_path, tokenizer, "data.eval_path")
     grad_accum = cfg.gradient_accumulation_steps(launch.world_size)
     plans = [plan_epoch(cfg, train_data, train_indices, epoch) for epoch in range(cfg.train.epochs)]
-    per_step = grad_accum * launch.world_size
+    sp_size = cfg.train.sequence_parallel_size
+    per_step = grad_accum * cfg.data_parallel_size(launch.world_size)
     steps_per_epoch = [len(plan) // per_step for plan in plans]
     if steps_per_epoch[0] == 0:
         raise ConfigError(f"{cfg.data.train_path}: {len(plans[0])} micro-batches of {cfg.train.micro_batch_size} "
@@ -147,23 +167,31 @@ def setup(cfg: Config, ds_base: dict, launch: LaunchEnv) -> Run:
         total_steps = min(total_steps, cfg.train.max_steps)
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    bf16_ok = device_type == "cuda" and torch.cuda.is_bf16_supported()
-    precision = resolve_precision(cfg.train.precision, device_type, bf16_ok)
+    if device_type == "cpu":
+        share_cpu_threads()
+    precision = resolve_precision(cfg.train.precision, device_type, bf16_supported(device_type))
+    if precision == "bf16" and device_type == "cpu" and not cpu_has_native_bf16() and launch.is_main:
+        print("[ds-vicuna] bf16 on a CPU without avx512_bf16/AMX: matmuls are emulated (slower than fp32); "
+              "parameters, gradients and activations take half the memory", flush=True)
     model_config = build_model_config(model_path, cfg)
+    attn = pick_training_attention(cfg.model.attn_implementation, cfg.data.batching, sp_size)
+    check_sequence_parallel(sp_size, launch.world_size, model_config, attn, ds_base)
     ds = fill_deepspeed_config(ds_base, micro_batch_size=cfg.train.micro_batch_size, grad_accum=grad_accum,
                                world_size=launch.world_size, hidden_size=model_config.hidden_size,
-                               precision=precision, max_grad_norm=cfg.train.max_grad_norm)
-    model = build_model(model_path, model_config, tokenizer, cfg, ds, precision)
+                               precision=precision, max_grad_norm=cfg.train.max_grad_norm,
+                               sequence_parallel_size=sp_size)
+    model = build_model(model_path, model_config, tokenizer, cfg, ds, precision, attn_implementation=attn)
     model_config = model.config  # after any embedding resize
     flatten = configure_model_for_packing(model) if cfg.data.batching == "pack" else False
-    engine = build_engine(model, ds, cfg, total_steps)
+    mpu = register_ulysses(model, sp_size, rows=1 if flatten else cfg.train.micro_batch_size) if sp_size > 1 else None
+    engine = build_engine(model, ds, cfg, total_steps, mpu=mpu)
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     peak = peak_flops(precision) if device_type == "cuda" else None
     return Run(cfg=cfg, launch=launch, engine=engine, tokenizer=tokenizer, model_config=model_config,
                train_data=train_data, train_indices=train_indices, eval_data=eval_data, eval_indices=eval_indices,
                plans=plans, grad_accum=grad_accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                num_params=num_params, matmul_params=matmul_params(engine.module), peak_flops=peak,
-               flatten_packs=flatten, precision=precision,
+               flatten_packs=flatten, precision=precision, sp_size=sp_size,
                progress=TrainingProgress(seed=cfg.train.seed, config=cfg.to_dict()))
 
 
@@ -219,24 +247,29 @@ def samples_of(micro_batch: list) -> list[int]:
 def rank_share(run: Run, position: int) -> range:
     """The global micro-batch indices (in the epoch's plan) this rank runs in the optimizer step starting at
     `position`: the plan is global, so at any world size the step covers the same micro-batches."""
-    start = position + run.launch.rank * run.grad_accum
+    start = position + run.dp_rank * run.grad_accum  # a sequence-parallel group shares its micro-batches
     return range(start, start + run.grad_accum)
 
 
 def step_batches(run: Run, epoch: int, position: int) -> list[list[int]]:
-    """This rank's `grad_accum` micro-batches of the optimizer step starting at global micro-batch `position`."""
+    """This rank's `grad_accum` micro-batches of the optimizer step starting at global micro-batch `position`
+    (the same on every rank of a sequence-parallel group)."""
     share = rank_share(run, position)
     return run.plans[epoch][share.start:share.stop]
 
 
 def make_batch(run: Run, data, micro_batch: list) -> dict:
-    """Collate one planned micro-batch into tensors on the engine's device (the loss uses `labels` itself)."""
+    """Collate one planned micro-batch into tensors on the engine's device (the loss uses `labels` itself);
+    under sequence parallelism, this rank's shard of it with pre-shifted `shift_labels`."""
     from ds_vicuna.batching import collate, fetch_micro_batch
 
     strategy = run.cfg.data.batching
     batch = collate(fetch_micro_batch(data, micro_batch, strategy), strategy, run.cfg.data.max_length,
                     run.tokenizer.pad_token_id, flatten=run.flatten_packs)
     batch.pop("num_label_tokens")
+    if run.sp_size > 1:
+        rows = 1 if run.flatten_packs else run.cfg.train.micro_batch_size
+        batch = shard_batch(batch, run.sp_rank, run.sp_size, run.tokenizer.pad_token_id, rows)
     return {k: v.to(run.engine.device) for k, v in batch.items()}
 
 
@@ -244,7 +277,9 @@ def loss_step(engine, batch: dict, scale: float, chunk_tokens: int | None = DEFA
     """Forward + backward of one micro-batch; returns its token-loss sum as a detached device tensor.
 
     `scale` = world_size * grad_accum / global_label_tokens: DeepSpeed divides by grad_accum in backward and
-    averages gradients over ranks, so the step's gradient is d(sum of all token losses)/d(w) / global tokens.
+    ZeRO-3's reduce-scatter divides the gradients summed over ranks by the world size (also under sequence
+    parallelism, where each rank's loss covers its shard of the rows), so the step's gradient is
+    d(sum of all token losses)/d(w) / global tokens.
     The sum is not read here: reading it would make the host wait for the GPU after every micro-batch.
     """
     loss_sum = token_loss_sum(engine, batch, chunk_tokens)
@@ -299,7 +334,7 @@ def optimizer_step(run: Run, batches: list[dict], before_update=None, seeds: lis
 def fit(run: Run, guard: PreemptionGuard, logger: MetricsLogger) -> tuple[dict[int, float], int]:
     """The training loop. Returns ({step: loss} of this run, exit code)."""
     cfg, progress, engine = run.cfg, run.progress, run.engine
-    per_step = run.grad_accum * run.launch.world_size
+    per_step = run.grad_accum * run.dp_size
     losses: dict[int, float] = {}
     steps_this_run, exit_code = 0, 0
     bar = progress_bar(run)
@@ -313,7 +348,9 @@ def fit(run: Run, guard: PreemptionGuard, logger: MetricsLogger) -> tuple[dict[i
         started = time.perf_counter()
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
         loss, label_tokens = optimizer_step(run, [make_batch(run, run.train_data, b) for b in indices], seeds=seeds)
-        lengths = [int(run.train_data.lengths[i]) for b in indices for i in samples_of(b)]
+        # a sequence-parallel group trains its micro-batches once: its first rank counts their tokens
+        samples = [i for b in indices for i in samples_of(b)] if run.sp_rank == 0 else []
+        lengths = [int(run.train_data.lengths[i]) for i in samples]
         real_tokens, flops = all_reduce_sum([sum(lengths), step_flops(run, lengths)], engine.device)
         elapsed = time.perf_counter() - started
         progress.step += 1
@@ -356,9 +393,9 @@ def evaluate(run: Run) -> float:
     import torch
 
     plan = plan_epoch(run.cfg, run.eval_data, run.eval_indices, epoch=0)
-    world, rank = run.launch.world_size, run.launch.rank
-    per_rank = math.ceil(len(plan) / world)
-    mine = plan[rank::world]
+    replicas, replica = run.dp_size, run.dp_rank
+    per_rank = math.ceil(len(plan) / replicas)
+    mine = plan[replica::replicas]
     weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))  # ZeRO-3 needs equal forward counts
     mine = mine + [plan[0]] * (per_rank - len(mine))
     run.engine.eval()

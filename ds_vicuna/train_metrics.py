@@ -61,7 +61,9 @@ def describe_engine(run) -> str:
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     return (f"ZeRO stage {engine.zero_optimization_stage()}, optimizer {type(inner).__name__} "
             f"(offload optimizer: {where['offload_optimizer']}, params: {where['offload_param']}), "
-            f"{run.precision}, {run.launch.world_size} rank(s) x micro-batch {run.cfg.train.micro_batch_size} x "
+            f"{run.precision}, {run.launch.world_size} rank(s)"
+            + (f" (sequence parallel over {run.sp_size})" if run.sp_size > 1 else "")
+            + f" x micro-batch {run.cfg.train.micro_batch_size} x "
             f"accumulation {run.grad_accum}, {run.num_params / 1e6:.1f}M parameters, {run.total_steps} steps")
 
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from ds_vicuna.config import Config, ConfigError, offloads_optimizer
@@ -74,8 +75,61 @@ def pick_attn_implementation(requested: str) -> str:
     return "sdpa"
 
 
-def build_model(model_path: Path, model_config, tokenizer, cfg: Config, ds: dict, precision: str):
-    """Load the weights; under ZeRO-3 straight into partitions (HfDeepSpeedConfig must outlive from_pretrained)."""
+def share_cpu_threads(environ: dict | None = None) -> int | None:
+    """On CPU, when the launcher left OMP_NUM_THREADS unset, share this host's cores among its ranks.
+
+    torch starts one thread per core in every process, so 2 ranks on 2 cores would run 4 busy threads
+    (`deepspeed --num_gpus N` leaves it unset; torchrun sets 1; Accelerate does the same as this).
+
+    Returns:
+        The threads per rank set, or None when OMP_NUM_THREADS decides.
+    """
+    import torch
+
+    env = os.environ if environ is None else environ
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    local_ranks = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env.get("SLURM_NTASKS_PER_NODE") or 1)
+    threads = max(1, len(os.sched_getaffinity(0)) // local_ranks)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def pick_training_attention(requested: str, batching: str, sequence_parallel_size: int) -> str:
+    """`pick_attn_implementation`, with SDPA on packed rows or under sequence parallelism replaced by
+    `PACKED_SDPA` (each conversation its own causal SDPA, read from position_ids; see packed_attention)."""
+    from ds_vicuna.packed_attention import PACKED_SDPA, register_packed_sdpa
+
+    attn = pick_attn_implementation(requested)
+    if attn == "sdpa" and (batching == "pack" or sequence_parallel_size > 1):
+        register_packed_sdpa()
+        return PACKED_SDPA
+    return attn
+
+
+def bf16_supported(device_type: str) -> bool:
+    """Whether this GPU, or this CPU's torch (oneDNN), can train in bf16."""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_has_native_bf16() -> bool:
+    """avx512_bf16 or AMX: bf16 matmuls run natively instead of being emulated through fp32."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def build_model(model_path: Path, model_config, tokenizer, cfg: Config, ds: dict, precision: str,
+                attn_implementation: str | None = None):
+    """Load the weights; under ZeRO-3 straight into partitions (HfDeepSpeedConfig must outlive from_pretrained).
+
+    Args:
+        attn_implementation: overrides `pick_attn_implementation(cfg.model.attn_implementation)`.
+    """
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
@@ -83,7 +137,7 @@ def build_model(model_path: Path, model_config, tokenizer, cfg: Config, ds: dict
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     keep_alive = HfDeepSpeedConfig(ds) if ds["zero_optimization"].get("stage") == 3 else None  # noqa: F841
     model = AutoModelForCausalLM.from_pretrained(model_path, config=model_config, dtype=dtype,
-                                                 attn_implementation=pick_attn_implementation(
+                                                 attn_implementation=attn_implementation or pick_attn_implementation(
                                                      cfg.model.attn_implementation))
     embeddings = model.get_input_embeddings().weight
     rows = embeddings.ds_shape[0] if hasattr(embeddings, "ds_shape") else embeddings.shape[0]  # ZeRO-3: partitioned
@@ -111,8 +165,12 @@ def param_groups(model, weight_decay: float) -> list[dict]:
             {"params": [p for p in trainable if not is_matrix(p)], "weight_decay": 0.0}]
 
 
-def build_engine(model, ds: dict, cfg: Config, total_steps: int):
-    """AdamW (DeepSpeedCPUAdam when offloading), the LR schedule, and `deepspeed.initialize`."""
+def build_engine(model, ds: dict, cfg: Config, total_steps: int, mpu=None):
+    """AdamW (DeepSpeedCPUAdam when offloading), the LR schedule, and `deepspeed.initialize`.
+
+    Args:
+        mpu: DeepSpeed's sequence-parallel groups (`sequence_parallel.register_ulysses`), or None.
+    """
     import deepspeed
     import torch
     from transformers import get_scheduler
@@ -131,6 +189,6 @@ def build_engine(model, ds: dict, cfg: Config, total_steps: int):
         return get_scheduler(cfg.train.lr_scheduler, opt, num_warmup_steps=warmup, num_training_steps=total_steps)
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
-                                           dist_init_required=False)
+                                           dist_init_required=False, mpu=mpu)
     engine.train()  # from_pretrained returns the model in eval mode: dropout would stay off
     return engine

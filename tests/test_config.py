@@ -53,6 +53,15 @@ def test_offload_config_offloads_both():
     assert not offloads_optimizer(load_deepspeed_config(REPO / "ds_configs/zero3.json"))
 
 
+def test_sequence_parallel_batch_counts_replicas():
+    ds = load_deepspeed_config(REPO / "ds_configs/zero3.json")
+    out = fill_deepspeed_config(ds, micro_batch_size=1, grad_accum=2, world_size=8, hidden_size=8,
+                                precision="fp32", max_grad_norm=1.0, sequence_parallel_size=4)
+    assert out["train_batch_size"] == 1 * 2 * 2 and out["sequence_parallel_size"] == 4
+    assert "sequence_parallel_size" not in fill_deepspeed_config(ds, micro_batch_size=1, grad_accum=1, world_size=2,
+                                                                 hidden_size=8, precision="fp32", max_grad_norm=1.0)
+
+
 def test_fp16_gets_dynamic_loss_scaling():
     ds = load_deepspeed_config(REPO / "ds_configs/zero2.json")
     out = fill_deepspeed_config(ds, micro_batch_size=1, grad_accum=1, world_size=1, hidden_size=8,
@@ -61,13 +70,14 @@ def test_fp16_gets_dynamic_loss_scaling():
 
 
 @pytest.mark.parametrize("requested,device,bf16,expected", [
-    ("auto", "cpu", False, "fp32"), ("auto", "cuda", True, "bf16"), ("auto", "cuda", False, "fp16"),
-    ("fp16", "cuda", True, "fp16")])
+    ("auto", "cpu", False, "fp32"), ("auto", "cpu", True, "fp32"), ("bf16", "cpu", True, "bf16"),
+    ("auto", "cuda", True, "bf16"), ("auto", "cuda", False, "fp16"), ("fp16", "cuda", True, "fp16")])
 def test_resolve_precision(requested, device, bf16, expected):
     assert resolve_precision(requested, device, bf16) == expected
 
 
-@pytest.mark.parametrize("requested,device,bf16", [("bf16", "cpu", False), ("bf16", "cuda", False)])
+@pytest.mark.parametrize("requested,device,bf16", [("bf16", "cpu", False), ("bf16", "cuda", False),
+                                                   ("fp16", "cpu", True)])
 def test_resolve_precision_rejects(requested, device, bf16):
     with pytest.raises(ConfigError, match="train.precision"):
         resolve_precision(requested, device, bf16)

@@ -4,7 +4,8 @@ import signal
 
 import pytest
 
-from ds_vicuna.launch_env import Launcher, detect_launch_env, export_torch_env, first_slurm_host, free_port
+from ds_vicuna.launch_env import (Launcher, detect_launch_env, export_torch_env, first_slurm_host, free_port,
+                                  release_shm_allreduce_buffer)
 from ds_vicuna.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
 
 
@@ -122,3 +123,18 @@ def test_launch_scripts_reject_bad_input_with_exit_2(script, env, message):
     proc = subprocess.run([script, *args], cwd=repo, env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 2 and message in proc.stderr, proc
+
+
+def test_cpu_shm_allreduce_buffer_name_is_released(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29611")
+    launch = detect_launch_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    mine = tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29611_1"
+    peer = tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29611_0"
+    mine.write_bytes(b"x")
+    peer.write_bytes(b"x")
+    assert release_shm_allreduce_buffer(launch, shm_dir=str(tmp_path)) is True
+    assert not mine.exists() and peer.exists()  # each rank releases its own
+    assert release_shm_allreduce_buffer(launch, shm_dir=str(tmp_path)) is False

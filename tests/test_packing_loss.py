@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from ds_vicuna.batching import IGNORE_INDEX, collate, configure_model_for_packing
+from ds_vicuna.packed_attention import PACKED_SDPA, register_packed_sdpa
 
 pytestmark = pytest.mark.slow
 LENGTHS = (7, 5, 9)
@@ -52,8 +53,9 @@ def packed(model, batch):
         return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", PACKED_SDPA])
 def test_packed_row_matches_conversations_alone(attn):
+    register_packed_sdpa()
     model, convs = tiny_llama(attn), conversations()
     assert configure_model_for_packing(model) is False
     batch = collate([convs], "pack", MAX_LENGTH, pad_token_id=0)

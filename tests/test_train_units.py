@@ -8,7 +8,7 @@ from ds_vicuna.config import load_config
 from ds_vicuna.train import samples_of, step_batches
 from ds_vicuna.train_cli import split_argv
 from ds_vicuna.train_metrics import matmul_params, peak_flops, plot_loss
-from ds_vicuna.train_setup import build_model_config, param_groups, pick_attn_implementation
+from ds_vicuna.train_setup import build_model_config, param_groups, pick_attn_implementation, share_cpu_threads
 from tiny_llama import make_tiny_model
 
 
@@ -49,6 +49,21 @@ def test_attention_choice_on_cpu():
     assert pick_attn_implementation("eager") == "eager"
 
 
+def test_cpu_ranks_share_the_cores_unless_told():
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+        assert share_cpu_threads({"LOCAL_SIZE": "2"}) == max(1, cores // 2) == torch.get_num_threads()
+        assert share_cpu_threads({"LOCAL_WORLD_SIZE": str(4 * cores)}) == 1
+        assert share_cpu_threads({"OMP_NUM_THREADS": "3", "LOCAL_SIZE": "2"}) is None
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_split_argv_drops_launcher_flag():
     assert split_argv(["cfg.yaml", "--local_rank=1", "--lr", "1"]) == ("cfg.yaml", ["--lr", "1"])
     assert split_argv(["--train_path", "x"]) == (None, ["--train_path", "x"])
@@ -60,11 +75,14 @@ def test_each_rank_takes_its_slice_of_the_step():
             self.rank, self.world_size = rank, 2
 
     class Run:
-        def __init__(self, rank):
+        def __init__(self, rank, sp_size=1):
             self.launch, self.grad_accum, self.plans = Launch(rank), 2, [[[i] for i in range(10)]]
+            self.dp_rank, self.dp_size = rank // sp_size, 2 // sp_size
 
     # step 2 of the epoch covers global micro-batches 4..7: rank 0 gets 4, 5 and rank 1 gets 6, 7
     assert step_batches(Run(0), 0, 4) == [[4], [5]] and step_batches(Run(1), 0, 4) == [[6], [7]]
+    # both ranks of a sequence-parallel group train the same micro-batches (each its shard of their rows)
+    assert step_batches(Run(0, sp_size=2), 0, 2) == step_batches(Run(1, sp_size=2), 0, 2) == [[2], [3]]
     assert samples_of([[1, 2], [3]]) == [1, 2, 3] and samples_of([4, 5]) == [4, 5]
 
 

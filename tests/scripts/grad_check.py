@@ -3,9 +3,12 @@
     python tests/scripts/grad_check.py CONFIG OUT.pt 4x1 1x4      # one process: micro 4 x GAS 1, micro 1 x GAS 4
     deepspeed --num_gpus 2 tests/scripts/grad_check.py CONFIG OUT.pt 1x2   # 2 ranks x micro 1 x GAS 2
     python tests/scripts/grad_check.py CONFIG OUT.pt 4x1 4x1:loss_chunk_tokens=null,gradient_checkpointing=false
+    deepspeed --num_gpus 2 tests/scripts/grad_check.py CONFIG OUT.pt 2x1:sequence_parallel_size=2
 
-Every variant covers the same 4 samples (of different lengths) in one optimizer step; `:key=value,...` after a
-variant adds config overrides for it (results are keyed by the whole variant string).
+Every variant covers the same 4 samples (of different lengths) in one optimizer step; with `batching: pack` they
+are packed two per row. `:key=value,...` after a variant adds config overrides for it (results are keyed by the
+whole variant string); a variant that turns on sequence parallelism must be the only one of its process (its
+groups are built once).
 """
 import sys
 
@@ -18,6 +21,7 @@ from ds_vicuna.train import make_batch, optimizer_step, preflight, setup
 from ds_vicuna.train_cli import quiet_library_warnings
 
 SAMPLES = [0, 1, 2, 3]
+PACKED_ROWS = [[0, 1], [2, 3]]
 
 
 def parse_variant(variant: str) -> tuple[int, int, list[str]]:
@@ -32,11 +36,13 @@ def parse_variant(variant: str) -> tuple[int, int, list[str]]:
 
 
 def run_variant(config_path: str, launch, micro: int, gas: int, overrides: list[str]) -> dict:
+    replicas = load_config(config_path, overrides).data_parallel_size(launch.world_size)
     cfg = load_config(config_path, ["--micro_batch_size", str(micro),
-                                    "--global_batch_size", str(micro * gas * launch.world_size), *overrides])
+                                    "--global_batch_size", str(micro * gas * replicas), *overrides])
     run = setup(cfg, preflight(cfg), launch)
-    per_rank = len(SAMPLES) // launch.world_size
-    mine = SAMPLES[launch.rank * per_rank:(launch.rank + 1) * per_rank]
+    units = PACKED_ROWS if cfg.data.batching == "pack" else SAMPLES  # rows of a packed micro-batch, or samples
+    per_rank = len(units) // run.dp_size
+    mine = units[run.dp_rank * per_rank:(run.dp_rank + 1) * per_rank]
     batches = [make_batch(run, run.train_data, mine[i:i + micro]) for i in range(0, len(mine), micro)]
     assert len(batches) == gas
     grads = {}
