@@ -96,13 +96,31 @@ def test_a_step_covers_the_same_global_micro_batches_at_any_world_size(world):
     from ds_vicuna.train import rank_share
 
     plan = [[i, i + 100] for i in range(24)]
-    runs = [SimpleNamespace(launch=SimpleNamespace(rank=r, world_size=world), grad_accum=8 // world, plans=[plan])
-            for r in range(world)]
+    runs = [SimpleNamespace(launch=SimpleNamespace(rank=r, world_size=world), dp_rank=r, grad_accum=8 // world,
+                            plans=[plan]) for r in range(world)]
     for position in (0, 8, 16):
         assert [b for run in runs for b in step_batches(run, 0, position)] == plan[position:position + 8]
         seeds = [micro_batch_seed(42, 0, i) for run in runs for i in rank_share(run, position)]
         assert seeds == [micro_batch_seed(42, 0, i) for i in range(position, position + 8)]
     assert len({micro_batch_seed(42, e, i) for e in range(3) for i in range(1000)}) == 3000
+
+
+def test_a_sequence_parallel_group_shares_its_micro_batches_and_seeds():
+    """4 ranks in sequence-parallel pairs are 2 data-parallel replicas: both ranks of a pair run the same
+    micro-batches with the same seeds, and the two pairs together cover the step's micro-batches once."""
+    from types import SimpleNamespace
+
+    from ds_vicuna.train import rank_share
+
+    plan = [[i] for i in range(16)]
+    runs = [SimpleNamespace(launch=SimpleNamespace(rank=r, world_size=4), dp_rank=r // 2, grad_accum=4,
+                            plans=[plan]) for r in range(4)]
+    shares = [step_batches(run, 0, 8) for run in runs]
+    assert shares[0] == shares[1] == plan[8:12] and shares[2] == shares[3] == plan[12:16]
+    assert list(rank_share(runs[1], 8)) == list(rank_share(runs[0], 8)) == [8, 9, 10, 11]
+    cfg = load_config(None, ["--global_batch_size", "8", "--micro_batch_size", "2", "--sequence_parallel_size", "2"])
+    assert cfg.world_sizes() == [2, 4, 8]
+    assert all(cfg.gradient_accumulation_steps(n) for n in cfg.world_sizes())
 
 
 def test_resume_refuses_a_changed_shape():
