@@ -78,7 +78,10 @@ def join_content_parts(parts: list, where: str = "content") -> str:
     """
     texts = []
     for j, part in enumerate(parts):
-        kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if not isinstance(kind, str):  # malformed, not another kind of content
+            raise ContentPartError(f"{where}[{j}]: a content part must be an object with a string 'type' (got "
+                                   f"{_describe(part)})", non_text=False)
         if kind not in TEXT_PARTS:
             raise ContentPartError(f"{where}[{j}]: content part of type {kind!r}: only text parts "
                                    "({'type': 'text', 'text': '...'}) and refusals are supported", non_text=True)
@@ -88,6 +91,13 @@ def join_content_parts(parts: list, where: str = "content") -> str:
                                    f"{type(text).__name__})", non_text=False)
         texts.append(text)
     return "\n".join(texts)
+
+
+def _describe(part: object) -> str:
+    if isinstance(part, Mapping):
+        kind = part.get("type")
+        return "no 'type'" if kind is None else f"'type' of type {type(kind).__name__}"
+    return f"a {type(part).__name__}"
 
 
 def flatten_openai_message(raw: object, where: str = "message") -> object:

@@ -93,7 +93,8 @@ class Worker:
         """False once the scheduler thread has died (the worker can no longer generate)."""
         if self._scheduler_error is not None:
             return False
-        return self._scheduler is None or self._scheduler.is_alive() or self._stopping.is_set()
+        scheduler = self._scheduler  # not started yet (start() is between creating and starting it): healthy
+        return scheduler is None or scheduler.ident is None or scheduler.is_alive() or self._stopping.is_set()
 
     # ---- intake ---------------------------------------------------------------------------------------
     def prompt_ids(self, body: dict) -> list[int]:

@@ -169,6 +169,8 @@ def test_openai_messages_read_as_the_api_reads_them(tmp_path):
      r"messages\[1\]\.weight: expected 0 or 1"),
     ({"role": "user", "content": "x", "weight": 0}, BadRecord.BAD_WEIGHT, r"messages\[1\]: weight and truncated apply"),
     ({"role": "assistant", "content": None}, BadRecord.NON_STRING, r"messages\[1\]\.content: expected a string"),
+    ({"role": "assistant", "content": [{"type": {"t": 1}, "text": "x"}]}, BadRecord.NON_STRING,
+     r"messages\[1\]\.content\[0\]: a content part must be an object with a string 'type'"),
 ])
 def test_openai_records_that_cannot_be_trained_on_are_named_or_counted(tmp_path, turn, reason, pattern):
     key = "conversations" if "from" in turn else "messages"

@@ -29,7 +29,9 @@ def test_an_assistant_refusal_part_is_text_it_said():
     ({"type": "image_url", "image_url": {"url": "http://x/cat.png"}}, "'image_url'", True),
     ({"type": "text", "text": 3}, "without a string 'text'", False),
     ({"type": "refusal", "text": "x"}, "without a string 'refusal'", False),
-    ("just a string", "'str'", True),
+    ("just a string", "must be an object with a string 'type' (got a str)", False),
+    ({"type": ["text"], "text": "x"}, "(got 'type' of type list)", False),
+    ({"text": "x"}, "(got no 'type')", False),
 ])
 def test_parts_other_than_text_are_named(part, words, non_text):
     with pytest.raises(ContentPartError) as err:

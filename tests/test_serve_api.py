@@ -170,6 +170,8 @@ def test_worker_params_follow_the_contract(stack):
     ({**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
      "invalid_messages", "messages"),
     ({**CHAT, "messages": [{"role": "tool", "content": "x"}]}, 400, "invalid_messages", "messages"),
+    ({**CHAT, "messages": [{"role": "user", "content": [{"type": ["text"], "text": "hi"}]}]}, 400, "invalid_messages",
+     "messages"),  # an unhashable part type was a 500
     # logprobs
     ({**CHAT, "top_logprobs": 2}, 400, "invalid_value", "top_logprobs"),  # needs logprobs: true
     ({**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "invalid_value", "top_logprobs"),

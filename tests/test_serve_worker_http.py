@@ -159,6 +159,28 @@ def test_a_refused_registration_ends_the_worker(loaded):
         worker.stop()
 
 
+def test_the_worker_is_healthy_while_it_starts(loaded, monkeypatch):
+    """Between creating its scheduler thread and starting it the worker is not dead: a request or heartbeat in
+    that moment must not see it unhealthy."""
+    import threading
+
+    seen = []
+    start = threading.Thread.start
+
+    def watched_start(thread):
+        seen.append((thread.name, worker.healthy))
+        start(thread)
+
+    worker = make_worker(loaded, FakeController())
+    monkeypatch.setattr(threading.Thread, "start", watched_start)
+    worker.start()
+    monkeypatch.undo()
+    try:
+        assert ("scheduler", True) in seen and all(healthy for _, healthy in seen) and worker.healthy
+    finally:
+        worker.stop()
+
+
 def test_a_dead_scheduler_takes_the_worker_out_of_rotation(loaded):
     http = FakeController()
     worker = make_worker(loaded, http)
