@@ -96,20 +96,33 @@ def test_two_rank_sequence_parallel_step_equals_one_rank_on_whole_rows(sp_config
 
 
 @pytest.mark.slow
-def test_two_rank_sequence_parallel_training_run(sp_config):
-    """The trainer itself (fit, evaluate, save) under sequence parallelism tracks the one-process run."""
+def test_two_rank_sequence_parallel_training_run_stops_and_resumes(sp_config):
+    """The trainer itself (fit, evaluate, save) under sequence parallelism tracks the one-process run, and its
+    checkpoint resumes exactly: on the same 2-rank group, and on one rank without sequence parallelism (the
+    elastic path: converted to DeepSpeed's universal format)."""
+    import shutil
+
     cfg, tmp = sp_config
     script = REPO / "tests/scripts/train_and_dump.py"
-    common = ["--global_batch_size", "2", "--micro_batch_size", "1", "--max_steps", "2", "--max_length", "256",
+    common = ["--global_batch_size", "2", "--micro_batch_size", "1", "--max_steps", "3", "--max_length", "256",
               "--eval_path", str(tmp / "train.jsonl")]
+    sp_args = ["--sequence_parallel_size", "2", "--output_dir", str(tmp / "o2")]
     run_checked([sys.executable, str(script), str(tmp / "one.pt"), str(cfg), *common, "--output_dir", str(tmp / "o1")])
-    run_checked(deepspeed_command(2, script, tmp / "sp.pt", cfg, *common, "--sequence_parallel_size", "2",
-                                  "--output_dir", str(tmp / "o2")))
+    run_checked(deepspeed_command(2, script, tmp / "sp.pt", cfg, *common, *sp_args, "--stop_after_steps", "2"))
+    shutil.copytree(tmp / "o2", tmp / "o3")
+    run_checked(deepspeed_command(2, script, tmp / "sp_resumed.pt", cfg, *common, *sp_args, "--resume", "auto"))
+    run_checked([sys.executable, str(script), str(tmp / "shrunk.pt"), str(cfg), *common, "--output_dir", str(tmp / "o3"),
+                 "--resume", "auto"])
     one, sp = torch.load(tmp / "one.pt"), torch.load(tmp / "sp.pt")
-    assert sorted(sp["losses"]) == sorted(one["losses"]) == [1, 2]
-    for step, loss in one["losses"].items():
-        assert sp["losses"][step] == pytest.approx(loss, rel=1e-4), step
-    for key, param in one["params"].items():
-        torch.testing.assert_close(sp["params"][key], param, rtol=1e-4, atol=1e-5, msg=key)
+    assert sorted(one["losses"]) == [1, 2, 3] and sorted(sp["losses"]) == [1, 2]
+    assert sp["checkpoint"].endswith("step-000002")
+    for name in ("sp_resumed", "shrunk"):
+        resumed = torch.load(tmp / f"{name}.pt")
+        losses = {**sp["losses"], **resumed["losses"]}
+        assert sorted(resumed["losses"]) == [3], name
+        for step, loss in one["losses"].items():
+            assert losses[step] == pytest.approx(loss, rel=1e-4), (name, step)
+        for key, param in one["params"].items():
+            torch.testing.assert_close(resumed["params"][key], param, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
     metrics = [line for line in (tmp / "o2" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
-    assert metrics and sp["checkpoint"].endswith("step-000002")
+    assert metrics
