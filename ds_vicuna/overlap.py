@@ -14,7 +14,6 @@ questions are short). A question shorter than n words cannot be matched and is r
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -69,16 +68,10 @@ def eval_texts(label: str, path: Path) -> Iterable[tuple[str, str]]:
     Raises:
         OverlapError: a line that is not JSON, or a record with none of text / turns / reference / choices.
     """
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise OverlapError(f"{path}:{lineno}: malformed JSON: {e.msg}") from None
-            if not isinstance(record, dict):
-                raise OverlapError(f"{path}:{lineno}: expected a JSON object")
+    from ds_vicuna.eval.records import RecordError, iter_jsonl
+
+    try:
+        for lineno, record in iter_jsonl(path):  # the eval stages' strict reader: errors name file:line
             qid = record.get("question_id", record.get("id", lineno))
             found = False
             for key, texts in (("text", [record.get("text")]), ("turns", record.get("turns") or []),
@@ -91,6 +84,8 @@ def eval_texts(label: str, path: Path) -> Iterable[tuple[str, str]]:
                         yield f"{label}:{qid}:{key}" + (f"[{t}]" if key != "text" else ""), text
             if not found:
                 raise OverlapError(f"{path}:{lineno}: no text, turns, reference or choices[].turns to index")
+    except RecordError as e:
+        raise OverlapError(str(e)) from None
 
 
 @dataclass

@@ -56,6 +56,12 @@ def test_bad_eval_file_is_named(tmp_path):
     bad.write_text('{"question_id": 1, "turns": ["fine question with more than eight words in it"]}\n{"x": 1}\n')
     with pytest.raises(OverlapError, match=r"q\.jsonl:2: no text, turns, reference or choices"):
         build_index([str(bad)])
+    bad.write_text('{"question_id": 1, "turns": ["fine"]}\n\n{"turns": ["cut\n')
+    with pytest.raises(OverlapError, match=r"q\.jsonl:3: not valid JSON"):
+        build_index([str(bad)])
+    bad.write_text('["a list"]\n')
+    with pytest.raises(OverlapError, match=r"q\.jsonl:1: expected a JSON object, got list"):
+        build_index([str(bad)])
 
 
 def test_overlap_report_and_clean_drop(tmp_path):
