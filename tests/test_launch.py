@@ -219,42 +219,24 @@ def test_sigterm_checkpoints_exits_75_and_the_same_command_resumes(tiny, tmp_pat
     assert_matches_reference(out, reference)
 
 
-def test_sigterm_on_two_ranks_then_the_same_command_on_one_rank(tiny, tmp_path, reference):
-    """Capacity that comes back smaller: SIGTERM to `GPUS=2 single_node.sh` (checkpoint, exit 75), then the same
-    command with GPUS=1. The 2-rank ZeRO-3 checkpoint is converted once to DeepSpeed's universal format and the
+@pytest.mark.parametrize("first, second", [(2, 1), (1, 2)], ids=["shrink-2-to-1", "grow-1-to-2"])
+def test_sigterm_then_the_same_command_on_another_number_of_ranks(tiny, tmp_path, reference, first, second):
+    """Capacity that comes back different: SIGTERM to `GPUS=first single_node.sh` (checkpoint, exit 75), then the
+    same command with GPUS=second. The ZeRO-3 checkpoint is converted once to DeepSpeed's universal format and the
     run ends like the uninterrupted 2-rank run, step by step."""
     cmd = ["launch/single_node.sh", str(write_config(tiny, tmp_path))]
-    out, log = tmp_path / "out", tmp_path / "two.txt"
-    proc = start(cmd, launch_env(GPUS=2), log)
+    out, log = tmp_path / "out", tmp_path / "first.txt"
+    proc = start(cmd, launch_env(GPUS=first), log)
     wait_for_step(out, 2, proc, log)
     os.kill(proc.pid, signal.SIGTERM)
     assert finish(proc, log) == REQUEUE, read(log)[-3000:]
+    assert f"rank 0/{first} (local rank 0)" in read(log)
     saved = int(re.search(r"preempted \(SIGTERM received\): saved step-(\d+)", read(log))[1])
-    log2 = tmp_path / "one.txt"
-    assert finish(start(cmd, launch_env(GPUS=1), log2), log2) == 0, read(log2)[-3000:]
+    log2 = tmp_path / "second.txt"
+    assert finish(start(cmd, launch_env(GPUS=second), log2), log2) == 0, read(log2)[-3000:]
     text = read(log2)
-    assert "rank 0/1 (local rank 0)" in text
-    assert f"step-{saved:06d} was written by 2 rank(s), this run has 1: converting it once" in text
-    assert f"resumed from {out}/step-{saved:06d} at step {saved}" in text
-    assert_matches_reference(out, reference, loss_rtol=ELASTIC_LOSS_RTOL, weight_atol=ELASTIC_WEIGHT_ATOL)
-
-
-def test_sigterm_on_one_rank_then_the_same_command_on_two_ranks(tiny, tmp_path, reference):
-    """Capacity that comes back larger: SIGTERM to `GPUS=1 single_node.sh`, then the same command with GPUS=2.
-    The 1-rank checkpoint is converted once; both halves match the uninterrupted 2-rank run step by step."""
-    cmd = ["launch/single_node.sh", str(write_config(tiny, tmp_path))]
-    out, log = tmp_path / "out", tmp_path / "one.txt"
-    proc = start(cmd, launch_env(GPUS=1), log)
-    wait_for_step(out, 2, proc, log)
-    os.kill(proc.pid, signal.SIGTERM)
-    assert finish(proc, log) == REQUEUE, read(log)[-3000:]
-    assert "rank 0/1 (local rank 0)" in read(log)
-    saved = int(re.search(r"preempted \(SIGTERM received\): saved step-(\d+)", read(log))[1])
-    log2 = tmp_path / "two.txt"
-    assert finish(start(cmd, launch_env(GPUS=2), log2), log2) == 0, read(log2)[-3000:]
-    text = read(log2)
-    assert "rank 0/2 (local rank 0)" in text and "rank 1/2 (local rank 1)" in text
-    assert f"step-{saved:06d} was written by 1 rank(s), this run has 2: converting it once" in text
+    assert all(f"rank {r}/{second} (local rank {r})" in text for r in range(second))
+    assert f"step-{saved:06d} was written by {first} rank(s), this run has {second}: converting it once" in text
     assert f"resumed from {out}/step-{saved:06d} at step {saved}" in text
     assert_matches_reference(out, reference, loss_rtol=ELASTIC_LOSS_RTOL, weight_atol=ELASTIC_WEIGHT_ATOL)
 
