@@ -45,7 +45,7 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-timeout", "hypothesis", "openai", "selenium"],
         "flash": ["flash-attn>=2.5"],
-        # lm-evaluation-harness against our server (tests/test_lm_eval.py); heavy, so not in dev
+        # lm-evaluation-harness against our server (tests/eval/test_lm_eval.py); heavy, so not in dev
         "harness": ["lm-eval[api]>=0.4.5"],
     },
     entry_points={"console_scripts": ["ds-vicuna=ds_vicuna.cli:main"]},

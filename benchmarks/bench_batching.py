@@ -7,8 +7,8 @@
 Prints, for max_length 1024 and 2048, the share of padding tokens fed to the model by
 - `max`:   pad every sample to max_length (FastChat's train.py),
 - `group`: length-grouped dynamic padding (sorted inside mega-batches of 50 micro-batches),
-- `pack`:  best-fit-decreasing packing into max_length rows (ds_vicuna.batching),
-and conversations/s encoding with 1 process vs N worker processes (ds_vicuna.dataset.encode_conversations).
+- `pack`:  best-fit-decreasing packing into max_length rows (ds_vicuna.train.batching),
+and conversations/s encoding with 1 process vs N worker processes (ds_vicuna.train.dataset.encode_conversations).
 The data goes through the real stages first: `ds-vicuna data clean`, then `data split` at each max_length, then
 `build_tokenized_dataset`; the throughput figure repeats the split data up to --throughput-convs conversations.
 """
@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_vicuna.batching import make_micro_batches, padding_stats
-from ds_vicuna.clean import clean_file
-from ds_vicuna.dataset import build_tokenized_dataset, encode_conversations
-from ds_vicuna.encoding import get_encoder
-from ds_vicuna.formats import Conversation, load_conversations, write_conversations
-from ds_vicuna.messages import Message, Role
-from ds_vicuna.split import load_tokenizer, split_file
+from ds_vicuna.train.batching import make_micro_batches, padding_stats
+from ds_vicuna.data.clean import clean_file
+from ds_vicuna.train.dataset import build_tokenized_dataset, encode_conversations
+from ds_vicuna.chat.encoding import get_encoder
+from ds_vicuna.data.formats import Conversation, load_conversations, write_conversations
+from ds_vicuna.chat.messages import Message, Role
+from ds_vicuna.data.split import load_tokenizer, split_file
 
 BUNDLED = Path(__file__).resolve().parents[1] / "ds_vicuna" / "data" / "sharegpt_sample.json"
 
@@ -114,7 +114,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from ds_vicuna.models import embedded_model_path
+    from ds_vicuna.model.embedded import embedded_model_path
 
     tokenizer = load_tokenizer("embedded", args.template)
     workdir = Path(tempfile.mkdtemp(prefix="bench-batching-"))

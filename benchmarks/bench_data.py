@@ -122,19 +122,19 @@ def run_stage(stage: str, source: str, output: str, workers: int) -> dict:
     of this process and of its largest worker."""
     start = time.perf_counter()
     if stage == "clean":
-        from ds_vicuna.clean import clean_file
+        from ds_vicuna.data.clean import clean_file
 
         report = clean_file(source, output, workers=workers, skip_bad=True, progress=False)
         conversations, detail = report.total, {"kept": report.kept, "skipped": report.as_dict()["skipped"]}
     elif stage == "split":
-        from ds_vicuna.split import load_tokenizer, split_file
+        from ds_vicuna.data.split import load_tokenizer, split_file
 
         report = split_file(source, output, load_tokenizer("embedded", TEMPLATE), TEMPLATE, MAX_LENGTH,
                             progress=False, workers=workers)
         conversations, detail = report.conversations, {"pieces": report.pieces, **report.as_dict()["events"]}
     else:
-        from ds_vicuna.dataset import build_tokenized_dataset
-        from ds_vicuna.split import load_tokenizer
+        from ds_vicuna.train.dataset import build_tokenized_dataset
+        from ds_vicuna.data.split import load_tokenizer
 
         ds = build_tokenized_dataset(source, load_tokenizer("embedded", TEMPLATE), TEMPLATE, MAX_LENGTH,
                                      cache_dir=output, num_workers=workers, progress=False)

@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.fake_openai_judge
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # what tests/test_judge.py imports
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # what tests/eval/test_judge.py imports
 
 from ds_vicuna.eval.answer_files import load_answers  # noqa: E402
 from ds_vicuna.eval.judge import plan_tasks, run_judge  # noqa: E402
 from ds_vicuna.eval.judge_client import ChatClient, RetryPolicy  # noqa: E402
 from ds_vicuna.eval.judge_prompts import JudgeMode, load_prompt_set  # noqa: E402
 from ds_vicuna.eval.questions import load_questions  # noqa: E402
-from tests.fake_openai_judge import start_server  # noqa: E402
+from tests.support.fake_openai_judge import start_server  # noqa: E402
 from tests.test_judge import write_inputs  # noqa: E402
 
 

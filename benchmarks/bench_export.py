@@ -28,7 +28,7 @@ LAYERS = 8
 def make_checkpoint(folder: Path, hidden: int) -> Path:
     """A random Llama of this width, trained one step by 2 ranks; returns the checkpoint folder."""
     sys.path.insert(0, str(REPO / "tests"))
-    from tiny_llama import make_tiny_model, subprocess_env, write_conversations, write_train_config
+    from tests.support.tiny_llama import make_tiny_model, subprocess_env, write_conversations, write_train_config
 
     model = make_tiny_model(folder / "model", hidden=hidden, layers=LAYERS, vocab_size=hidden * 25 // 2)
     data = write_conversations(folder / "train.jsonl", n=8, seed=1, max_words=8)
@@ -74,7 +74,7 @@ def child(args) -> None:
 
     started = time.perf_counter()
     if args.child == "streaming":
-        from ds_vicuna.export import export_checkpoint, parse_size
+        from ds_vicuna.train.export import export_checkpoint, parse_size
 
         export_checkpoint(args.checkpoint, args.out, args.dtype, parse_size(args.max_shard_size), progress=False)
     elif args.child == "whole":

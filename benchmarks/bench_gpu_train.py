@@ -29,7 +29,7 @@ ARMS = ("2048:zero3:sdpa", "4096:zero3:sdpa", "4096:zero3:flex_attention", "2048
 SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
          "num_key_value_heads": 4}
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2}  # --tiny: the same plumbing on CPU in seconds (tests/test_gpu_check.py)
+        "num_key_value_heads": 2}  # --tiny: the same plumbing on CPU in seconds (tests/gpu/test_gpu_check.py)
 WORDS = ("the model learns from conversations users shared and answers questions about code science history "
          "travel cooking music math language writing planning python function error install server data "
          "table chart memory speed explain example because however therefore first second finally").split()
@@ -79,11 +79,11 @@ def run_arm(arm: str, model: Path, data: Path, work: Path, args) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from ds_vicuna.config import load_config
-    from ds_vicuna.launch_env import init_distributed
-    from ds_vicuna.preemption import PreemptionGuard
-    from ds_vicuna.train import fit, preflight, setup
-    from ds_vicuna.train_metrics import MetricsLogger
+    from ds_vicuna.train.config import load_config
+    from ds_vicuna.train.launch_env import init_distributed
+    from ds_vicuna.train.preemption import PreemptionGuard
+    from ds_vicuna.train.loop import fit, preflight, setup
+    from ds_vicuna.train.metrics import MetricsLogger
 
     max_length, deepspeed, attn = arm.split(":")
     offload = "offload" in deepspeed
@@ -149,7 +149,7 @@ def main() -> int:
     tokenizer = Path(args.tokenizer) if args.tokenizer else None
     if tokenizer is None:
         sys.path.insert(0, str(REPO))
-        from ds_vicuna.models import embedded_model_path
+        from ds_vicuna.model.embedded import embedded_model_path
 
         tokenizer = embedded_model_path()
     model = write_random_model(work / "model", tokenizer, TINY if args.tiny else SHAPE)

@@ -1,4 +1,4 @@
-"""Peak memory of the loss: chunked lm_head + cross-entropy (ds_vicuna.loss, the default) vs the plain full logits.
+"""Peak memory of the loss: chunked lm_head + cross-entropy (ds_vicuna.train.loss, the default) vs the plain full logits.
 
     python benchmarks/bench_loss_memory.py                                 # CPU, fp32: peak RSS, 2048 tokens
     python benchmarks/bench_loss_memory.py --device cuda --json out.json   # GPU, bf16: max allocated, 16384 tokens
@@ -35,7 +35,7 @@ def run_arm(device: str, tokens: int, hidden: int, chunk: int | None) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(REPO))
-    from ds_vicuna.loss import token_loss_sum
+    from ds_vicuna.train.loss import token_loss_sum
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)

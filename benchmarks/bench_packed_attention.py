@@ -28,7 +28,7 @@ def timed(fn, repeat: int) -> float:
 def main() -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from ds_vicuna.packed_attention import packed_sdpa_attention
+    from ds_vicuna.train.packed_attention import packed_sdpa_attention
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--heads", type=int, default=9)

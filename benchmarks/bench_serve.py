@@ -37,7 +37,7 @@ from pathlib import Path
 
 import requests
 
-from ds_vicuna.launch_env import free_port
+from ds_vicuna.train.launch_env import free_port
 
 TOPICS = ["the moon", "bread", "rivers", "chess", "volcanoes", "bicycles", "honey bees", "the ocean", "libraries",
           "winter", "trains", "coffee", "mountains", "music", "gardens", "rain", "clocks", "deserts", "owls",
@@ -195,7 +195,7 @@ def generate_baseline(model_dir: str, device: str, max_tokens: int) -> dict:
     """Plain transformers: the same chat prompts through `model.generate`, one at a time, greedy."""
     import torch
 
-    from ds_vicuna.chat_model import load_chat_model
+    from ds_vicuna.model.loading import load_chat_model
 
     chat = load_chat_model(model_dir, device=device)
     prompts = [chat.encoder.encode_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
@@ -228,8 +228,8 @@ def random_model(size: str, workdir: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from ds_vicuna.model_meta import write_model_meta
-    from ds_vicuna.models import embedded_model_path
+    from ds_vicuna.model.card import write_model_meta
+    from ds_vicuna.model.embedded import embedded_model_path
 
     folder = workdir / f"random-llama-{size}"
     if (folder / "config.json").is_file():
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             batched.append(run_level(base, name, concurrency, args.max_tokens, headers))
             print(f"  concurrency {concurrency}: {batched[-1]}", flush=True)
         if stack is not None and not args.skip_prefill_gap:
-            from ds_vicuna.models import resolve_model_path
+            from ds_vicuna.model.embedded import resolve_model_path
 
             prompt = long_prompt(resolve_model_path(model))
             figures["prefill_gap_chunked"] = prefill_gap(base, name, prompt, headers)

@@ -57,7 +57,7 @@ def write_skewed_data(path: Path, n: int, max_length: int, seed: int = 0) -> Pat
 
 
 def launcher(args) -> list[str]:
-    from ds_vicuna.launch_env import free_port
+    from ds_vicuna.train.launch_env import free_port
 
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
             "--master_port", str(free_port()), str(RANK_SCRIPT)]
@@ -178,7 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.ranks)
     if not args.model:
-        from ds_vicuna.models import embedded_model_path
+        from ds_vicuna.model.embedded import embedded_model_path
 
         args.model = embedded_model_path()
     source = find_fastchat(args.fastchat) if "fastchat" in args.arms else None

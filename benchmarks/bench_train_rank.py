@@ -45,8 +45,8 @@ def run_ds_vicuna(stats_dir: str, argv: list[str], profile_step: int | None = No
         profile_step: run this optimizer step (1-based) under torch.profiler and write the operator table of each
             rank to STATS_DIR/profile_rank<R>.txt.
     """
-    import ds_vicuna.train as train
-    from ds_vicuna.train_cli import main
+    import ds_vicuna.train.loop as train
+    from ds_vicuna.train.cli import main
 
     fit, optimizer_step = train.fit, train.optimizer_step
     stats, calls = {}, [0]

@@ -17,9 +17,9 @@ import importlib
 import sys
 
 STAGE_MODULES = (
-    "ds_vicuna.data_cli",
-    "ds_vicuna.train_cli",
-    "ds_vicuna.export",
+    "ds_vicuna.data.cli",
+    "ds_vicuna.train.cli",
+    "ds_vicuna.train.export",
     "ds_vicuna.serve.cli",
     "ds_vicuna.eval.cli",
 )

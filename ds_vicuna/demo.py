@@ -57,7 +57,7 @@ def prepare_data(out: Path, other: int, seed: int = 0) -> Path:
 
 def launch_training(train: Path, out: Path, ranks: int, overrides: list[str]) -> Path:
     """Run `deepspeed --num_gpus RANKS --module ds_vicuna.train configs/demo.yaml ...`; returns the output dir."""
-    from ds_vicuna.train_cli import launcher_command
+    from ds_vicuna.train.cli import launcher_command
 
     output_dir = out / "train"
     argv = ["--train_path", str(train), "--output_dir", str(output_dir),
@@ -73,9 +73,9 @@ def launch_training(train: Path, out: Path, ranks: int, overrides: list[str]) ->
 def answer(model_dir: Path, question: str = QUESTION, max_new_tokens: int = 48) -> str:
     """Greedy reply of the model in `model_dir`, prompted with the training template.
 
-    Loaded and generated the way the serving worker does it (`ds_vicuna.chat_model`, `serve.engine`).
+    Loaded and generated the way the serving worker does it (`ds_vicuna.model.loading`, `serve.engine`).
     """
-    from ds_vicuna.chat_model import load_chat_model
+    from ds_vicuna.model.loading import load_chat_model
     from ds_vicuna.serve.engine import generate_replies
 
     chat = load_chat_model(str(model_dir), template=TEMPLATE)
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="one optimizer step, no identity check (tests)")
     parser.add_argument("overrides", nargs="*", help="extra trainer overrides, e.g. train.epochs=5")
     args = parser.parse_args(argv)
-    from ds_vicuna.export import export_checkpoint
-    from ds_vicuna.models import embedded_model_path
+    from ds_vicuna.train.export import export_checkpoint
+    from ds_vicuna.model.embedded import embedded_model_path
 
     started = time.time()
     out = Path(args.out)

@@ -143,14 +143,14 @@ class ApiBackend:
 class LocalBackend:
     """Replies from a local Hugging Face checkpoint (or `embedded`), batched the way the serving worker batches.
 
-    The model is loaded by `ds_vicuna.chat_model.load_chat_model` (template, stops and context length from the
+    The model is loaded by `ds_vicuna.model.loading.load_chat_model` (template, stops and context length from the
     checkpoint's `ds_vicuna.json`) and replies come from the worker's own engine
     (`ds_vicuna.serve.engine.generate_replies`), so a local answer is what the served model would answer.
     """
 
     def __init__(self, model: str, max_new_tokens: int = 512, temperature: float = 0.0, device: str | None = None,
                  dtype: str = "auto"):
-        from ds_vicuna.chat_model import load_chat_model
+        from ds_vicuna.model.loading import load_chat_model
 
         self.chat = load_chat_model(model, device=device or "auto", dtype=dtype)
         self.max_new_tokens, self.temperature = max_new_tokens, temperature

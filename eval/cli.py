@@ -227,7 +227,7 @@ def cmd_answer(args) -> int:
 def _local_model_id(model: str) -> str:
     from pathlib import Path
 
-    from ds_vicuna.models import EMBEDDED_MODEL
+    from ds_vicuna.model.embedded import EMBEDDED_MODEL
 
     return EMBEDDED_MODEL if model == "embedded" else Path(model).resolve().name
 

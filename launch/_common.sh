@@ -4,7 +4,7 @@
 #   RESUME=auto           passed as `--resume $RESUME`; `auto` continues from the newest complete checkpoint,
 #                         so a restart after preemption needs no flag changes. RESUME= (empty) starts fresh.
 #   CPU=0                 CPU=1: DeepSpeed's CPU accelerator, gloo backend; "GPUs" become CPU ranks
-#   REQUEUE_EXIT_CODE=75  the trainer exits with this after a preemption checkpoint (ds_vicuna.preemption)
+#   REQUEUE_EXIT_CODE=75  the trainer exits with this after a preemption checkpoint (ds_vicuna.train.preemption)
 #
 # Signals: SIGTERM (spot reclaim) and SIGUSR1 (Slurm pre-timeout) sent to a launch script are forwarded to the
 # training ranks only (never to the deepspeed/torchrun launcher processes, which would die on SIGUSR1 or kill

@@ -23,8 +23,8 @@ import sys
 import threading
 
 DEFAULT_CONTROLLER = "http://127.0.0.1:21001"
-DTYPES = ("auto", "bf16", "fp16", "fp32")  # = ds_vicuna.chat_model.DTYPES (not imported: it would load torch)
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # = ds_vicuna.chat_model.DEVICE_MAPS
+DTYPES = ("auto", "bf16", "fp16", "fp32")  # = ds_vicuna.model.loading.DTYPES (not imported: it would load torch)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # = ds_vicuna.model.loading.DEVICE_MAPS
 
 
 def register(subparsers) -> None:
@@ -162,9 +162,9 @@ def _build_api(args, controller_url: str, secret: str | None):
 def _build_worker(args, controller_url: str | None, server_url: str, secret: str | None):
     import requests
 
-    from ds_vicuna.chat_model import load_chat_model
+    from ds_vicuna.model.loading import load_chat_model
     from ds_vicuna.serve.worker import Worker
-    from ds_vicuna.templates import TemplateError
+    from ds_vicuna.chat.templates import TemplateError
 
     if args.torch_threads:
         import torch

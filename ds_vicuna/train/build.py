@@ -1,0 +1,194 @@
+"""What the trainer builds before its loop: tokenizer, model (partitioned under ZeRO-3) and the DeepSpeed engine.
+
+    tokenizer = load_tokenizer(model_path, "vicuna_v1.1")
+    config = build_model_config(model_path, cfg)
+    model = build_model(model_path, config, tokenizer, cfg, ds, precision)
+    engine = build_engine(model, ds, cfg, total_steps)
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from ds_vicuna.train.config import Config, ConfigError, offloads_optimizer
+
+
+def check_cpu_adam() -> None:
+    """Build (or load the cached build of) DeepSpeedCPUAdam, which optimizer offload needs.
+
+    Raises:
+        ConfigError: it cannot be built, with what to do instead.
+    """
+    try:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        CPUAdamBuilder().load(verbose=False)
+    except Exception as err:  # noqa: BLE001 - any build failure means the same thing to the user
+        raise ConfigError(
+            "train.deepspeed offloads the optimizer to CPU, which needs DeepSpeedCPUAdam, but it cannot be built "
+            f"here ({type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else err}). "
+            "Install a C++ compiler (g++) and ninja, or use ds_configs/zero3.json (no offload).") from None
+
+
+def load_tokenizer(model_path: Path, template: str):
+    """The model's tokenizer plus the template's control tokens; a pad token (EOS) when it has none."""
+    from transformers import AutoTokenizer
+
+    from ds_vicuna.chat.templates import add_template_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    add_template_tokens(tokenizer, template)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def build_model_config(model_path: Path, cfg: Config):
+    """AutoConfig with the attention implementation chosen and RoPE stretched to max_length when asked."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    config.use_cache = False
+    if cfg.model.rope_scaling:
+        base = getattr(config, "max_position_embeddings", cfg.data.max_length)
+        factor = max(1.0, cfg.data.max_length / base)
+        scaling = {"rope_type": cfg.model.rope_scaling, "factor": factor}
+        if isinstance(getattr(config, "rope_parameters", None), dict):  # transformers >= 5 (keeps rope_theta)
+            config.rope_parameters = {**config.rope_parameters, **scaling}
+        else:
+            config.rope_scaling = {**scaling, "type": cfg.model.rope_scaling}
+        config.max_position_embeddings = max(base, cfg.data.max_length)
+    return config
+
+
+def pick_attn_implementation(requested: str) -> str:
+    """auto -> flash_attention_2 (installed + CUDA), else sdpa; explicit values pass through."""
+    import importlib.util
+
+    import torch
+
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def share_cpu_threads(environ: dict | None = None) -> int | None:
+    """On CPU, when the launcher left OMP_NUM_THREADS unset, share this host's cores among its ranks.
+
+    torch starts one thread per core in every process, so 2 ranks on 2 cores would run 4 busy threads
+    (`deepspeed --num_gpus N` leaves it unset; torchrun sets 1; Accelerate does the same as this).
+
+    Returns:
+        The threads per rank set, or None when OMP_NUM_THREADS decides.
+    """
+    import torch
+
+    env = os.environ if environ is None else environ
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    local_ranks = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env.get("SLURM_NTASKS_PER_NODE") or 1)
+    threads = max(1, len(os.sched_getaffinity(0)) // local_ranks)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def pick_training_attention(requested: str, batching: str, sequence_parallel_size: int) -> str:
+    """`pick_attn_implementation`, with SDPA on packed rows or under sequence parallelism replaced by
+    `PACKED_SDPA` (each conversation its own causal SDPA, read from position_ids; see packed_attention)."""
+    from ds_vicuna.train.packed_attention import PACKED_SDPA, register_packed_sdpa
+
+    attn = pick_attn_implementation(requested)
+    if attn == "sdpa" and (batching == "pack" or sequence_parallel_size > 1):
+        register_packed_sdpa()
+        return PACKED_SDPA
+    return attn
+
+
+def bf16_supported(device_type: str) -> bool:
+    """Whether this GPU, or this CPU's torch (oneDNN), can train in bf16."""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_has_native_bf16() -> bool:
+    """avx512_bf16 or AMX: bf16 matmuls run natively instead of being emulated through fp32."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def build_model(model_path: Path, model_config, tokenizer, cfg: Config, ds: dict, precision: str,
+                attn_implementation: str | None = None):
+    """Load the weights; under ZeRO-3 straight into partitions (HfDeepSpeedConfig must outlive from_pretrained).
+
+    Args:
+        attn_implementation: overrides `pick_attn_implementation(cfg.model.attn_implementation)`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    keep_alive = HfDeepSpeedConfig(ds) if ds["zero_optimization"].get("stage") == 3 else None  # noqa: F841
+    model = AutoModelForCausalLM.from_pretrained(model_path, config=model_config, dtype=dtype,
+                                                 attn_implementation=attn_implementation or pick_attn_implementation(
+                                                     cfg.model.attn_implementation))
+    embeddings = model.get_input_embeddings().weight
+    rows = embeddings.ds_shape[0] if hasattr(embeddings, "ds_shape") else embeddings.shape[0]  # ZeRO-3: partitioned
+    if len(tokenizer) > rows:  # template tokens were added
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    if cfg.model.gradient_checkpointing:  # non-reentrant: works with ZeRO-3 partitioned params and frozen inputs
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (embeddings, projections), none on vectors (norms, biases).
+
+    Under ZeRO-3 a parameter's own shape is an empty placeholder; its real shape is `ds_shape`.
+    """
+    def is_matrix(param) -> bool:
+        return len(getattr(param, "ds_shape", param.shape)) >= 2
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if is_matrix(p)], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if not is_matrix(p)], "weight_decay": 0.0}]
+
+
+def build_engine(model, ds: dict, cfg: Config, total_steps: int, mpu=None):
+    """AdamW (DeepSpeedCPUAdam when offloading), the LR schedule, and `deepspeed.initialize`.
+
+    Args:
+        mpu: DeepSpeed's sequence-parallel groups (`sequence_parallel.register_ulysses`), or None.
+    """
+    import deepspeed
+    import torch
+    from transformers import get_scheduler
+
+    groups = param_groups(model, cfg.train.weight_decay)
+    betas = (cfg.train.adam_beta1, cfg.train.adam_beta2)
+    if offloads_optimizer(ds):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=cfg.train.learning_rate, betas=betas, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=betas)
+    warmup = math.ceil(cfg.train.warmup_ratio * total_steps)
+
+    def scheduler(opt):
+        return get_scheduler(cfg.train.lr_scheduler, opt, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
+                                           dist_init_required=False, mpu=mpu)
+    engine.train()  # from_pretrained returns the model in eval mode: dropout would stay off
+    return engine

@@ -1,0 +1,463 @@
+"""Training configuration: three typed dataclasses, a YAML file, `--key value` overrides, checks before work starts.
+
+    ds-vicuna train configs/demo.yaml --train.learning_rate 1e-4 --max_length 512
+    python -m ds_vicuna.train configs/vicuna_7b.yaml data.train_path=data/train.jsonl
+
+A key may be dotted (`train.learning_rate`) or bare when only one section has it (`learning_rate`).
+Values are parsed as YAML (`1e-4`, `true`, `null`) and must match the field's type. The DeepSpeed engine
+settings live in `ds_configs/*.json`; `fill_deepspeed_config` writes batch sizes, bucket sizes and precision
+into that dict, because plain DeepSpeed does not resolve `"auto"` (only HF Trainer/Accelerate do).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+ROPE_SCALING = ("linear", "dynamic")
+BATCHING = ("pack", "group", "max")
+MASKS = ("assistant", "last_turn", "all")
+SCHEDULERS = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DEFAULT_LOSS_CHUNK_TOKENS = 1024
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: the message names the field or file and what to change."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "embedded"
+    """Local Hugging Face checkpoint folder, or `embedded` for the bundled SmolLM2-135M-Instruct."""
+    template: str = "vicuna_v1.1"
+    """Chat template used to encode conversations (and written into the exported tokenizer)."""
+    attn_implementation: str = "auto"
+    """auto = flash_attention_2 when installed on CUDA, else sdpa; eager only when asked."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward (non-reentrant): much less memory for ~30% more compute."""
+    rope_scaling: str | None = None
+    """`linear` or `dynamic`: stretch RoPE so max_length fits a model trained on shorter contexts."""
+
+    def __post_init__(self):
+        _check_choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        if self.rope_scaling is not None:
+            _check_choice("model.rope_scaling", self.rope_scaling, ROPE_SCALING)
+
+
+class DataSource(typing.NamedTuple):
+    """One training file of a mix and its sampling weight (see `ds_vicuna.train.batching.weighted_epoch`)."""
+
+    path: str
+    weight: float = 1.0
+
+
+def parse_sources(value: str | list, name: str = "data.train_path") -> list[DataSource]:
+    """A path, or a list of paths and {path, weight} entries, as a list of DataSource ([] for "").
+
+    Raises:
+        ConfigError: an entry that is not a path or {path, weight}, or a weight that is not > 0, naming it.
+    """
+    if isinstance(value, str):
+        return [DataSource(value)] if value else []
+    if not value:
+        raise ConfigError(f"{name}: an empty list; give a path or a list of {{path, weight}}")
+    sources = []
+    for i, entry in enumerate(value):
+        where = f"{name}[{i}]"
+        if isinstance(entry, str) and entry:
+            entry = {"path": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise ConfigError(f"{where}: expected a path or {{path: ..., weight: ...}}, got {entry!r}")
+        unknown = set(entry) - {"path", "weight"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: path, weight")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"{where}.weight: expected a number > 0, got {weight!r}")
+        sources.append(DataSource(entry["path"], float(weight)))
+    return sources
+
+
+@dataclass
+class DataConfig:
+    train_path: str | list = ""
+    """Training conversations (JSON/JSONL, ShareGPT or messages format), e.g. the output of `ds-vicuna data split`.
+    Or a weighted mix: a list of paths and `{path: ..., weight: ...}` entries (weight 1 by default). Weight w
+    trains on each sample of that file w times an epoch (0.5: a different half each epoch, seeded)."""
+    eval_path: str | None = None
+    """Held-out conversations; evaluated at every `train.eval_every` steps and at the end."""
+    max_length: int = 2048
+    """Tokens per sequence (per packed row with `batching: pack`)."""
+    mask: str = "assistant"
+    """Which tokens are trained on: assistant (every reply), last_turn, all."""
+    batching: str = "pack"
+    """pack = several conversations per row (no padding); group = pad within length-sorted groups; max = pad to max_length."""
+    max_samples: int | None = None
+    """Use only the first N conversations (quick runs)."""
+    cache_dir: str | None = None
+    """Where tokenized data is cached; default `<output_dir>/cache`."""
+
+    def __post_init__(self):
+        _check_choice("data.mask", self.mask, MASKS)
+        _check_choice("data.batching", self.batching, BATCHING)
+        _check_positive("data.max_length", self.max_length)
+        if self.max_samples is not None:
+            _check_positive("data.max_samples", self.max_samples)
+        self.train_sources()  # a malformed mix fails here, naming the entry
+
+    def train_sources(self) -> list[DataSource]:
+        """`train_path` as a list of (path, weight); a single path is a mix of one, weight 1 (see `parse_sources`)."""
+        return parse_sources(self.train_path)
+
+    def named_paths(self) -> list[tuple[str, str]]:
+        """(config field, path) of every data file, for the checks before training starts."""
+        named = [(f"data.train_path[{i}]" if isinstance(self.train_path, list) else "data.train_path", s.path)
+                 for i, s in enumerate(self.train_sources())]
+        return named + ([("data.eval_path", self.eval_path)] if self.eval_path else [])
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/train"
+    """Checkpoints (`step-000200/`), metrics.jsonl, loss.png and the resolved config go here."""
+    deepspeed: str = "ds_configs/zero3_offload.json"
+    """DeepSpeed engine settings (ZeRO stage, offload); batch/bucket/precision fields are filled at start."""
+    precision: str = "auto"
+    """auto = bf16 on a bf16 GPU, fp16 with loss scaling on older GPUs, fp32 on CPU. bf16 on CPU when asked for
+    (fast where the CPU has avx512_bf16/AMX, emulated and slower than fp32 elsewhere, half the memory anyway)."""
+    learning_rate: float = 2e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    epochs: int = 3
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in total (the schedule is planned for it)."""
+    global_batch_size: int = 128
+    """Sequences per optimizer step over all ranks; kept whatever the world size (accumulation is derived)."""
+    micro_batch_size: int = 2
+    """Sequences per forward pass on one rank (per sequence-parallel group with sequence_parallel_size > 1)."""
+    sequence_parallel_size: int = 1
+    """Ulysses sequence parallelism (DeepSpeed ALST): split every row's tokens over this many consecutive ranks,
+    which train the same micro-batches; must divide the world size and the model's attention heads."""
+    seed: int = 42
+    save_every: int = 200
+    """Save a checkpoint every N optimizer steps (and always at the end)."""
+    keep_last: int = 2
+    """Keep the newest K complete checkpoints."""
+    eval_every: int | None = None
+    log_every: int = 1
+    """Write a metrics record (metrics.jsonl, TensorBoard) every N optimizer steps, and at the run's last step."""
+    resume: str | None = None
+    """`auto` (newest complete checkpoint in output_dir, if any) or a checkpoint folder."""
+    stop_after_steps: int | None = None
+    """Save and exit after this many steps of this run, as a preempted job would (resume continues)."""
+    loss_chunk_tokens: int | None = DEFAULT_LOSS_CHUNK_TOKENS
+    """Labelled tokens per lm_head + cross-entropy chunk: the loss never holds the whole [tokens, vocab] logits
+    (see ds_vicuna/train/loss.py); null = the plain path that does (8 GiB in fp32 for 16K tokens x 128K vocabulary)."""
+
+    def __post_init__(self):
+        _check_choice("train.precision", self.precision, PRECISIONS)
+        _check_choice("train.lr_scheduler", self.lr_scheduler, SCHEDULERS)
+        for name in ("global_batch_size", "micro_batch_size", "epochs", "save_every", "keep_last", "log_every",
+                     "sequence_parallel_size"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        for name in ("max_steps", "eval_every", "stop_after_steps", "loss_chunk_tokens"):
+            if getattr(self, name) is not None:
+                _check_positive(f"train.{name}", getattr(self, name))
+        if self.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                              f"train.micro_batch_size ({self.micro_batch_size})")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Ranks that train different micro-batches: world_size / sequence_parallel_size.
+
+        Raises:
+            ConfigError: sequence_parallel_size does not divide the world size.
+        """
+        sp = self.train.sequence_parallel_size
+        if world_size % sp:
+            raise ConfigError(f"train.sequence_parallel_size ({sp}) must divide the world size ({world_size})")
+        return world_size // sp
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        """global_batch_size / (micro_batch_size * data-parallel size).
+
+        Raises:
+            ConfigError: the global batch does not split evenly over the data-parallel ranks.
+        """
+        replicas = self.data_parallel_size(world_size)
+        per_step = self.train.micro_batch_size * replicas
+        if self.train.global_batch_size % per_step:
+            what = "world size" if replicas == world_size else "data-parallel size (world / sequence_parallel_size)"
+            raise ConfigError(
+                f"train.global_batch_size ({self.train.global_batch_size}) is not a multiple of "
+                f"micro_batch_size ({self.train.micro_batch_size}) x {what} ({replicas}); "
+                f"world sizes that can train it: {', '.join(map(str, self.world_sizes()))} "
+                f"(or, on a fresh start, a global batch divisible by {per_step})")
+        return self.train.global_batch_size // per_step
+
+    def world_sizes(self) -> list[int]:
+        """The world sizes that split the global batch evenly (a resume keeps the global batch, so only these):
+        sequence_parallel_size x every data-parallel size that divides the global batch's micro-batches."""
+        micro_batches = self.train.global_batch_size // self.train.micro_batch_size
+        sp = self.train.sequence_parallel_size
+        return [n * sp for n in range(1, micro_batches + 1) if micro_batches % n == 0]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _coerce(where: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against a field annotation (int, float, bool, str, X | None); ints widen to float."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        for option in inner[1:]:  # str | list: a value of any listed type is fine
+            if isinstance(value, option) and not (option is int and isinstance(value, bool)):
+                return value
+        return _coerce(where, value, inner[0])
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+        except ValueError:
+            pass
+    if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build_section(name: str, values: dict, source: str) -> Any:
+    cls = _SECTION_CLASSES[name]
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {name}.{key}; known: {', '.join(sorted(known))}")
+        kwargs[key] = _coerce(f"{source}: {name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    """Build a Config from nested {"model": {...}, "data": {...}, "train": {...}}.
+
+    Raises:
+        ConfigError: unknown section or key, wrong type, or a rejected value, naming `source`.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with sections {', '.join(SECTIONS)}")
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(SECTIONS)}")
+    for name, values in raw.items():
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {name} must be a mapping")
+    return Config(**{name: _build_section(name, raw.get(name) or {}, source) for name in SECTIONS})
+
+
+def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
+    """`["--train.lr", "1", "data.max_length=512", "--flag=x"]` -> [(key, raw value), ...].
+
+    Raises:
+        ConfigError: a dangling `--key` without a value or an argument that is not key=value / --key value.
+    """
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            key = arg[2:]
+            if "=" in key:
+                key, value = key.split("=", 1)
+            elif i + 1 < len(args):
+                i += 1
+                value = args[i]
+            else:
+                raise ConfigError(f"override {arg} has no value")
+        elif "=" in arg:
+            key, value = arg.split("=", 1)
+        else:
+            raise ConfigError(f"cannot read argument {arg!r}: use --key value or key=value")
+        pairs.append((key.replace("-", "_"), value))
+        i += 1
+    return pairs
+
+
+def _resolve_key(key: str) -> tuple[str, str]:
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"override {key}: unknown section {section!r}; known: {', '.join(SECTIONS)}")
+        return section, name
+    owners = [s for s, cls in _SECTION_CLASSES.items() if key in {f.name for f in dataclasses.fields(cls)}]
+    if not owners:
+        raise ConfigError(f"override --{key}: unknown key")
+    if len(owners) > 1:
+        raise ConfigError(f"override --{key} is ambiguous; write one of {', '.join(f'{s}.{key}' for s in owners)}")
+    return owners[0], key
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (or defaults when `path` is None) and apply CLI overrides.
+
+    Raises:
+        ConfigError: missing/invalid YAML, unknown keys, wrong types, contradictions.
+    """
+    import yaml
+
+    raw: dict = {}
+    source = str(path) if path else "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML ({err})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping with sections {', '.join(SECTIONS)}")
+    raw = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in raw.items()}
+    for key, text in parse_overrides(overrides):
+        section, name = _resolve_key(key)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{source}: section {section} must be a mapping")
+        raw[section][name] = yaml.safe_load(text) if text != "" else ""
+    return config_from_dict(raw, source if not overrides else f"{source} + overrides")
+
+
+# --------------------------------------------------------------------------------------------------- DeepSpeed
+
+
+def load_deepspeed_config(path: str | os.PathLike) -> dict:
+    """Read a `ds_configs/*.json` file (engine settings only).
+
+    Raises:
+        ConfigError: missing file, bad JSON, or batch fields set (they are derived from the training config).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"train.deepspeed: {p} not found (bundled ones: ds_configs/zero2.json, zero3.json, "
+                          "zero3_offload.json)")
+    try:
+        ds = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{p}: not valid JSON ({err})") from None
+    if not isinstance(ds, dict) or not isinstance(ds.get("zero_optimization", {}), dict):
+        raise ConfigError(f"{p}: expected an object with a zero_optimization object")
+    clashing = [k for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+                if ds.get(k) not in (None, "auto")]
+    if clashing:
+        raise ConfigError(f"{p}: {', '.join(clashing)} are derived from train.global_batch_size/micro_batch_size; "
+                          "remove them or set them to \"auto\"")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{p}: zero_optimization.stage must be 0-3, got {stage!r}")
+    return ds
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    """True when the DeepSpeed dict puts optimizer states on the CPU (needs DeepSpeedCPUAdam)."""
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") == "cpu"
+
+
+def resolve_precision(requested: str, device_type: str, bf16_supported: bool) -> str:
+    """auto -> bf16 on a bf16 GPU, fp16 on an older GPU, fp32 on CPU (exact, reproducible); explicit choices are
+    checked: bf16 runs on a CPU whose torch can do bf16 (oneDNN), fp16 needs a GPU.
+
+    Raises:
+        ConfigError: fp16 asked for on CPU, or bf16 on a device without it.
+    """
+    if requested == "auto":
+        if device_type == "cpu":
+            return "fp32"
+        return "bf16" if bf16_supported else "fp16"
+    if device_type == "cpu" and requested == "fp16":
+        raise ConfigError("train.precision fp16 needs a GPU; on CPU use bf16, fp32 or auto")
+    if requested == "bf16" and not bf16_supported:
+        raise ConfigError(f"train.precision bf16: this {'CPU' if device_type == 'cpu' else 'GPU'} has no bf16 "
+                          "support; use auto")
+    return requested
+
+
+def fill_deepspeed_config(ds: dict, *, micro_batch_size: int, grad_accum: int, world_size: int,
+                          hidden_size: int, precision: str, max_grad_norm: float,
+                          sequence_parallel_size: int = 1) -> dict:
+    """A copy of `ds` with batch sizes, "auto" bucket sizes and precision written in (what HF Trainer would do).
+
+    Buckets follow transformers' `HfTrainerDeepSpeedConfig`: reduce_bucket_size = h*h,
+    stage3_prefetch_bucket_size = 0.9*h*h, stage3_param_persistence_threshold = 10*h. With sequence parallelism
+    the batch counts data-parallel replicas (world / sequence_parallel_size), as DeepSpeed does.
+    """
+    out = json.loads(json.dumps(ds))
+    out["train_micro_batch_size_per_gpu"] = micro_batch_size
+    out["gradient_accumulation_steps"] = grad_accum
+    out["train_batch_size"] = micro_batch_size * grad_accum * (world_size // sequence_parallel_size)
+    if sequence_parallel_size > 1:  # read by zero.Init (HfDeepSpeedConfig) before the engine gets the mpu
+        out["sequence_parallel_size"] = sequence_parallel_size
+    if out.get("gradient_clipping", "auto") == "auto":
+        out["gradient_clipping"] = max_grad_norm
+    zero = out.setdefault("zero_optimization", {})
+    buckets = {"reduce_bucket_size": hidden_size * hidden_size,
+               "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+               "stage3_param_persistence_threshold": 10 * hidden_size}
+    for key, value in buckets.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    out["bf16"] = {**out.get("bf16", {}), "enabled": precision == "bf16"}
+    fp16 = {k: v for k, v in out.get("fp16", {}).items() if v != "auto"}
+    if precision == "fp16":  # dynamic loss scaling: fp16 gradients underflow without it
+        fp16 = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                "min_loss_scale": 1, **fp16}
+    out["fp16"] = {**fp16, "enabled": precision == "fp16"}
+    leftover = _find_auto(out)
+    if leftover:
+        raise ConfigError(f"DeepSpeed config: cannot resolve \"auto\" for {', '.join(leftover)}")
+    return out
+
+
+def _find_auto(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _find_auto(v, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if node == "auto" else []

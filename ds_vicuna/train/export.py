@@ -1,0 +1,285 @@
+"""Checkpoint -> a plain Hugging Face model folder that serve/, eval/ and `transformers` load as is.
+
+    ds-vicuna export runs/vicuna_13b/step-000600 out/vicuna-13b          # the training precision (bf16 on GPU)
+    ds-vicuna export runs/demo/train out/demo --dtype fp32                # an output dir means its `latest`
+    ds-vicuna export runs/vicuna_13b out/vicuna-13b --max-shard-size 2GB  # smaller shards, less memory
+
+Bounded memory: the weights are read through DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint(...,
+lazy_mode=True)`, which memory-maps every rank's ZeRO partition file (the Adam moments in it are never read) and
+gathers a parameter only when asked. Export asks for one safetensors shard at a time, casts it, writes it, frees it
+and drops the mapped pages it read, so peak RSS follows `--max-shard-size`, not the model size (BENCHMARKS.md).
+Never `model.state_dict()` on a ZeRO-3 rank, which holds empty placeholders.
+
+OUT gets Hugging Face's sharded layout (`model.safetensors`, or `model-00001-of-0000N.safetensors` ... with
+`model.safetensors.index.json`), `config.json` (its `dtype` the export's), the tokenizer with `chat_template` = the
+training template's Jinja (so `tokenizer.apply_chat_template` reproduces the training prompt),
+`generation_config.json` whose `eos_token_id` lists the template's stop tokens, and `ds_vicuna.json` (template,
+stops, max_length, base model). ZeRO-1/2 checkpoints are gathered whole by DeepSpeed (its zero_to_fp32 concatenates
+their flat partitions), so only ZeRO-3 (the default) and stage-0 checkpoints export in bounded memory.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import time
+from pathlib import Path
+
+from ds_vicuna.train.checkpoint import (HF_SUBDIR, TRAIN_CONFIG_FILE, CheckpointError, find_resume_path, is_complete,
+                                  read_training_record)
+
+__all__ = ["TRAIN_CONFIG_FILE", "DTYPES", "resolve_checkpoint", "lazy_state_dict", "consolidated_state_dict",
+           "read_training_record", "export_checkpoint"]
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+WEIGHTS_PATTERN = "model{suffix}.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A complete `step-*` folder, or the newest complete one inside a training output dir.
+
+    Raises:
+        CheckpointError: nothing complete there.
+    """
+    path = Path(path)
+    if is_complete(path):
+        return path
+    found = find_resume_path(path) if path.is_dir() else None
+    if found is None:
+        raise CheckpointError(f"{path}: not a complete checkpoint folder nor an output dir holding one")
+    return found
+
+
+def lazy_state_dict(folder: Path) -> tuple[dict, list]:
+    """The checkpoint's weights without reading them: name -> a tensor or DeepSpeed's lazy `GatheredTensor`
+    (`.contiguous()` gathers it), plus the memory-mapped tensors they are read from (see `drop_mapped_pages`)."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if any(folder.glob("*zero_pp_rank_*_optim_states.pt")):  # ZeRO stages 1-3 shard the fp32 master weights
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name, lazy_mode=True)
+        mapped = {id(t): t for value in state.values() for rank in getattr(value, "flat_groups", ())
+                  for t in rank}
+        return state, list(mapped.values())
+    # ZeRO stage 0: the module is saved whole, in the training precision
+    module = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True,
+                        weights_only=False)["module"]
+    return dict(module), list(module.values())
+
+
+def consolidated_state_dict(folder: Path) -> dict:
+    """Full fp32 weights of a checkpoint, all in memory (tests compare them; export streams instead)."""
+    state, _ = lazy_state_dict(folder)
+    return {name: _materialize(value, None) for name, value in state.items()}
+
+
+def _materialize(value, dtype):
+    """Gather one (lazy) tensor into memory, cast to `dtype` when it is floating point (None: fp32)."""
+    import torch
+
+    tensor = value.contiguous()
+    if tensor.is_floating_point():
+        tensor = tensor.to(dtype or torch.float32)
+    return tensor.clone() if tensor.data_ptr() == getattr(value, "data_ptr", lambda: None)() else tensor  # not the map
+
+
+def drop_mapped_pages(tensors: list) -> None:
+    """Unmap the pages of memory-mapped (read-only, file-backed) tensors that were read so far: the kernel refetches
+    them from the file if they are read again. Tensors in ordinary memory are left alone (Linux only)."""
+    import ctypes
+
+    if not hasattr(mmap, "MADV_DONTNEED") or not os.path.exists("/proc/self/maps"):
+        return
+    files = _file_mappings()
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    for tensor in tensors:
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in files):  # anonymous memory: MADV_DONTNEED would zero it
+            continue
+        first, last = -(-start // page) * page, end // page * page
+        if last > first:
+            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process that map a file (from /proc/self/maps: inode != 0, a path)."""
+    ranges = []
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+                lo, hi = fields[0].split("-")
+                ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+def expected_weights(config) -> tuple[dict, set]:
+    """The model class's saved tensors: name -> (shape, dtype or None for floating point), and the names of tied
+    duplicates Hugging Face leaves out (e.g. lm_head.weight when it is the input embedding)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()
+    all_params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    kept = {name for name, _ in model.named_parameters()}
+    tied = all_params - kept
+    expected = {name: (tuple(t.shape), None if t.is_floating_point() else t.dtype)
+                for name, t in model.state_dict().items() if name not in tied}
+    return expected, tied
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = "auto",
+                      max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, progress: bool = True) -> Path:
+    """Write a consolidated Hugging Face model folder, one safetensors shard in memory at a time.
+
+    Args:
+        checkpoint: a `step-*` folder or a training output dir (its newest complete checkpoint).
+        out: destination folder (created; weight files of an earlier export there are replaced).
+        dtype: auto (the training precision: bf16/fp16 on GPU runs, fp32 on CPU runs), bf16, fp16 or fp32.
+        max_shard_size: largest shard ("5GB", "500MB" or bytes); also bounds the export's memory.
+        progress: show a progress bar over the shards.
+
+    Returns:
+        The output folder.
+
+    Raises:
+        CheckpointError: no complete checkpoint, or weights that do not fit the saved model config.
+        ValueError: an unreadable max_shard_size.
+    """
+    import torch
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ds_vicuna.model.card import write_model_meta
+    from ds_vicuna.chat.templates import get_template
+
+    folder = resolve_checkpoint(checkpoint)
+    record = read_training_record(folder)
+    precision = record.get("precision", "fp32") if dtype == "auto" else dtype
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    hf = folder / HF_SUBDIR
+    config = AutoConfig.from_pretrained(hf)
+    config.use_cache = True  # training turned the KV cache off; generation wants it
+    expected, tied = expected_weights(config)
+    state, mapped = lazy_state_dict(folder)
+    check_weights(folder, hf, state, expected, tied)
+
+    plan = split_torch_state_dict_into_shards(
+        {name: torch.empty(shape, dtype=kind or torch_dtype, device="meta") for name, (shape, kind) in expected.items()},
+        filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    write_shards(out, plan.filename_to_tensors, state, mapped, torch_dtype, progress)
+    if plan.is_sharded:
+        index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    config.dtype = torch_dtype
+    config.save_pretrained(out)
+    template = get_template(record["config"]["model"]["template"])
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    tokenizer.chat_template = template.jinja(tokenizer)
+    tokenizer.save_pretrained(out)
+    stops = template.stop_strings(tokenizer)
+    write_generation_config(out, config, tokenizer, stops)
+    write_model_meta(out, template.name, stops, max_length=record["config"]["data"]["max_length"],
+                     base_model=record["config"]["model"]["name_or_path"], step=record.get("step"),
+                     dtype=precision)
+    return out
+
+
+def check_weights(folder: Path, hf: Path, state: dict, expected: dict, tied: set) -> None:
+    """Every tensor the model class saves is in the checkpoint with its shape, and nothing else is.
+
+    Raises:
+        CheckpointError: naming the missing, unexpected or misshapen tensors.
+    """
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected) - tied)
+    shapes = sorted(f"{name} {tuple(state[name].shape)} vs {shape}" for name, (shape, _) in expected.items()
+                    if name in state and tuple(state[name].shape) != shape)
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{folder}: weights do not match {hf}/config.json (missing {missing}, unexpected "
+                              f"{unexpected}, other shapes {shapes})")
+
+
+def write_shards(out: Path, shards: dict[str, list[str]], state: dict, mapped: list, dtype, progress: bool) -> None:
+    """Gather, cast and write each shard in turn; only one shard's tensors are alive at a time."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    started, written = time.perf_counter(), 0
+    bar = tqdm(shards.items(), desc="export shards", unit="shard", disable=not progress)
+    for filename, names in bar:
+        tensors = {name: _materialize(state[name], dtype) for name in names}
+        save_file(tensors, str(out / filename), metadata={"format": "pt"})
+        written += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+        drop_mapped_pages(mapped)
+        bar.set_postfix(GB=f"{written / 1e9:.2f}", MB_s=f"{written / 1e6 / (time.perf_counter() - started):.0f}")
+
+
+def write_generation_config(out: Path, config, tokenizer, stops: list[str]) -> None:
+    """generation_config.json: eos_token_id = the ids of the template's stop tokens (generation halts there)."""
+    from transformers import GenerationConfig
+
+    vocab = tokenizer.get_vocab()
+    stop_ids = [vocab[s] for s in stops if s in vocab]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop_ids:
+        stop_ids.append(tokenizer.eos_token_id)
+    generation = GenerationConfig.from_model_config(config)
+    generation.eos_token_id = stop_ids[0] if len(stop_ids) == 1 else stop_ids
+    generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    generation.bos_token_id = tokenizer.bos_token_id
+    generation.save_pretrained(out)
+
+
+def register(subparsers) -> None:
+    """`ds-vicuna export CKPT OUT [--dtype ...] [--max-shard-size ...]`."""
+    parser = subparsers.add_parser("export", help="checkpoint -> Hugging Face model folder (sharded safetensors)",
+                                   description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="a step-* folder or a training output dir (uses its newest checkpoint)")
+    parser.add_argument("out", help="destination folder")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="weights dtype; auto = the training precision (bf16/fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                        help=f"largest safetensors shard, e.g. 2GB or 500MB (default {DEFAULT_MAX_SHARD_SIZE}); "
+                             "export holds about one shard in memory")
+    parser.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    import sys
+
+    try:
+        max_shard_size = parse_size(args.max_shard_size)
+    except ValueError as err:
+        print(f"ds-vicuna export: error: --max-shard-size: {err}", file=sys.stderr)
+        return 2
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, args.dtype, max_shard_size)
+    except CheckpointError as err:
+        print(f"ds-vicuna export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+def parse_size(text: str) -> int:
+    """"5GB" -> 5_000_000_000, "500MB", "123" (bytes): Hugging Face's decimal units for --max-shard-size.
+
+    Raises:
+        ValueError: not a number with one of B, KB, MB, GB, TB.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)?\s*", text, flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"expected a size like 5GB, 500MB or a byte count, got {text!r}")
+    return int(float(match.group(1)) * 1000 ** "BKMGT".index((match.group(2) or "B")[0].upper()))

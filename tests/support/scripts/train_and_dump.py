@@ -1,0 +1,36 @@
+"""Run the trainer like `deepspeed --module ds_vicuna.train CONFIG [--key value]`, then dump on rank 0 what tests
+compare: this run's losses, the engine's parameters gathered from the ZeRO-3 partitions (as float32; bf16 on a
+bf16 run) and the optimizer's fp32 master copy of them.
+
+    deepspeed --num_gpus 2 tests/support/scripts/train_and_dump.py DUMP.pt CONFIG [--key value ...]
+"""
+import sys
+
+import deepspeed
+import torch
+from deepspeed.utils import safe_get_full_fp32_param
+
+from ds_vicuna.train.config import load_config
+from ds_vicuna.train.loop import train
+from ds_vicuna.train.cli import quiet_library_warnings
+
+
+def main() -> int:
+    quiet_library_warnings()
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    dump, config, overrides = args[0], args[1], args[2:]
+    result = train(load_config(config, overrides))
+    module = result.engine.module
+    params, master = {}, {}
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):  # collective: every rank gathers the full tensor
+            params[name] = param.detach().float().cpu()
+        master[name] = safe_get_full_fp32_param(param).detach().clone().cpu()  # collective too
+    if torch.distributed.get_rank() == 0:
+        torch.save({"losses": result.losses, "params": params, "master": master, "step": result.progress.step,
+                    "checkpoint": str(result.checkpoint), "exit_code": result.exit_code}, dump)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Config loading, overrides, validation, DeepSpeed filling, and every config file in the repo."""
+import json
+from pathlib import Path
+
+import pytest
+
+from ds_vicuna.train.config import (Config, ConfigError, fill_deepspeed_config, load_config, load_deepspeed_config,
+                              offloads_optimizer, parse_overrides, resolve_precision)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_vicuna_defaults():
+    cfg = Config()
+    assert (cfg.train.learning_rate, cfg.train.lr_scheduler, cfg.train.warmup_ratio, cfg.train.weight_decay,
+            cfg.train.epochs, cfg.train.global_batch_size, cfg.data.max_length, cfg.model.template) == \
+        (2e-5, "cosine", 0.03, 0.0, 3, 128, 2048, "vicuna_v1.1")
+    assert cfg.model.gradient_checkpointing is True
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_training_config_loads(path):
+    cfg = load_config(path)
+    ds = load_deepspeed_config(REPO / cfg.train.deepspeed)
+    cfg.gradient_accumulation_steps(1)
+    filled = fill_deepspeed_config(ds, micro_batch_size=cfg.train.micro_batch_size, grad_accum=2, world_size=1,
+                                   hidden_size=64, precision="fp32", max_grad_norm=1.0)
+    assert filled["train_batch_size"] == 2 * cfg.train.micro_batch_size
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_deepspeed_config_fills(path):
+    ds = load_deepspeed_config(path)
+    out = fill_deepspeed_config(ds, micro_batch_size=2, grad_accum=4, world_size=8, hidden_size=4096,
+                                precision="bf16", max_grad_norm=1.0)
+    assert (out["train_micro_batch_size_per_gpu"], out["gradient_accumulation_steps"], out["train_batch_size"]) \
+        == (2, 4, 64)
+    zero = out["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 4096 * 4096
+    if zero["stage"] == 3:
+        assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 4096 * 4096)
+        assert zero["stage3_param_persistence_threshold"] == 40960
+    assert out["bf16"]["enabled"] and not out["fp16"]["enabled"]
+    assert out["gradient_clipping"] == 1.0
+    assert "auto" not in json.dumps(out)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == "auto"  # the input is not modified
+
+
+def test_offload_config_offloads_both():
+    ds = load_deepspeed_config(REPO / "ds_configs/zero3_offload.json")
+    assert offloads_optimizer(ds)
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert not offloads_optimizer(load_deepspeed_config(REPO / "ds_configs/zero3.json"))
+
+
+def test_sequence_parallel_batch_counts_replicas():
+    ds = load_deepspeed_config(REPO / "ds_configs/zero3.json")
+    out = fill_deepspeed_config(ds, micro_batch_size=1, grad_accum=2, world_size=8, hidden_size=8,
+                                precision="fp32", max_grad_norm=1.0, sequence_parallel_size=4)
+    assert out["train_batch_size"] == 1 * 2 * 2 and out["sequence_parallel_size"] == 4
+    assert "sequence_parallel_size" not in fill_deepspeed_config(ds, micro_batch_size=1, grad_accum=1, world_size=2,
+                                                                 hidden_size=8, precision="fp32", max_grad_norm=1.0)
+
+
+def test_fp16_gets_dynamic_loss_scaling():
+    ds = load_deepspeed_config(REPO / "ds_configs/zero2.json")
+    out = fill_deepspeed_config(ds, micro_batch_size=1, grad_accum=1, world_size=1, hidden_size=8,
+                                precision="fp16", max_grad_norm=1.0)
+    assert out["fp16"]["enabled"] and out["fp16"]["loss_scale"] == 0 and not out["bf16"]["enabled"]
+
+
+@pytest.mark.parametrize("requested,device,bf16,expected", [
+    ("auto", "cpu", False, "fp32"), ("auto", "cpu", True, "fp32"), ("bf16", "cpu", True, "bf16"),
+    ("auto", "cuda", True, "bf16"), ("auto", "cuda", False, "fp16"), ("fp16", "cuda", True, "fp16")])
+def test_resolve_precision(requested, device, bf16, expected):
+    assert resolve_precision(requested, device, bf16) == expected
+
+
+@pytest.mark.parametrize("requested,device,bf16", [("bf16", "cpu", False), ("bf16", "cuda", False),
+                                                   ("fp16", "cpu", True)])
+def test_resolve_precision_rejects(requested, device, bf16):
+    with pytest.raises(ConfigError, match="train.precision"):
+        resolve_precision(requested, device, bf16)
+
+
+def test_overrides_dotted_bare_and_equals(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train_path: a.json\ntrain:\n  learning_rate: 1e-5\n")
+    cfg = load_config(path, ["--train.learning_rate", "1e-4", "--max_length", "512", "model.rope_scaling=linear",
+                             "--gradient-checkpointing=false", "--max_steps", "null"])
+    assert cfg.train.learning_rate == 1e-4 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.data.max_length == 512 and cfg.model.rope_scaling == "linear"
+    assert cfg.model.gradient_checkpointing is False and cfg.train.max_steps is None
+    assert parse_overrides(["--a", "1", "b=2"]) == [("a", "1"), ("b", "2")]
+
+
+def test_grad_accum_derived_from_global_batch():
+    cfg = load_config(None, ["--global_batch_size", "128", "--micro_batch_size", "2"])
+    assert cfg.gradient_accumulation_steps(8) == 8 and cfg.gradient_accumulation_steps(1) == 64
+    with pytest.raises(ConfigError, match=r"x world size \(3\); world sizes that can train it: 1, 2, 4, 8, 16, 32, 64 "):
+        cfg.gradient_accumulation_steps(3)
+    assert load_config(None, ["--global_batch_size", "12", "--micro_batch_size", "2"]).world_sizes() == [1, 2, 3, 6]
+
+
+@pytest.mark.parametrize("text,overrides,match", [
+    ("train:\n  learnin_rate: 1\n", [], r"unknown key train.learnin_rate"),
+    ("trian:\n  epochs: 1\n", [], r"unknown section"),
+    ("train:\n  epochs: three\n", [], r"train.epochs: expected int, got str"),
+    ("train:\n  epochs: 1.5\n", [], r"train.epochs: expected int"),
+    ("model:\n  gradient_checkpointing: 1\n", [], r"expected bool"),
+    ("", ["--nonsense", "1"], r"unknown key"),
+    ("", ["--model.nope", "1"], r"unknown key model.nope"),
+    ("", ["--train.warmup_ratio", "1.5"], r"warmup_ratio"),
+    ("", ["--global_batch_size", "10", "--micro_batch_size", "4"], r"multiple of"),
+    ("", ["--batching", "zip"], r"data.batching must be one of"),
+    ("", ["--rope_scaling", "yarn"], r"model.rope_scaling"),
+    ("- 1\n- 2\n", [], r"expected a mapping"),
+    ("train: [\n", [], r"not valid YAML"),
+    ("", ["--epochs"], r"has no value"),
+])
+def test_bad_configs_are_named(tmp_path, text, overrides, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(path, overrides)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_deepspeed_config_must_not_set_batch(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": 64}))
+    with pytest.raises(ConfigError, match="derived from train.global_batch_size"):
+        load_deepspeed_config(path)
+    path.write_text("{nope")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_deepspeed_config(path)
+
+
+def test_train_path_may_be_a_weighted_mix(tmp_path):
+    from ds_vicuna.train.config import DataSource
+
+    path = tmp_path / "mix.yaml"
+    path.write_text("data:\n  train_path:\n    - sharegpt.jsonl\n    - {path: identity.jsonl, weight: 3}\n"
+                    "    - {path: domain.jsonl, weight: 0.5}\n")
+    cfg = load_config(path)
+    assert cfg.data.train_sources() == [DataSource("sharegpt.jsonl", 1.0), DataSource("identity.jsonl", 3.0),
+                                        DataSource("domain.jsonl", 0.5)]
+    assert cfg.data.named_paths()[1] == ("data.train_path[1]", "identity.jsonl")
+    single = load_config(None, ["--train_path", "a.jsonl", "--eval_path", "b.jsonl"])  # a plain path still works
+    assert single.data.train_sources() == [DataSource("a.jsonl")]
+    assert single.data.named_paths() == [("data.train_path", "a.jsonl"), ("data.eval_path", "b.jsonl")]
+    override = load_config(None, ["--train_path", "[a.jsonl, {path: b.jsonl, weight: 2}]"])
+    assert [s.weight for s in override.data.train_sources()] == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("value,match", [
+    ("[]", r"data.train_path: an empty list"),
+    ("[a.jsonl, {path: b.jsonl, weight: 0}]", r"data.train_path\[1\].weight: expected a number > 0, got 0"),
+    ("[{path: b.jsonl, wieght: 2}]", r"data.train_path\[0\]: unknown key\(s\) wieght"),
+    ("[{weight: 2}]", r"data.train_path\[0\]: expected a path or"),
+    ("[a.jsonl, 7]", r"data.train_path\[1\]: expected a path or"),
+    ("7", r"data.train_path: expected str, got int"),
+])
+def test_bad_mixes_are_named(value, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["--train_path", value])
