@@ -1,6 +1,8 @@
 # ds-vicuna: every target builds its own environment in $(VENV) first.
-#   make demo   - the main job on the embedded default (bundled conversations + SmolLM2-135M-Instruct)
-#   make test   - the whole test suite (what CI runs)
+#   make demo      - the main job on the embedded default (bundled conversations + SmolLM2-135M-Instruct)
+#   make test      - the whole test suite, slow tier included (what CI runs); prints the 25 slowest tests
+#   make test-fast - the edit loop: ruff, then the unit tier (no multi-process or real-model tests), a few minutes
+#   make lint      - ruff over the code (ruff.toml)
 #   make bench  - benchmark scripts; figures go to BENCHMARKS.md
 #   make gpu-wheels - (with the package index) .gpu_wheels/: what a GPU machine without network needs
 #   make gpu-check  - (on that GPU machine, no network) install .gpu_wheels/, gpu tests + GPU benchmarks, report
@@ -10,7 +12,7 @@ STAMP  := $(VENV)/.installed
 # One JIT build of DeepSpeed's CPU ops per checkout, shared by every test and launch.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: demo test test-fast bench env clean system-deps gpu-wheels gpu-check
+.PHONY: demo test test-fast lint bench env clean system-deps gpu-wheels gpu-check
 
 env: $(STAMP)
 
@@ -39,11 +41,14 @@ system-deps:
 	    apt-get install -y -qq --no-install-recommends $$need >/dev/null || echo "system-deps: could not install$$need"; fi; \
 	else echo "system-deps: not root or no apt-get; browser/Slurm tests will skip with a reason"; fi
 
-test: $(STAMP) system-deps
-	$(PY) -m pytest -ra
+test: $(STAMP) system-deps lint
+	$(PY) -m pytest -ra --durations=25
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -ra -m "not slow"
+test-fast: $(STAMP) lint
+	$(PY) -m pytest -ra -m "not slow" --durations=10
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_batching.py

@@ -43,7 +43,7 @@ setup(
         "prometheus_client",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "hypothesis", "openai", "selenium"],
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "openai", "selenium", "ruff"],
         "flash": ["flash-attn>=2.5"],
         # lm-evaluation-harness against our server (tests/eval/test_lm_eval.py); heavy, so not in dev
         "harness": ["lm-eval[api]>=0.4.5"],
