@@ -1,7 +1,7 @@
 """API server in-process: OpenAI error shapes, auth, limits, moderation and failover, with fake workers.
 
 The controller is the real one (Flask test client); workers are scripted so no model is loaded. Every worker
-reply is written with `serve.protocol`'s own classes and `to_line`, as the real worker writes it.
+reply is written with the classes and `to_line` of `serve.worker_events`, as the real worker writes it.
 """
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import logging
 
 import pytest
 
-from ds_vicuna.serve.api import APIConfig, create_app, iter_sse
+from ds_vicuna.serve.api_router import APIConfig, create_app
+from ds_vicuna.serve.openai_protocol import iter_sse
 from ds_vicuna.serve.controller import Controller
 from ds_vicuna.serve.controller import create_app as controller_app
 from ds_vicuna.serve.moderation import Moderator
-from ds_vicuna.serve.protocol import TextEvent, to_line
+from ds_vicuna.serve.worker_events import TextEvent, to_line
 from tests.support.serve_fakes import CONTROLLER, SECRET, FakeClock, FakeHTTP, FakeResponse, events, logprob_worker
 
 
@@ -328,7 +329,7 @@ def test_a_failed_choice_closes_the_choices_already_started(stack):
 
 
 def test_closing_a_job_stream_before_reading_it_closes_the_worker_connection():
-    from ds_vicuna.serve.api import JobStream
+    from ds_vicuna.serve.routing import JobStream
 
     response = EndlessResponse()
 

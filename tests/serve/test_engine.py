@@ -9,8 +9,11 @@ import torch
 from tests.support.serve_helpers import collect, drain, fail_forward, force_tokens, random_llama
 
 from ds_vicuna.model.loading import ChatModel
-from ds_vicuna.serve.engine import BatchEngine, GenerationJob, IncrementalText, SamplingParams, chat_job
-from ds_vicuna.serve.protocol import DoneEvent, ErrorEvent, TextEvent
+from ds_vicuna.serve.detokenizer import IncrementalText
+from ds_vicuna.serve.engine import BatchEngine
+from ds_vicuna.serve.jobs import GenerationJob, chat_job
+from ds_vicuna.serve.sampling import SamplingParams
+from ds_vicuna.serve.worker_events import DoneEvent, ErrorEvent, TextEvent
 
 
 def feed(tokenizer, text: str, stop=(), context=(), lead=""):

@@ -1,7 +1,7 @@
 """Test fakes for the serving stack: scripted workers behind the real controller, and a real HTTP server for the
 API app so clients nobody here wrote (the `openai` package, lm-evaluation-harness) can call it.
 
-Every worker reply is written with `serve.protocol`'s own classes and `to_line`, as the real worker writes it.
+Every worker reply is written with the classes and `to_line` of `serve.worker_events`, as the real worker writes it.
 
     controller = Controller(heartbeat_expiry=60, secret=SECRET, registration_grace=0)
     http = FakeHTTP(controller_app(controller).test_client(), {"http://w1": lambda body: FakeResponse(200, ...)})
@@ -13,7 +13,7 @@ import contextlib
 import threading
 from typing import Iterator
 
-from ds_vicuna.serve.protocol import DoneEvent, TextEvent, TokenLogprob, to_line
+from ds_vicuna.serve.worker_events import DoneEvent, TextEvent, TokenLogprob, to_line
 
 CONTROLLER = "http://controller"
 SECRET = "s3cret"
