@@ -91,7 +91,7 @@ class Upstream:
         http: an object with `get`/`post` like the `requests` module (stateless, safe across threads).
         max_attempts: workers tried per job.
         secret: the worker secret, sent with every controller and worker call.
-        model_memory: see `APIConfig.model_memory`.
+        model_memory: see `serve.api_router.APIConfig.model_memory`.
         clock: returns seconds (monotonic).
     """
 
