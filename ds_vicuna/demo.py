@@ -73,10 +73,10 @@ def launch_training(train: Path, out: Path, ranks: int, overrides: list[str]) ->
 def answer(model_dir: Path, question: str = QUESTION, max_new_tokens: int = 48) -> str:
     """Greedy reply of the model in `model_dir`, prompted with the training template.
 
-    Loaded and generated the way the serving worker does it (`ds_vicuna.model.loading`, `serve.engine`).
+    Loaded and generated the way the serving worker does it (`ds_vicuna.model.loading`, `serve.generate`).
     """
     from ds_vicuna.model.loading import load_chat_model
-    from ds_vicuna.serve.engine import generate_replies
+    from ds_vicuna.serve.generate import generate_replies
 
     chat = load_chat_model(str(model_dir), template=TEMPLATE)
     reply = generate_replies(chat, [[{"role": "user", "content": question}]], max_new_tokens,

@@ -145,7 +145,7 @@ class LocalBackend:
 
     The model is loaded by `ds_vicuna.model.loading.load_chat_model` (template, stops and context length from the
     checkpoint's `ds_vicuna.json`) and replies come from the worker's own engine
-    (`ds_vicuna.serve.engine.generate_replies`), so a local answer is what the served model would answer.
+    (`ds_vicuna.serve.generate.generate_replies`), so a local answer is what the served model would answer.
     """
 
     def __init__(self, model: str, max_new_tokens: int = 512, temperature: float = 0.0, device: str | None = None,
@@ -156,7 +156,7 @@ class LocalBackend:
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
 
     def generate(self, conversations: Sequence[list[dict]]) -> list[str | None]:
-        from ds_vicuna.serve.engine import generate_replies
+        from ds_vicuna.serve.generate import generate_replies
 
         replies = generate_replies(self.chat, conversations, self.max_new_tokens, self.temperature)
         return [None if reply is None else reply.strip() for reply in replies]  # FastChat strips answers too

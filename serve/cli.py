@@ -22,9 +22,9 @@ import signal
 import sys
 import threading
 
+from ds_vicuna.model.loading import DEVICE_MAPS, DTYPES  # plain tuples: importing the loader loads no torch
+
 DEFAULT_CONTROLLER = "http://127.0.0.1:21001"
-DTYPES = ("auto", "bf16", "fp16", "fp32")  # = ds_vicuna.model.loading.DTYPES (not imported: it would load torch)
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # = ds_vicuna.model.loading.DEVICE_MAPS
 
 
 def register(subparsers) -> None:
@@ -145,7 +145,7 @@ def _api_keys(args) -> tuple[str, ...]:
 def _build_api(args, controller_url: str, secret: str | None):
     import requests
 
-    from ds_vicuna.serve.api import APIConfig, create_app
+    from ds_vicuna.serve.api_router import APIConfig, create_app
     from ds_vicuna.serve.http_util import is_loopback
     from ds_vicuna.serve.moderation import Moderator
 
@@ -353,7 +353,7 @@ def run_chat(args) -> int:
     """A terminal chat loop: streams each answer; /reset clears the history, /exit (or Ctrl-D) quits."""
     import requests
 
-    from ds_vicuna.serve.api import iter_sse
+    from ds_vicuna.serve.openai_protocol import iter_sse
 
     base = args.base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}

@@ -23,8 +23,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
-from ds_vicuna.serve.http_util import require_secret
-from ds_vicuna.serve.schemas import APIError, ErrorCode
+from ds_vicuna.serve.errors import APIError, ErrorCode
+from ds_vicuna.serve.http_util import install_error_handlers, json_body, require_secret
 
 
 @dataclass
@@ -138,8 +138,6 @@ class Controller:
 def create_app(controller: Controller, max_content_length: int = 64 * 1024):
     """The controller's Flask app (thin handlers over `controller`)."""
     from flask import Flask, jsonify, request
-
-    from ds_vicuna.serve.http_util import install_error_handlers, json_body
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_content_length

@@ -2,8 +2,7 @@
 
     engine = BatchEngine(model, tokenizer, stop_token_ids=[...], max_batch_size=8, prefill_chunk=256)
     engine.add(jobs); engine.step()   # the worker's scheduler thread: queue new jobs, run one step
-    engine.run_batch(jobs)            # or: run these jobs to completion
-    generate_replies(chat, conversations, max_tokens=512)   # eval answer / demo: replies of a ChatModel
+    engine.run_batch(jobs)            # or: run these jobs to completion (`serve.generate` does, for eval)
 
 One `step()` is one decode step for every running row, then at most `prefill_chunk` prompt tokens of the jobs
 waiting to join. A long prompt is prefilled in chunks across several steps, so running streams keep getting a
@@ -22,9 +21,9 @@ No job can hurt another: a bad job (e.g. a seed torch rejects) or a row whose sa
 cache may be half-written) sends the running rows back to be prefilled again from their prompt plus the tokens
 generated so far, and they continue where they were (seeded sampling included). Nothing here raises.
 
-Text streams per row through `IncrementalText`, which decodes only a few tokens per step and only releases
-characters that are final: never half of a multi-byte UTF-8 character and never a prefix of a stop string that
-may still complete.
+Text streams per row through `serve.detokenizer.IncrementalText`, which decodes only a few tokens per step and
+only releases characters that are final: never half of a multi-byte UTF-8 character and never a prefix of a stop
+string that may still complete. The cache surgery (cutting rows out, stacking batches) is `serve.kv_cache`.
 """
 from __future__ import annotations
 
@@ -34,21 +33,19 @@ import enum
 import inspect
 import logging
 import math
-import queue
 import secrets
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ds_vicuna.serve.protocol import DoneEvent, ErrorEvent, Event, TextEvent, TokenLogprob
-from ds_vicuna.serve.schemas import ErrorCode
+from ds_vicuna.serve.detokenizer import IncrementalText
+from ds_vicuna.serve.errors import APIError, ErrorCode
+from ds_vicuna.serve.jobs import GenerationJob
+from ds_vicuna.serve.kv_cache import append_ones, select_rows, stack_batches
+from ds_vicuna.serve.worker_events import DoneEvent, ErrorEvent, TextEvent, TokenLogprob
 
 log = logging.getLogger(__name__)
 
-MAX_SEED = 2 ** 63 - 1
-MAX_TOP_LOGPROBS = 20
 DEFAULT_PREFILL_CHUNK = {"cpu": 256, "cuda": 2048}  # prompt tokens per step; a CPU step must stay short
-GREEDY_BELOW = 1e-5  # temperatures this small are greedy (dividing logits by them overflows to inf/NaN)
 MAX_RECOMPUTES = 3  # times a row may be re-prefilled after failed decode steps before it is failed
 _LOGPROB_BLOCK = 128  # prompt positions per log_softmax when scoring a prompt (bounds the [n, vocab] buffer)
 
@@ -57,170 +54,6 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # a stop token or stop string
     LENGTH = "length"  # max_tokens reached
     CANCELLED = "cancelled"  # the client went away
-
-
-@dataclass
-class SamplingParams:
-    """Per-request generation settings (checked by `problem()`; the worker answers 400 for a bad one).
-
-    Attributes:
-        max_tokens: new tokens at most; 0 only prefills (prompt scoring with `echo`).
-        temperature: 0 (or below 1e-5) is greedy.
-        top_p: nucleus sampling mass in (0, 1].
-        seed: seeds the row's own generator (0..2**63-1); None draws one.
-        stop: texts that end the reply (never part of it).
-        logprobs: report each generated token's logprob.
-        top_logprobs: with `logprobs`, the most likely alternatives per position (0..20).
-        echo: with `logprobs`, also score every prompt token (`DoneEvent.prompt_logprobs`).
-    """
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: bool = False
-    top_logprobs: int = 0
-    echo: bool = False
-
-    def problem(self) -> tuple[str, str] | None:
-        """(parameter, message) for the first invalid field, or None when all are valid."""
-        def is_int(value) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        if not is_int(self.max_tokens) or self.max_tokens < 0:
-            return "max_tokens", f"'max_tokens' must be a non-negative integer, got {self.max_tokens!r}"
-        for name, value, low_open in (("temperature", self.temperature, False), ("top_p", self.top_p, True)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-                    or value < 0 or (low_open and value == 0):
-                return name, f"'{name}' must be a finite number {'> 0' if low_open else '>= 0'}, got {value!r}"
-        if self.top_p > 1:
-            return "top_p", f"'top_p' must be at most 1, got {self.top_p!r}"
-        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
-            return "seed", f"'seed' must be an integer in [0, {MAX_SEED}], got {self.seed!r}"
-        if not all(isinstance(s, str) for s in self.stop):
-            return "stop", "'stop' must be a list of strings"
-        if not is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            return "top_logprobs", (f"'top_logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}], "
-                                    f"got {self.top_logprobs!r}")
-        return None
-
-    @property
-    def wants_prompt_logprobs(self) -> bool:
-        return self.echo and self.logprobs
-
-
-@dataclass
-class GenerationJob:
-    """One request inside the worker: its prompt ids, settings and the queue its events go to.
-
-    Events put on `events` (`serve.protocol`): a `TextEvent` for each released piece, then exactly one
-    `DoneEvent` or `ErrorEvent`. `reply_lead` is text the template expects the model to write before the
-    reply proper (vicuna_v1.1's space after "ASSISTANT:"); it is dropped from the reply's start.
-    """
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    events: "queue.Queue[Event]" = field(default_factory=queue.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    reply_lead: str = ""
-
-
-def chat_job(chat, prompt_ids: list[int], params: SamplingParams) -> GenerationJob:
-    """A job answering a chat turn of `chat` (a ChatModel): the template's stop strings end it, its lead is dropped."""
-    stop = tuple(dict.fromkeys(tuple(params.stop) + tuple(chat.stop_strings)))
-    return GenerationJob(list(prompt_ids), dataclasses.replace(params, stop=stop), reply_lead=chat.reply_lead)
-
-
-class IncrementalText:
-    """Turns a growing list of token ids into final text pieces; finds stop strings across token boundaries.
-
-    Each `add` decodes only a short window (a few tokens before the unreleased ones), the way vLLM and TGI
-    detokenize incrementally, so a long reply costs the same per token as a short one. The window starts in the
-    prompt (`context_ids`), so the first token decodes as it reads after the prompt (its leading space kept).
-
-    Args:
-        tokenizer: the model's tokenizer.
-        stop: texts that end the reply; the reply is cut before the first one.
-        context_ids: the prompt (its last few ids are decoded as left context).
-        lead: text to drop from the reply's start when the reply begins with it.
-    """
-
-    CONTEXT = 5  # prompt tokens of left context
-    MAX_PENDING = 4  # a UTF-8 character spans at most 4 byte tokens: longer undecodable runs are released as is
-
-    def __init__(self, tokenizer, stop: Sequence[str], context_ids: Sequence[int] = (), lead: str = ""):
-        self._tokenizer = tokenizer
-        self._stop = [s for s in stop if s]
-        self._longest_stop = max((len(s) for s in self._stop), default=0)
-        self._lead = lead
-        self._lead_checked = not lead
-        self._window = list(context_ids[-self.CONTEXT:])
-        self._read = len(self._window)  # window ids before this index are already in `text`
-        self.ids: list[int] = []
-        self.text = ""  # the reply's text so far, up to a stop string once one is found
-        self.emitted = 0  # characters of `text` already released (or dropped as the lead)
-
-    def add(self, token_id: int) -> tuple[str, bool]:
-        """Append one token; returns (newly final text, hit_stop_string)."""
-        self.ids.append(token_id)
-        self._window.append(token_id)
-        self._decode_window()
-        if not self._lead_checked:
-            if len(self.text) < len(self._lead) and self._lead.startswith(self.text):
-                return "", False  # could still be the lead
-            self._lead_checked = True
-            if self.text.startswith(self._lead):
-                self.emitted = len(self._lead)
-        hit = self._find_stop()
-        if hit is not None:
-            self.text = self.text[:hit]
-            return self._release(len(self.text)), True
-        safe = len(self.text)
-        while safe > self.emitted and self.text[safe - 1] == "\ufffd":  # an unfinished UTF-8 sequence
-            safe -= 1
-        safe -= self._partial_stop_suffix(self.text[max(0, safe - self._longest_stop):safe])
-        return self._release(max(safe, self.emitted)), False
-
-    def finish(self) -> str:
-        """Release whatever is held back when generation ends for another reason."""
-        if self._read < len(self._window):  # undecoded tail (e.g. an unfinished UTF-8 byte run)
-            self._decode_window(force=True)
-        if not self._lead_checked and self._lead.startswith(self.text):
-            self.emitted = len(self.text)  # the reply was (part of) the lead and nothing else
-        return self._release(len(self.text))
-
-    def _decode_window(self, force: bool = False) -> None:
-        """Move newly decodable text from the window into `text`; keep a window of left context."""
-        decode = self._tokenizer.decode
-        before = decode(self._window[:self._read], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        after = decode(self._window, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        pending = len(self._window) - self._read
-        if not force and pending < self.MAX_PENDING and (len(after) <= len(before) or after.endswith("\ufffd")):
-            return  # nothing new yet, or half a character: wait for the next token
-        self.text += after[len(before):]
-        self._window = self._window[self._read:]
-        self._read = len(self._window)
-
-    def _find_stop(self) -> int | None:
-        start = max(0, self.emitted - self._longest_stop)
-        hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
-        return min(hits) if hits else None
-
-    def _partial_stop_suffix(self, text: str) -> int:
-        """Length of the longest end of `text` that begins some stop string."""
-        best = 0
-        for stop in self._stop:
-            for n in range(min(len(stop) - 1, len(text)), best, -1):
-                if text.endswith(stop[:n]):
-                    best = n
-                    break
-        return best
-
-    def _release(self, upto: int) -> str:
-        piece = self.text[self.emitted:upto]
-        self.emitted = max(self.emitted, upto)
-        return piece
 
 
 @dataclass(eq=False)
@@ -324,7 +157,9 @@ class BatchEngine:
         for job in jobs:
             try:
                 rows.append(self._new_row(job))
-            except Exception as err:  # a bad job is its client's error, never the worker's
+            except APIError as err:  # a bad job is its client's error, never the worker's
+                job.events.put(ErrorEvent(err.message, err.code.value))
+            except Exception as err:
                 code = ErrorCode.INVALID_VALUE if isinstance(err, ValueError) else ErrorCode.WORKER_FAILED
                 job.events.put(ErrorEvent(f"{err}", code.value))
         self._queue_prefill(rows)
@@ -347,9 +182,9 @@ class BatchEngine:
     def _new_row(self, job: GenerationJob) -> _Row:
         import torch
 
-        problem = job.params.problem()
-        if problem is not None:
-            raise ValueError(problem[1])
+        job.params.validate()  # a job built in code has not been through a request's check
+        if job.params.max_tokens is None:
+            raise ValueError("'max_tokens' must be set before a job reaches the engine")
         if not job.prompt_ids:
             raise ValueError("the prompt is empty")
         generator = torch.Generator(device=self.sample_device)
@@ -490,10 +325,10 @@ class BatchEngine:
             return
         try:
             with torch.inference_mode():
-                cache, mask, next_ids = _select(group.cache, group.mask, next_ids, keep)
+                cache, mask, next_ids = select_rows(group.cache, group.mask, next_ids, keep)
                 rows = [group.rows[i] for i in keep]
                 if self.rows:
-                    cache, mask = _merge(self._cache, self._mask, cache, mask)
+                    cache, mask = stack_batches(self._cache, self._mask, cache, mask)
                     next_ids = torch.cat([self._next, next_ids], dim=0)
                     rows = self.rows + rows
         except Exception as err:  # the running cache may be half-merged: rebuild every row's cache
@@ -512,7 +347,7 @@ class BatchEngine:
             self._recompute(self.rows, err)
 
     def _decode_step(self) -> None:
-        mask = torch_cat_ones(self._mask)  # [B, T+1]
+        mask = append_ones(self._mask)  # [B, T+1]
         positions = mask.sum(-1, keepdim=True) - 1  # [B, 1] each row's own position
         out = self.model(input_ids=self._next, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1, **{self._cache_arg: self._cache})
@@ -521,7 +356,7 @@ class BatchEngine:
             self._reset()
             return
         if len(keep) < len(self.rows):
-            self._cache, mask, next_ids = _select(self._cache, mask, next_ids, keep)
+            self._cache, mask, next_ids = select_rows(self._cache, mask, next_ids, keep)
             self.rows = [self.rows[i] for i in keep]
         self._mask, self._next = mask, next_ids
 
@@ -550,7 +385,7 @@ class BatchEngine:
             params = row.job.params
             if params.max_tokens == 0 and not row.tokens:
                 choices[i] = None  # prefill only (prompt scoring)
-            elif params.temperature >= GREEDY_BELOW:
+            elif not params.greedy:
                 try:
                     choices[i] = self._sample(logits[i], row)
                 except Exception as err:
@@ -636,77 +471,3 @@ class BatchEngine:
         return True
 
 
-def generate_replies(chat, conversations: Sequence[Sequence], max_tokens: int, temperature: float = 0.0,
-                     top_p: float = 1.0, stop: Sequence[str] = (), max_batch_size: int | None = None,
-                     prefill_chunk: int | None = None) -> list[str | None]:
-    """Replies of a ChatModel to conversations (each ending with the user's turn), batched like the worker.
-
-    The same engine, prompt, stops and lead handling as a served reply, so `eval answer` with a local model
-    writes what the served model would answer. A reply is None where generation failed or the prompt leaves
-    no room in the context (logged).
-    """
-    engine = BatchEngine(chat.model, chat.tokenizer, chat.stop_token_ids, max_batch_size or max(len(conversations), 1),
-                         prefill_chunk)
-    jobs: list[GenerationJob | None] = []
-    for messages in conversations:
-        prompt = chat.encoder.encode_prompt(messages)
-        room = chat.context_length - len(prompt)
-        if room < 1:
-            log.warning("a %d-token prompt leaves no room in the %d-token context", len(prompt), chat.context_length)
-            jobs.append(None)
-            continue
-        jobs.append(chat_job(chat, prompt, SamplingParams(min(max_tokens, room), temperature, top_p,
-                                                          stop=tuple(stop))))
-    engine.run_batch([job for job in jobs if job is not None])
-    return [None if job is None else _reply_text(job) for job in jobs]
-
-
-def _reply_text(job: GenerationJob) -> str | None:
-    parts = []
-    while True:
-        event = job.events.get_nowait()
-        if isinstance(event, TextEvent):
-            parts.append(event.text)
-        elif isinstance(event, DoneEvent):
-            return "".join(parts)
-        else:
-            log.warning("generation failed: %s", event.message)
-            return None
-
-
-def torch_cat_ones(mask):
-    """`mask` [B, T] with a column of ones appended: [B, T+1]."""
-    import torch
-
-    return torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-
-
-def _select(cache, mask, next_ids, keep: list[int]):
-    """Keep rows `keep` of the cache, mask and next tokens; drop leading columns no remaining row attends to."""
-    import torch
-
-    index = torch.tensor(keep, dtype=torch.long, device=mask.device)
-    if len(keep) < mask.shape[0]:
-        cache.batch_select_indices(index)
-        mask = mask[index]
-    first = int(mask.any(0).nonzero()[0, 0])  # the earliest position any remaining row attends to
-    if first > 0:
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-        mask = mask[:, first:]
-    return cache, mask, next_ids
-
-
-def _merge(cache_a, mask_a, cache_b, mask_b):
-    """Stack two batches' caches along the batch; the shorter one is left-padded with masked zeros."""
-    import torch
-    import torch.nn.functional as F
-
-    length = max(mask_a.shape[1], mask_b.shape[1])
-    pad_a, pad_b = length - mask_a.shape[1], length - mask_b.shape[1]
-    for layer_a, layer_b in zip(cache_a.layers, cache_b.layers):  # keys/values: [B, H, T, D]
-        layer_a.keys = torch.cat([F.pad(layer_a.keys, (0, 0, pad_a, 0)), F.pad(layer_b.keys, (0, 0, pad_b, 0))])
-        layer_a.values = torch.cat([F.pad(layer_a.values, (0, 0, pad_a, 0)),
-                                    F.pad(layer_b.values, (0, 0, pad_b, 0))])
-    mask = torch.cat([F.pad(mask_a, (pad_a, 0)), F.pad(mask_b, (pad_b, 0))])  # [Ba+Bb, T]
-    return cache_a, mask

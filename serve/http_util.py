@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import logging
+from typing import Any
 
-from ds_vicuna.serve.schemas import APIError, ErrorCode, parse_json_body
+from ds_vicuna.serve.errors import APIError, ErrorCode
 
 log = logging.getLogger("ds_vicuna.serve")
 
@@ -90,6 +92,47 @@ def is_loopback(host: str) -> bool:
 def json_body(request) -> dict:
     """The request's JSON object body (raises APIError otherwise; 413 past MAX_CONTENT_LENGTH)."""
     return parse_json_body(request.get_data(cache=True))
+
+
+def parse_json_body(raw: bytes) -> dict:
+    """The request body as a JSON object whose every string can be encoded as UTF-8.
+
+    Raises:
+        APIError: not JSON, not an object, or a string holding a lone surrogate (`"\\ud800"`), naming where.
+    """
+    try:
+        body = json.loads(raw.decode("utf-8") if raw else "")
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise APIError(ErrorCode.INVALID_JSON, f"the request body is not valid JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise APIError(ErrorCode.INVALID_JSON, f"the request body must be a JSON object, got {type(body).__name__}")
+    bad = _unencodable_text(body)
+    if bad is not None:
+        raise APIError(ErrorCode.INVALID_VALUE, f"'{bad}' holds text that cannot be encoded as UTF-8 (a lone "
+                       "surrogate such as \\ud800); send valid Unicode", bad)
+    return body
+
+
+def _unencodable_text(value: Any, path: str = "") -> str | None:
+    """The path (`messages[0].content`) of the first string or key that is not valid Unicode, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            bad = _unencodable_text(key, where) or _unencodable_text(item, where)
+            if bad is not None:
+                return bad
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            bad = _unencodable_text(item, f"{path}[{i}]")
+            if bad is not None:
+                return bad
+    return None
 
 
 def make_server(app, host: str, port: int, threads: int):

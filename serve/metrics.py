@@ -8,7 +8,7 @@ own `prometheus_client.CollectorRegistry` (no module-level state), so several se
 tests) never mix their numbers.
 
 Series: `ds_vicuna_requests_total{endpoint,status}`, `ds_vicuna_errors_total{code}` (error responses and errors
-inside a stream, by `schemas.ErrorCode`), `ds_vicuna_time_to_first_token_seconds` (histogram),
+inside a stream, by `errors.ErrorCode`), `ds_vicuna_time_to_first_token_seconds` (histogram),
 `ds_vicuna_prompt_tokens_total`, `ds_vicuna_generation_tokens_total`, `ds_vicuna_generation_tokens_per_second`
 (over the last `window` seconds) and, on workers, `ds_vicuna_queue_length` / `ds_vicuna_queue_limit`.
 """

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ds_vicuna.serve.schemas import APIError, ErrorCode
+from ds_vicuna.serve.errors import APIError, ErrorCode
 
 
 @dataclass

@@ -9,8 +9,8 @@ checkpoint's `ds_vicuna.json`; a plain Hugging Face folder uses its own chat tem
 the same encoder that built the training samples; a reply never contains the template's stop string and comes
 without the template's leading separator, so a client's history renders the way training rendered it.
 
-A scheduler thread runs `engine.BatchEngine`: between decode steps it admits waiting requests into free batch
-slots (up to `max_batch_size` rows decode together), long prompts are prefilled in chunks while the others keep
+A scheduler thread runs `serve.engine.BatchEngine`: between decode steps it admits waiting requests into free
+batch slots (up to `max_batch_size` rows decode together), long prompts are prefilled in chunks while the others keep
 streaming, and finished rows leave at once. A full queue answers 429; a prompt plus max_tokens beyond the
 model's context answers 400. One job's failure is that job's error event; if the scheduler thread dies anyway,
 `Worker.healthy` turns False, waiting clients get an error event and new requests are refused.
@@ -19,29 +19,27 @@ The worker registers with the controller and heartbeats its queue length and hea
 the secret ends the worker (`RegistrationRefused`), one that forgot it (restarted) gets a new registration.
 
 Endpoints (all but /health need the worker secret when one is set): POST /worker_generate_stream (JSON lines of
-`serve.protocol` events), POST /count_tokens, GET /worker_status, /metrics (Prometheus), /health.
+`serve.worker_events`), POST /count_tokens, GET /worker_status, /metrics (Prometheus), /health.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 from typing import Iterator
 
-from ds_vicuna.model.loading import ChatModel
 from ds_vicuna.chat.messages import MessageError, validate_messages
-from ds_vicuna.serve.engine import BatchEngine, GenerationJob, SamplingParams, chat_job
-from ds_vicuna.serve.http_util import SECRET_HEADER
-from ds_vicuna.serve.protocol import DoneEvent, ErrorEvent, Event, TextEvent, is_final, to_line
-from ds_vicuna.serve.schemas import DEFAULT_MAX_TOKENS, APIError, ErrorCode
+from ds_vicuna.model.loading import ChatModel
+from ds_vicuna.serve.engine import BatchEngine
+from ds_vicuna.serve.errors import APIError, ErrorCode
+from ds_vicuna.serve.http_util import SECRET_HEADER, install_error_handlers, json_body, require_secret
+from ds_vicuna.serve.jobs import GenerationJob, chat_job
+from ds_vicuna.serve.metrics import ServingMetrics, install_metrics
+from ds_vicuna.serve.sampling import DEFAULT_MAX_TOKENS, SamplingParams
+from ds_vicuna.serve.worker_events import DoneEvent, ErrorEvent, Event, TextEvent, is_final, to_line
 
-log = logging.getLogger("ds_vicuna.serve.worker")
-
-# The worker's request body ("params"): (name, accepted types, default). Checked again here although the API
-# validated it: the worker is reachable by anyone holding the secret, and one bad job must not reach the engine.
-_PARAMS = (("max_tokens", (int, type(None)), None), ("temperature", (int, float), 1.0), ("top_p", (int, float), 1.0),
-           ("seed", (int, type(None)), None), ("stop", (list, tuple), ()), ("logprobs", (bool,), False),
-           ("top_logprobs", (int, type(None)), 0), ("echo", (bool,), False))
+log = logging.getLogger(__name__)
 
 
 class RegistrationRefused(RuntimeError):
@@ -133,23 +131,13 @@ class Worker:
         return GenerationJob(ids, params)
 
     def _sampling_params(self, raw: dict, prompt_tokens: int) -> SamplingParams:
-        if not isinstance(raw, dict):
-            raise APIError(ErrorCode.INVALID_TYPE, "'params' must be an object", "params")
-        values = {}
-        for name, types, default in _PARAMS:
-            value = raw.get(name, default)
-            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-                raise APIError(ErrorCode.INVALID_TYPE, f"'{name}' has the wrong type ({type(value).__name__})", name)
-            values[name] = value
+        """The job's settings from the body's "params" (checked again here although the API checked them: the
+        worker is reachable by anyone holding the secret, and one bad job must not reach the engine)."""
+        params = SamplingParams.from_dict(raw)
         context = self.loaded.context_length
         room = context - prompt_tokens
-        if values["max_tokens"] is None:
-            values["max_tokens"] = max(0, min(DEFAULT_MAX_TOKENS, room))
-        values["stop"], values["top_logprobs"] = tuple(values["stop"]), values["top_logprobs"] or 0
-        params = SamplingParams(**values)
-        problem = params.problem()
-        if problem is not None:
-            raise APIError(ErrorCode.INVALID_VALUE, problem[1], problem[0])
+        if params.max_tokens is None:
+            params.max_tokens = max(0, min(DEFAULT_MAX_TOKENS, room))
         scoring_only = params.echo and params.max_tokens == 0
         if prompt_tokens + params.max_tokens > context or (room < 1 and not scoring_only):
             raise APIError(ErrorCode.CONTEXT_LENGTH_EXCEEDED,
@@ -157,9 +145,6 @@ class Worker:
                            f"{prompt_tokens + max(params.max_tokens, 1)} tokens ({prompt_tokens} in the messages, "
                            f"{max(params.max_tokens, 1)} in the completion). Please reduce the length of the "
                            "messages or completion.", "messages")
-        if params.max_tokens == 0 and not params.echo:
-            raise APIError(ErrorCode.INVALID_VALUE, "'max_tokens' may be 0 only with 'echo' (prompt scoring)",
-                           "max_tokens")
         return params
 
     def submit(self, job: GenerationJob) -> None:
@@ -183,7 +168,7 @@ class Worker:
             return len(self._waiting) + self._running
 
     def stream(self, job: GenerationJob, poll: float = 1.0) -> Iterator[Event]:
-        """Events of a submitted job (`serve.protocol`); closing the iterator cancels the job."""
+        """Events of a submitted job (`serve.worker_events`); closing the iterator cancels the job."""
         try:
             while True:
                 try:
@@ -319,17 +304,12 @@ class Worker:
 
 
 def create_app(worker: Worker, max_content_length: int = 4 * 1024 * 1024):
-    """The worker's Flask app; /worker_generate_stream answers `serve.protocol` event lines.
+    """The worker's Flask app; /worker_generate_stream answers `serve.worker_events` event lines.
 
     Every endpoint but /health needs the worker secret (when the worker has one), so nobody reaches the model
     around the API's keys and moderation.
     """
-    import time
-
     from flask import Flask, Response, jsonify, request, stream_with_context
-
-    from ds_vicuna.serve.http_util import install_error_handlers, json_body, require_secret
-    from ds_vicuna.serve.metrics import ServingMetrics, install_metrics
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_content_length

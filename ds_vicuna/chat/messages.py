@@ -71,7 +71,7 @@ class ContentPartError(MessageError):
 
 def join_content_parts(parts: list, where: str = "content") -> str:
     """OpenAI content parts -> one text: the text (and refusal) parts joined with a newline, as FastChat and vLLM
-    join them. The one rule for the API (`serve.schemas`) and the data files (`ds_vicuna.data.formats`).
+    join them. The one rule for the API (`serve.openai_protocol`) and the data files (`ds_vicuna.data.formats`).
 
     Raises:
         ContentPartError: naming `where[index]` and the part's type.

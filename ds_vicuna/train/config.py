@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ds_vicuna.model.loading import DTYPES
+
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 ROPE_SCALING = ("linear", "dynamic")
 BATCHING = ("pack", "group", "max")
 MASKS = ("assistant", "last_turn", "all")
 SCHEDULERS = ("cosine", "linear", "constant")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEFAULT_LOSS_CHUNK_TOKENS = 1024
 
 
@@ -166,7 +167,7 @@ class TrainConfig:
     (see ds_vicuna/train/loss.py); null = the plain path that does (8 GiB in fp32 for 16K tokens x 128K vocabulary)."""
 
     def __post_init__(self):
-        _check_choice("train.precision", self.precision, PRECISIONS)
+        _check_choice("train.precision", self.precision, DTYPES)
         _check_choice("train.lr_scheduler", self.lr_scheduler, SCHEDULERS)
         for name in ("global_batch_size", "micro_batch_size", "epochs", "save_every", "keep_last", "log_every",
                      "sequence_parallel_size"):

@@ -26,12 +26,12 @@ import re
 import time
 from pathlib import Path
 
+from ds_vicuna.model.loading import DTYPES
 from ds_vicuna.train.checkpoint import (HF_SUBDIR, TRAIN_CONFIG_FILE, CheckpointError, find_resume_path, is_complete,
                                   read_training_record)
 
-__all__ = ["TRAIN_CONFIG_FILE", "DTYPES", "resolve_checkpoint", "lazy_state_dict", "consolidated_state_dict",
+__all__ = ["TRAIN_CONFIG_FILE", "resolve_checkpoint", "lazy_state_dict", "consolidated_state_dict",
            "read_training_record", "export_checkpoint"]
-DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 WEIGHTS_PATTERN = "model{suffix}.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -139,7 +139,8 @@ def test_openai_content_parts_developer_and_weight(tmp_path):
 
 def test_openai_messages_read_as_the_api_reads_them(tmp_path):
     """One rule for content parts and `developer`: a training file and a chat request give the same messages."""
-    from serve.schemas import APIError, parse_chat_request
+    from ds_vicuna.serve.errors import APIError
+    from ds_vicuna.serve.openai_protocol import parse_chat_request
 
     messages = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
                 {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},

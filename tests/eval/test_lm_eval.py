@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from ds_vicuna.serve.api import APIConfig, create_app
+from ds_vicuna.serve.api_router import APIConfig, create_app
 from ds_vicuna.serve.controller import Controller
 from ds_vicuna.serve.controller import create_app as controller_app
-from ds_vicuna.serve.protocol import DoneEvent, TextEvent, TokenLogprob, to_line
+from ds_vicuna.serve.worker_events import DoneEvent, TextEvent, TokenLogprob, to_line
 from tests.support.serve_fakes import CONTROLLER, FakeHTTP, FakeResponse, save_tiny_checkpoint, serve_app
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra: pip install -e '.[harness]'")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ds_vicuna.serve.api import APIConfig, create_app
+from ds_vicuna.serve.api_router import APIConfig, create_app
 from ds_vicuna.serve.controller import Controller
 from ds_vicuna.serve.controller import create_app as controller_app
 from tests.support.serve_fakes import CONTROLLER, SECRET, FakeHTTP, FakeResponse, logprob_worker, serve_app

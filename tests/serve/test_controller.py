@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from ds_vicuna.serve.controller import Controller, create_app
-from ds_vicuna.serve.schemas import APIError, ErrorCode
+from ds_vicuna.serve.errors import APIError, ErrorCode
 
 
 class FakeClock:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds_vicuna.serve.protocol import DoneEvent, TextEvent
+from ds_vicuna.serve.worker_events import DoneEvent, TextEvent
 
 pytestmark = pytest.mark.gpu
 
@@ -115,7 +115,9 @@ def test_worker_in_bf16_matches_generate_batched_and_one_at_a_time(chat):
 
 
 def test_seeded_sampling_logprobs_and_chunked_prefill_on_the_gpu(chat):
-    from ds_vicuna.serve.engine import BatchEngine, GenerationJob, SamplingParams
+    from ds_vicuna.serve.engine import BatchEngine
+    from ds_vicuna.serve.jobs import GenerationJob
+    from ds_vicuna.serve.sampling import SamplingParams
 
     prompt = chat.encoder.encode_prompt([{"role": "user", "content": " ".join(QUESTIONS * 20)}])  # ~1.5k tokens
     texts = []
@@ -135,7 +137,7 @@ def test_seeded_sampling_logprobs_and_chunked_prefill_on_the_gpu(chat):
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_one_model_spread_over_two_gpus_answers_like_one_gpu():
     from ds_vicuna.model.loading import load_chat_model
-    from ds_vicuna.serve.engine import generate_replies
+    from ds_vicuna.serve.generate import generate_replies
 
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS[:3]]
     single = load_chat_model("embedded", device="cuda:0", dtype="fp32")

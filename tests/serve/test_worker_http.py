@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ds_vicuna.serve.protocol import DoneEvent, parse_line
+from ds_vicuna.serve.worker_events import DoneEvent, parse_line
 from ds_vicuna.model.loading import ChatModel
 from ds_vicuna.serve.worker import RegistrationRefused, Worker, create_app
 

@@ -9,9 +9,10 @@ import pytest
 from tests.support.serve_helpers import fail_forward, force_tokens, random_llama
 
 from ds_vicuna.model.loading import ChatModel
-from ds_vicuna.serve.engine import GenerationJob, SamplingParams
-from ds_vicuna.serve.protocol import DoneEvent, ErrorEvent
-from ds_vicuna.serve.schemas import APIError, ErrorCode
+from ds_vicuna.serve.jobs import GenerationJob
+from ds_vicuna.serve.sampling import SamplingParams
+from ds_vicuna.serve.worker_events import DoneEvent, ErrorEvent
+from ds_vicuna.serve.errors import APIError, ErrorCode
 from ds_vicuna.serve.worker import Worker, create_app
 
 CHAT = [{"role": "user", "content": "Who are you?"}]
@@ -182,8 +183,8 @@ class _Bridge:
 def test_three_turn_chat_through_the_api_renders_history_as_the_model_wrote_it(chat, smol_tokenizer, monkeypatch):
     """The model writes " Reply N" then its stop token; the client gets "Reply N" (no lead, no stop string), sends
     it back as history, and the next prompt holds exactly the ids the model generated, then the stop token."""
-    from ds_vicuna.serve.api import APIConfig
-    from ds_vicuna.serve.api import create_app as api_app
+    from ds_vicuna.serve.api_router import APIConfig
+    from ds_vicuna.serve.api_router import create_app as api_app
     from ds_vicuna.serve.controller import Controller
     from ds_vicuna.serve.controller import create_app as controller_app
 

@@ -1,7 +1,7 @@
 """Test fakes for the serving stack: scripted workers behind the real controller, and a real HTTP server for the
 API app so clients nobody here wrote (the `openai` package, lm-evaluation-harness) can call it.
 
-Every worker reply is written with `serve.protocol`'s own classes and `to_line`, as the real worker writes it.
+Every worker reply is written with the classes and `to_line` of `serve.worker_events`, as the real worker writes it.
 
     controller = Controller(heartbeat_expiry=60, secret=SECRET, registration_grace=0)
     http = FakeHTTP(controller_app(controller).test_client(), {"http://w1": lambda body: FakeResponse(200, ...)})
@@ -13,7 +13,11 @@ import contextlib
 import threading
 from typing import Iterator
 
-from ds_vicuna.serve.protocol import DoneEvent, TextEvent, TokenLogprob, to_line
+from ds_vicuna.serve.api_router import APIConfig, create_app
+from ds_vicuna.serve.controller import Controller
+from ds_vicuna.serve.controller import create_app as controller_app
+from ds_vicuna.serve.openai_protocol import iter_sse
+from ds_vicuna.serve.worker_events import DoneEvent, TextEvent, TokenLogprob, to_line
 
 CONTROLLER = "http://controller"
 SECRET = "s3cret"
@@ -136,3 +140,65 @@ def serve_app(app, threads: int = 8) -> Iterator[str]:
         yield server_url(server, "127.0.0.1")
     finally:  # no more connections; the loop thread ends once clients drop their keep-alive ones
         server.close()
+
+
+# ---- an API server with scripted workers ------------------------------------------------------------------
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+
+
+FULL = {"error": {"message": "queue full", "type": "rate_limit_error", "param": None, "code": "queue_full"}}
+
+
+def api_stack():
+    """build(workers, **APIConfig fields) -> (API test client, FakeHTTP) over the real controller; the controller
+    and the API share a secret (the `stack` fixture of tests/serve/conftest.py)."""
+    clock = FakeClock()
+    controller = Controller(heartbeat_expiry=60, secret=SECRET, clock=clock, registration_grace=0)
+    http = FakeHTTP(controller_app(controller).test_client(), {})
+
+    def build(workers: dict, **config):
+        for address in workers:
+            controller.register(address, ["m"])
+        http.workers.update(workers)
+        app = create_app(APIConfig(CONTROLLER, **{"worker_secret": SECRET, **config}), http=http, clock=clock)
+        client = app.test_client()
+        client.controller, client.clock = controller, clock
+        return client, http
+
+    return build
+
+
+def ok_worker(body):
+    return FakeResponse(200, lines=events("Hel", "lo", "!"))
+
+
+def assert_error(reply, status: int, code: str, param=None):
+    assert reply.status_code == status, reply.get_data(as_text=True)
+    err = reply.get_json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["code"] == code
+    assert err["param"] == param
+    return err
+
+
+def streamed_text(reply) -> str:
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in iter_sse(reply.get_data().split(b"\n"))
+                   if c["choices"])
+
+
+class EndlessResponse(FakeResponse):
+    """A worker that would stream tokens forever; records when the API server closes its connection."""
+
+    def __init__(self):
+        super().__init__(200)
+        self.closed = False
+
+    def iter_lines(self):
+        import time
+
+        while not self.closed:
+            yield to_line(TextEvent("x")).rstrip(b"\n")
+            time.sleep(0.005)
+
+    def close(self):
+        self.closed = True

@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from ds_vicuna.serve.protocol import DoneEvent, ErrorEvent, TextEvent
+from ds_vicuna.serve.worker_events import DoneEvent, ErrorEvent, TextEvent
 
 
 def random_llama(tokenizer, seed: int = 0, max_positions: int = 1024):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from ds_vicuna.serve.protocol import (DoneEvent, ErrorEvent, ProtocolError, TextEvent, TokenLogprob, is_final,
+from ds_vicuna.serve.worker_events import (DoneEvent, ErrorEvent, ProtocolError, TextEvent, TokenLogprob, is_final,
                                       parse_line, to_line)
 
 EVENTS = [

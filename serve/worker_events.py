@@ -1,7 +1,7 @@
 """The worker -> API event stream: three typed events, one JSON line each.
 
-    from ds_vicuna.serve.protocol import TextEvent, DoneEvent, ErrorEvent, parse_line
-    line = TextEvent("Hel").to_line()      # b'{"text": "Hel"}\\n'
+    from ds_vicuna.serve.worker_events import TextEvent, DoneEvent, ErrorEvent, parse_line, to_line
+    line = to_line(TextEvent("Hel"))       # b'{"text": "Hel"}\\n'
     parse_line(line)                       # TextEvent(text='Hel', logprobs=())
 
 A job's stream is zero or more `TextEvent`s, then exactly one `DoneEvent` or `ErrorEvent`. The worker writes
@@ -10,7 +10,7 @@ agree on one format. The wire shapes are plain JSON objects:
 
     {"text": str, "logprobs": [TokenLogprob...]}            # "logprobs" only when asked for
     {"done": {"finish_reason", "prompt_tokens", "completion_tokens", "prompt_logprobs"?}}
-    {"error": {"message": str, "code": str}}                # code: a schemas.ErrorCode value
+    {"error": {"message": str, "code": str}}                # code: an errors.ErrorCode value
 
 `logprobs` on a text event are the tokens generated since the previous event (a text piece may be held back
 while it could still start a stop string, so pieces and tokens need not line up one to one).
@@ -100,7 +100,7 @@ class DoneEvent:
 
 @dataclass(frozen=True)
 class ErrorEvent:
-    """The job failed; `code` is a `schemas.ErrorCode` value (the API maps it to an OpenAI error)."""
+    """The job failed; `code` is a `serve.errors.ErrorCode` value (the API maps it to an OpenAI error)."""
 
     message: str
     code: str = "worker_failed"

@@ -1,0 +1,37 @@
+"""A generation job: what the worker (or `generate`) hands the batch engine, and how its events come back.
+
+    job = chat_job(chat, prompt_ids, SamplingParams(max_tokens=64))   # or GenerationJob(prompt_ids, params)
+    engine.add([job]); ...; job.events.get()   # TextEvent ..., then one DoneEvent or ErrorEvent
+    job.cancelled.set()                        # the client went away: the engine ends the row
+"""
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from dataclasses import dataclass, field
+
+from ds_vicuna.serve.sampling import SamplingParams
+from ds_vicuna.serve.worker_events import Event
+
+
+@dataclass
+class GenerationJob:
+    """One request inside the worker: its prompt ids, settings and the queue its events go to.
+
+    Events put on `events` (`serve.worker_events`): a `TextEvent` for each released piece, then exactly one
+    `DoneEvent` or `ErrorEvent`. `reply_lead` is text the template expects the model to write before the
+    reply proper (vicuna_v1.1's space after "ASSISTANT:"); it is dropped from the reply's start.
+    """
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    events: "queue.Queue[Event]" = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    reply_lead: str = ""
+
+
+def chat_job(chat, prompt_ids: list[int], params: SamplingParams) -> GenerationJob:
+    """A job answering a chat turn of `chat` (a ChatModel): the template's stop strings end it, its lead is dropped."""
+    stop = tuple(dict.fromkeys(s for s in (*params.stop, *chat.stop_strings) if s))
+    return GenerationJob(list(prompt_ids), dataclasses.replace(params, stop=stop), reply_lead=chat.reply_lead)
