@@ -187,8 +187,14 @@ class SlurmCluster(_Service):
             time.sleep(1)
         raise TimeoutError(f"job {job_id} not finished after {timeout} s: {info.get('JobState')}")
 
-    def cancel(self, job_id: int) -> None:
-        subprocess.run(["scancel", str(job_id)], env=self.env, capture_output=True, timeout=30)
+    def cancel(self, job_id: int, tries: int = 5) -> None:
+        """`scancel JOB`, retried while slurmctld refuses it (it can, while the job is being requeued)."""
+        for _ in range(tries):
+            done = subprocess.run(["scancel", str(job_id)], env=self.env, capture_output=True, text=True, timeout=30)
+            if done.returncode == 0:
+                return
+            time.sleep(2)
+        raise RuntimeError(f"scancel {job_id} failed {tries} times: {done.stderr.strip()}")
 
     def signal_batch(self, job_id: int, sig: str = "USR1") -> None:
         """What `--signal=B:USR1@T` does at T seconds before the limit: signal the batch shell only."""
