@@ -347,7 +347,8 @@ def cmd_run(args) -> int:
 
     from ds_vicuna.eval.answer import PER_CATEGORY
     from ds_vicuna.eval.judge_client import RetryPolicy
-    from ds_vicuna.eval.run import RunSettings, endpoints, parse_endpoint, run_eval
+    from ds_vicuna.eval.run import run_eval
+    from ds_vicuna.eval.run_settings import RunSettings, endpoints, parse_endpoint
 
     settings = RunSettings(
         questions=args.questions, models=endpoints(args.models, "--models"),

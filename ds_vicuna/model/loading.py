@@ -186,7 +186,7 @@ def stop_token_ids(tokenizer, stop_strings: Sequence[str], generation_eos=None) 
 
     A stop string that is not one special token (e.g. "USER:") is matched as text by the engine instead.
     """
-    from ds_vicuna.chat.encoding import special_token_strings
+    from ds_vicuna.chat.templates import special_token_strings
 
     specials = special_token_strings(tokenizer)
     ids = {specials[s] for s in stop_strings if s in specials}

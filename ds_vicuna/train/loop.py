@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ds_vicuna.train.checkpoint import (TRAIN_CONFIG_FILE, TrainingProgress, check_resume_compatible, load_checkpoint,
-                                  read_training_record, resolve_resume, save_checkpoint)
+from ds_vicuna.train.checkpoint import (TRAIN_CONFIG_FILE, TrainingProgress, check_resume_compatible,
+                                        read_training_record, resolve_resume, save_checkpoint)
 from ds_vicuna.train.config import DEFAULT_LOSS_CHUNK_TOKENS, Config, ConfigError, fill_deepspeed_config, \
     load_deepspeed_config, offloads_optimizer, resolve_precision
-from ds_vicuna.train.elastic import micro_batch_seed, prepare_resume, with_universal_load
+from ds_vicuna.train.elastic import load_resume_checkpoint, micro_batch_seed, prepare_resume, with_universal_load
 from ds_vicuna.train.launch_env import LaunchEnv, detect_launch_env, init_distributed
 from ds_vicuna.train.loss import count_label_tokens, token_loss_sum
 from ds_vicuna.train.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
@@ -458,7 +458,7 @@ def train(cfg: Config, launch: LaunchEnv | None = None, guard: PreemptionGuard |
     if launch.is_main:
         print("[ds-vicuna] " + describe_engine(run), flush=True)
     if resume_from is not None:
-        run.progress = load_checkpoint(run.engine, resume_from, rank=launch.rank, universal=universal)
+        run.progress = load_resume_checkpoint(run.engine, resume_from, rank=launch.rank, universal=universal)
         check_resume_compatible(run.progress.config, cfg)
         run.progress.config = cfg.to_dict()
         if launch.is_main:
