@@ -1,4 +1,6 @@
-"""JSONL files that join the eval stages: strict readers (errors name file:line) and an append-only writer.
+"""JSONL files that join the eval stages: the strict reader (errors name file:line) and an append-only writer.
+
+The reader (`iter_jsonl`, `RecordError`) is `ds_vicuna.data.jsonl`'s, which the contamination check shares.
 
 The writer flushes and fsyncs every record, so a run killed at any point leaves every finished record on
 disk and at most one torn last line, which `open_append` cuts off before the resumed run appends.
@@ -8,38 +10,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator
 
+from ds_vicuna.data.jsonl import RecordError, iter_jsonl
 
-class RecordError(ValueError):
-    """A JSONL record that cannot be used; the message names file:line and the field."""
-
-
-def iter_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> Iterator[tuple[int, dict]]:
-    """Yield `(line_number, record)` for each non-blank line of a JSONL file.
-
-    Args:
-        path: the file.
-        allow_torn_tail: skip a last line without a newline that is not valid JSON (a write cut by a kill).
-
-    Raises:
-        RecordError: a line that is not a JSON object, naming file:line.
-    """
-    path = Path(path)
-    with path.open(encoding="utf-8") as handle:
-        lines = handle.readlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if allow_torn_tail and number == len(lines) and not line.endswith("\n"):
-                return
-            raise RecordError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise RecordError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        yield number, record
+__all__ = ["RecordError", "iter_jsonl", "AppendWriter"]
 
 
 class AppendWriter:
