@@ -79,7 +79,7 @@ def run_arm(arm: str, model: Path, data: Path, work: Path, args) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from ds_vicuna.train.config import load_config
+    from ds_vicuna.config import load_config
     from ds_vicuna.train.launch_env import init_distributed
     from ds_vicuna.train.preemption import PreemptionGuard
     from ds_vicuna.train.loop import fit, preflight, setup

@@ -19,6 +19,8 @@ import json
 import logging
 import sys
 
+from ds_vicuna.model.loading import DTYPE_CHOICES
+
 
 def register(subparsers) -> None:
     """Add `eval` and its subcommands to the `ds-vicuna` parser."""
@@ -54,7 +56,7 @@ def _add_answer(p) -> None:
     p.add_argument("--temperature", type=_temperature, default=0.0,
                    help="0 = greedy; 'fastchat' = FastChat's per-category MT-bench temperatures")
     p.add_argument("--device", default="auto", help="local model: auto | cuda | cuda:N | cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="local model: auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU")
     _add_client_flags(p, "--api-model", "endpoint model name when answering from --base-url")
     p.set_defaults(func=cmd_answer)

@@ -124,7 +124,7 @@ def run_split(args: argparse.Namespace) -> int:
 
 def _stats_sources(args: argparse.Namespace) -> tuple[list[tuple[str, float]], str | None, str]:
     """(path, weight) sources, model and template from the inputs and --weights, or from --config."""
-    from ds_vicuna.train.config import load_config
+    from ds_vicuna.config import load_config
 
     if args.config is not None:
         if args.input or args.weights:
@@ -147,7 +147,7 @@ def _stats_sources(args: argparse.Namespace) -> tuple[list[tuple[str, float]], s
 def run_stats(args: argparse.Namespace) -> int:
     import os
 
-    from ds_vicuna.train.config import ConfigError
+    from ds_vicuna.config import ConfigError
     from ds_vicuna.data.formats import FormatError
     from ds_vicuna.data.stats import stats_mix
 

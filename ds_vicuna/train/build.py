@@ -11,7 +11,8 @@ import math
 import os
 from pathlib import Path
 
-from ds_vicuna.train.config import Config, ConfigError, offloads_optimizer
+from ds_vicuna.config import Config, ConfigError, offloads_optimizer
+from ds_vicuna.model.loading import torch_dtype
 
 
 def check_cpu_adam() -> None:
@@ -134,7 +135,7 @@ def build_model(model_path: Path, model_config, tokenizer, cfg: Config, ds: dict
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    dtype = torch_dtype(precision)
     keep_alive = HfDeepSpeedConfig(ds) if ds["zero_optimization"].get("stage") == 3 else None  # noqa: F841
     model = AutoModelForCausalLM.from_pretrained(model_path, config=model_config, dtype=dtype,
                                                  attn_implementation=attn_implementation or pick_attn_implementation(

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ds_vicuna.train.checkpoint import (TRAIN_CONFIG_FILE, TrainingProgress, check_resume_compatible,
                                         read_training_record, resolve_resume, save_checkpoint)
-from ds_vicuna.train.config import DEFAULT_LOSS_CHUNK_TOKENS, Config, ConfigError, fill_deepspeed_config, \
+from ds_vicuna.config import DEFAULT_LOSS_CHUNK_TOKENS, Config, ConfigError, fill_deepspeed_config, \
     load_deepspeed_config, offloads_optimizer, resolve_precision
 from ds_vicuna.train.elastic import load_resume_checkpoint, micro_batch_seed, prepare_resume, with_universal_load
 from ds_vicuna.train.launch_env import LaunchEnv, detect_launch_env, init_distributed
@@ -203,7 +203,7 @@ def load_data(cfg: Config, path: str | list, tokenizer, name: str):
     Raises:
         ConfigError: an unreadable file, samples longer than max_length, or nothing to train on.
     """
-    from ds_vicuna.train.config import parse_sources
+    from ds_vicuna.config import parse_sources
     from ds_vicuna.train.dataset import build_mixture
 
     cache_dir = cfg.data.cache_dir or str(Path(cfg.train.output_dir) / "cache")

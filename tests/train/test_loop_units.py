@@ -4,7 +4,7 @@ import json
 import pytest
 
 from ds_vicuna.train.checkpoint import CheckpointError, check_resume_compatible
-from ds_vicuna.train.config import load_config
+from ds_vicuna.config import load_config
 from ds_vicuna.train.loop import samples_of, step_batches
 from ds_vicuna.train.cli import split_argv
 from ds_vicuna.train.metrics import matmul_params, peak_flops, plot_loss

@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ds_vicuna.model.loading import DTYPE_CHOICES
+
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 ROPE_SCALING = ("linear", "dynamic")
 BATCHING = ("pack", "group", "max")
 MASKS = ("assistant", "last_turn", "all")
 SCHEDULERS = ("cosine", "linear", "constant")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISIONS = DTYPE_CHOICES  # the same choices and auto policy as inference (ds_vicuna.model.loading)
 DEFAULT_LOSS_CHUNK_TOKENS = 1024
 
 
