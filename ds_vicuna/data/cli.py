@@ -109,7 +109,8 @@ def run_clean(args: argparse.Namespace) -> int:
 
 def run_split(args: argparse.Namespace) -> int:
     from ds_vicuna.data.formats import FormatError
-    from ds_vicuna.data.split import SplitError, load_tokenizer, split_file
+    from ds_vicuna.data.split import SplitError, split_file
+    from ds_vicuna.model.tokenizer import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(args.model, args.template)

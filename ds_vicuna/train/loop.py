@@ -23,10 +23,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ds_vicuna.train.checkpoint import (TRAIN_CONFIG_FILE, TrainingProgress, check_resume_compatible,
-                                        read_training_record, resolve_resume, save_checkpoint)
 from ds_vicuna.config import DEFAULT_LOSS_CHUNK_TOKENS, Config, ConfigError, fill_deepspeed_config, \
     load_deepspeed_config, offloads_optimizer, resolve_precision
+from ds_vicuna.model.tokenizer import load_tokenizer
+from ds_vicuna.train.checkpoint import (TRAIN_CONFIG_FILE, TrainingProgress, check_resume_compatible,
+                                        read_training_record, resolve_resume, save_checkpoint)
 from ds_vicuna.train.elastic import load_resume_checkpoint, micro_batch_seed, prepare_resume, with_universal_load
 from ds_vicuna.train.launch_env import LaunchEnv, detect_launch_env, init_distributed
 from ds_vicuna.train.loss import count_label_tokens, token_loss_sum
@@ -35,8 +36,7 @@ from ds_vicuna.train.sequence_parallel import check_sequence_parallel, register_
 from ds_vicuna.train.metrics import (LOSS_PLOT, MetricsLogger, describe_engine, matmul_params, peak_flops, plot_loss,
                                      progress_bar, step_flops)
 from ds_vicuna.train.build import (bf16_supported, build_engine, build_model, build_model_config, check_cpu_adam,
-                                   cpu_has_native_bf16, load_tokenizer, pick_training_attention,
-                                   share_cpu_threads)
+                                   cpu_has_native_bf16, pick_training_attention, share_cpu_threads)
 
 
 class TrainError(RuntimeError):
