@@ -2,7 +2,8 @@
 
 Every module of ds_vicuna/, serve/ (installed as `ds_vicuna.serve`) and eval/ (`ds_vicuna.eval`) is parsed, and
 every import in it counts, inside functions too: an import moved into a function to dodge a loop is still a loop.
-A package's own `__init__` is not counted as imported by its modules (Python runs it first, whatever they import).
+Only import statements count: a package's `__init__` that Python runs before its modules is not an edge unless a
+module imports from the package by name.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
         for target in targets:
             while target and target not in known:
                 target = target.rpartition(".")[0]
-            if target and target != name and not name.startswith(target + "."):  # own packages run first anyway
+            if target and target != name:
                 found.add(target)
     return found
 
@@ -115,3 +116,11 @@ def test_the_checks_catch_a_loop_and_an_upward_import():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert stage_of("ds_vicuna.data.overlap") == "data" and stage_of("ds_vicuna.cli") is None
+
+
+def test_imports_inside_functions_and_relative_imports_count(tmp_path):
+    source = tmp_path / "x.py"
+    source.write_text("def f():\n    from ds_vicuna.eval import records\n    from . import split\n")
+    known = {"ds_vicuna.eval", "ds_vicuna.eval.records", "ds_vicuna.data", "ds_vicuna.data.split", "ds_vicuna.data.x"}
+    assert imported_modules("ds_vicuna.data.x", source, known) == {"ds_vicuna.eval", "ds_vicuna.eval.records",
+                                                                   "ds_vicuna.data", "ds_vicuna.data.split"}
