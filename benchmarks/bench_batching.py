@@ -31,7 +31,8 @@ from ds_vicuna.train.dataset import build_tokenized_dataset, encode_conversation
 from ds_vicuna.chat.encoding import get_encoder
 from ds_vicuna.data.formats import Conversation, load_conversations, write_conversations
 from ds_vicuna.chat.messages import Message, Role
-from ds_vicuna.data.split import load_tokenizer, split_file
+from ds_vicuna.data.split import split_file
+from ds_vicuna.model.tokenizer import load_tokenizer
 
 BUNDLED = Path(__file__).resolve().parents[1] / "ds_vicuna" / "data" / "sharegpt_sample.json"
 

@@ -127,14 +127,15 @@ def run_stage(stage: str, source: str, output: str, workers: int) -> dict:
         report = clean_file(source, output, workers=workers, skip_bad=True, progress=False)
         conversations, detail = report.total, {"kept": report.kept, "skipped": report.as_dict()["skipped"]}
     elif stage == "split":
-        from ds_vicuna.data.split import load_tokenizer, split_file
+        from ds_vicuna.data.split import split_file
+        from ds_vicuna.model.tokenizer import load_tokenizer
 
         report = split_file(source, output, load_tokenizer("embedded", TEMPLATE), TEMPLATE, MAX_LENGTH,
                             progress=False, workers=workers)
         conversations, detail = report.conversations, {"pieces": report.pieces, **report.as_dict()["events"]}
     else:
         from ds_vicuna.train.dataset import build_tokenized_dataset
-        from ds_vicuna.data.split import load_tokenizer
+        from ds_vicuna.model.tokenizer import load_tokenizer
 
         ds = build_tokenized_dataset(source, load_tokenizer("embedded", TEMPLATE), TEMPLATE, MAX_LENGTH,
                                      cache_dir=output, num_workers=workers, progress=False)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import shutil
 import subprocess
 import sys
@@ -23,21 +25,55 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = 8
+WORDS = ("alpha beta gamma delta apple river stone cloud music paper light table window garden yellow "
+         "purple quick slow happy quiet tiger horse eagle seven eleven twenty forty vicuna chat model").split()
+
+
+def write_text_data(folder: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
+    """The benchmark's own text: `n` short ShareGPT conversations and a corpus for the tokenizer."""
+    rng = random.Random(seed)
+    sentence = lambda k: " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, k)))  # noqa: E731
+    data, corpus = folder / "train.jsonl", folder / "corpus.txt"
+    data.write_text("".join(json.dumps({"id": f"c{i}", "conversations": [
+        {"from": "human", "value": sentence(8)}, {"from": "gpt", "value": sentence(8)}]}) + "\n" for i in range(n)))
+    corpus.write_text("\n".join(sentence(14) for _ in range(400)) + "\n")
+    return data, corpus
+
+
+def make_model(folder: Path, hidden: int, corpus: Path) -> Path:
+    """A random-init Llama (LAYERS layers, vocabulary 12.5 x hidden) with a 400-piece sentencepiece tokenizer
+    trained on `corpus`, saved Hugging Face style."""
+    import sentencepiece as spm
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   minloglevel=2)
+    LlamaTokenizer.from_pretrained(str(folder)).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=hidden * 25 // 2, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
 
 
 def make_checkpoint(folder: Path, hidden: int) -> Path:
     """A random Llama of this width, trained one step by 2 ranks; returns the checkpoint folder."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from tests.support.tiny_llama import make_tiny_model, subprocess_env, write_conversations, write_train_config
-
-    model = make_tiny_model(folder / "model", hidden=hidden, layers=LAYERS, vocab_size=hidden * 25 // 2)
-    data = write_conversations(folder / "train.jsonl", n=8, seed=1, max_words=8)
-    cfg = write_train_config(folder / "cfg.yaml", model, data, data_opts={"max_length": 256, "batching": "pack"},
-                             output_dir=folder / "out", max_steps=1, global_batch_size=2, micro_batch_size=1)
+    folder.mkdir(parents=True, exist_ok=True)
+    data, corpus = write_text_data(folder, n=8, seed=1)
+    model = make_model(folder / "model", hidden, corpus)
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--module", "ds_vicuna.train",
-               str(cfg)]
+               "--model.name_or_path", str(model), "--train_path", str(data), "--max_length", "256",
+               "--batching", "pack", "--output_dir", str(folder / "out"), "--max_steps", "1",
+               "--global_batch_size", "2", "--micro_batch_size", "1",
+               "--deepspeed", str(REPO / "ds_configs" / "zero3_offload.json")]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
     print(f"[bench] hidden {hidden}: training one step for a 2-rank checkpoint", flush=True)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=subprocess_env(), cwd=REPO)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env, cwd=REPO)
     return folder / "out" / "step-000001"
 
 

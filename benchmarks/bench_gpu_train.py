@@ -78,8 +78,7 @@ def run_arm(arm: str, model: Path, data: Path, work: Path, args) -> dict:
     """Train one arm in this process with the real loop; the timed steps' figures."""
     import torch
 
-    sys.path.insert(0, str(REPO))
-    from ds_vicuna.train.config import load_config
+    from ds_vicuna.config import load_config
     from ds_vicuna.train.launch_env import init_distributed
     from ds_vicuna.train.preemption import PreemptionGuard
     from ds_vicuna.train.loop import fit, preflight, setup
@@ -148,7 +147,6 @@ def main() -> int:
         return 0
     tokenizer = Path(args.tokenizer) if args.tokenizer else None
     if tokenizer is None:
-        sys.path.insert(0, str(REPO))
         from ds_vicuna.model.embedded import embedded_model_path
 
         tokenizer = embedded_model_path()

@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 VOCAB = 128_256
 
 
@@ -34,7 +33,6 @@ def run_arm(device: str, tokens: int, hidden: int, chunk: int | None) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, str(REPO))
     from ds_vicuna.train.loss import token_loss_sum
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from ds_vicuna.train.metrics import MEMORY_REPORT
+
 REPO = Path(__file__).resolve().parents[1]
 RANK_SCRIPT = REPO / "benchmarks" / "bench_train_rank.py"
 WORDS = ("the model learns from conversations users shared and answers questions about code science history "
@@ -56,17 +58,20 @@ def write_skewed_data(path: Path, n: int, max_length: int, seed: int = 0) -> Pat
     return path
 
 
-def launcher(args) -> list[str]:
+def launcher(args, *target: str) -> list[str]:
+    """`deepspeed --num_gpus RANKS` (its runner module, so any venv works) on a free port, running `target`."""
     from ds_vicuna.train.launch_env import free_port
 
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
-            "--master_port", str(free_port()), str(RANK_SCRIPT)]
+            "--master_port", str(free_port()), *target]
 
 
-def run_launch(command: list[str], log: Path, threads: int) -> None:
+def run_launch(command: list[str], log: Path, threads: int, pythonpath: Path | None = None) -> None:
     print(f"[bench] OMP_NUM_THREADS={threads} " + " ".join(command), flush=True)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(threads)}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
     started = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, env=env)
@@ -75,18 +80,15 @@ def run_launch(command: list[str], log: Path, threads: int) -> None:
     print(f"[bench] done in {time.perf_counter() - started:.0f} s (log {log})", flush=True)
 
 
-def rank_stats(stats_dir: Path, ranks: int) -> list[dict]:
-    return [json.loads((stats_dir / f"rank{r}.json").read_text()) for r in range(ranks)]
-
-
 def run_ds_vicuna(precision: str, data: Path, out: Path, args) -> dict:
-    """Our trainer with packing; tokens/s from its metrics.jsonl."""
+    """Our trainer with packing, launched as users launch it; tokens/s from its metrics.jsonl, each rank's peak RSS
+    from the memory report it writes on request (`train.memory_report`)."""
     name = f"ds-vicuna {precision}"
     folder = out / f"ds-vicuna-{precision}"
-    stats = folder / "stats"
-    stats.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.jsonl").unlink(missing_ok=True)
-    command = [*launcher(args), str(stats), "ds-vicuna", *([str(args.profile_step)] if args.profile_step else []), "--",
+    command = [*launcher(args, "--module", "ds_vicuna.train"), "--memory_report", "true",
+               *(["--profile_step", str(args.profile_step)] if args.profile_step else []),
                "--model.name_or_path", str(args.model), "--train_path", str(data),
                "--max_length", str(args.max_length), "--batching", "pack", "--micro_batch_size", str(args.rows),
                "--global_batch_size", str(args.rows * args.ranks), "--max_steps", str(args.steps), "--epochs", "1",
@@ -96,8 +98,8 @@ def run_ds_vicuna(precision: str, data: Path, out: Path, args) -> dict:
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "loss" in r][1:]  # the first step pays for warm-up
     fed = len(timed) * args.rows * args.ranks * args.max_length
-    return summarize(name, [r["step_time_s"] for r in timed], [r["tokens"] for r in timed], fed,
-                     rank_stats(stats, args.ranks))
+    per_rank = [json.loads((folder / MEMORY_REPORT.format(rank=r)).read_text()) for r in range(args.ranks)]
+    return summarize(name, [r["step_time_s"] for r in timed], [r["tokens"] for r in timed], fed, per_rank)
 
 
 def fastchat_deepspeed_config(source: Path, folder: Path) -> Path:
@@ -120,7 +122,7 @@ def run_fastchat(precision: str, source: Path, data: Path, out: Path, args) -> d
     folder = out / f"fastchat-{precision}"
     stats = folder / "stats"
     stats.mkdir(parents=True, exist_ok=True)
-    command = [*launcher(args), str(stats), "fastchat", str(source), "--",
+    command = [*launcher(args, str(RANK_SCRIPT)), str(stats), str(source), "--",
                "--model_name_or_path", str(args.model), "--data_path", str(data),
                "--bf16", str(precision == "bf16"), "--output_dir", str(folder / "out"), "--num_train_epochs", "1",
                "--per_device_train_batch_size", str(args.rows), "--gradient_accumulation_steps", "1",
@@ -129,8 +131,8 @@ def run_fastchat(precision: str, source: Path, data: Path, out: Path, args) -> d
                "--gradient_checkpointing", "True", "--lazy_preprocess", "True", "--max_steps", str(args.steps),
                "--deepspeed", str(fastchat_deepspeed_config(source, folder)), "--report_to", "none",
                "--dataloader_num_workers", "0", "--seed", "42"]
-    run_launch(command, folder / "log.txt", args.threads)
-    per_rank = rank_stats(stats, args.ranks)
+    run_launch(command, folder / "log.txt", args.threads, pythonpath=source)  # its `fastchat` package
+    per_rank = [json.loads((stats / f"rank{r}.json").read_text()) for r in range(args.ranks)]
     ends = per_rank[0]["step_end_s"]
     step_times = [b - a for a, b in zip(ends, ends[1:])]  # from the end of step 1: the first step is warm-up
     tokens = [sum(r["step_tokens"][i] for r in per_rank) for i in range(1, len(ends))]
@@ -174,7 +176,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "runs" / "bench_train"))
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of every rank of both arms (default: cores / ranks)")
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--profile-step", type=int, help="ds-vicuna: profile this step (OUT/ds-vicuna-*/stats/)")
+    parser.add_argument("--profile-step", type=int,
+                        help="ds-vicuna: profile this step (train.profile_step: OUT/ds-vicuna-*/profile_rank*.txt)")
     args = parser.parse_args()
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.ranks)
     if not args.model:

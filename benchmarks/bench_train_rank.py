@@ -1,23 +1,25 @@
-"""One rank of a `bench_train.py` arm: runs a trainer and writes what the benchmark compares (JSON per rank).
+"""One rank of `bench_train.py`'s FastChat arm: runs FastChat's trainer and writes what the benchmark compares.
 
-    deepspeed --num_gpus 2 benchmarks/bench_train_rank.py STATS_DIR ds-vicuna [PROFILE_STEP] -- CONFIG --key value
-    deepspeed --num_gpus 2 benchmarks/bench_train_rank.py STATS_DIR fastchat FASTCHAT_SRC -- --model_name_or_path ...
+    PYTHONPATH=FASTCHAT_SRC deepspeed --num_gpus 2 benchmarks/bench_train_rank.py STATS_DIR FASTCHAT_SRC -- \
+        --model_name_or_path ...
 
-Both record the rank's peak RSS when training starts (model loaded, engine built) and when it ends (before the
-final save). The FastChat arm runs FastChat's own
-`fastchat/train/train.py` from a checkout (nothing of it lives in this repo), with what it needs to run on a
-current transformers and on a non-Llama tokenizer, applied at run time and printed (`FASTCHAT_PATCHES`), and
-records the wall time at each optimizer step's end and the real (non-padding) tokens of each step.
+It runs FastChat's own `fastchat/train/train.py` from a checkout (nothing of it lives in this repo; the checkout
+is on PYTHONPATH for its `fastchat` imports), with what it needs to run on a current transformers and on a
+non-Llama tokenizer, applied at run time and printed (`FASTCHAT_PATCHES`), and writes STATS_DIR/rank<R>.json:
+the rank's peak RSS when training starts (model loaded, engine built) and when it ends (before the final save),
+the wall time at each optimizer step's end and the real (non-padding) tokens of each step. The ds-vicuna arm
+needs no such script: the trainer writes the same peak RSS figures itself (`train.memory_report`).
 """
 from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 import types
 from pathlib import Path
+
+from ds_vicuna.train.metrics import peak_rss_bytes  # the figure the trainer's memory_report writes
 
 # (what, FastChat's text, replacement, how many times the text must occur).
 FASTCHAT_PATCHES = [
@@ -29,58 +31,14 @@ FASTCHAT_PATCHES = [
 ]
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def write_stats(stats_dir: str, stats: dict) -> None:
     rank = int(os.environ.get("RANK", "0"))
     Path(stats_dir, f"rank{rank}.json").write_text(json.dumps({"rank": rank, **stats}) + "\n")
 
 
-def run_ds_vicuna(stats_dir: str, argv: list[str], profile_step: int | None = None) -> int:
-    """Our trainer, exactly as `deepspeed --module ds_vicuna.train` runs it; RSS read when `fit` returns.
-
-    Args:
-        profile_step: run this optimizer step (1-based) under torch.profiler and write the operator table of each
-            rank to STATS_DIR/profile_rank<R>.txt.
-    """
-    import ds_vicuna.train.loop as train
-    from ds_vicuna.train.cli import main
-
-    fit, optimizer_step = train.fit, train.optimizer_step
-    stats, calls = {}, [0]
-
-    def fit_then_measure(*args, **kwargs):
-        stats["peak_rss_before_training_bytes"] = peak_rss_bytes()
-        result = fit(*args, **kwargs)
-        stats["peak_rss_bytes"] = peak_rss_bytes()
-        return result
-
-    def profiled_optimizer_step(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] != profile_step:
-            return optimizer_step(*args, **kwargs)
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], with_stack=False) as prof:
-            result = optimizer_step(*args, **kwargs)
-        rank = int(os.environ.get("RANK", "0"))
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=70)
-        Path(stats_dir, f"profile_rank{rank}.txt").write_text(table)
-        return result
-
-    train.fit = fit_then_measure
-    if profile_step:
-        train.optimizer_step = profiled_optimizer_step
-    code = main(argv)
-    write_stats(stats_dir, stats)
-    return code
-
-
 def load_fastchat_train(source: Path) -> types.ModuleType:
-    """FastChat's `fastchat/train/train.py` from a checkout, with FASTCHAT_PATCHES applied."""
-    sys.path.insert(0, str(source))
+    """FastChat's `fastchat/train/train.py` from a checkout, with FASTCHAT_PATCHES applied (its `fastchat`
+    imports come from the checkout, which bench_train.py puts on PYTHONPATH)."""
     try:
         import transformers.modeling_attn_mask_utils  # noqa: F401
     except ImportError:  # gone in transformers 5; FastChat imports it for a CLLM generation helper only
@@ -182,13 +140,9 @@ def main() -> int:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     cut = args.index("--")
     head, rest = args[:cut], args[cut + 1:]
-    stats_dir, arm = head[0], head[1]
-    if arm == "ds-vicuna":
-        profile_step = int(head[2]) if len(head) > 2 else None
-        return run_ds_vicuna(stats_dir, rest, profile_step)
-    if arm == "fastchat":
-        return run_fastchat(stats_dir, head[2], rest)
-    raise SystemExit(f"unknown arm {arm!r}")
+    if len(head) != 2:
+        raise SystemExit("usage: bench_train_rank.py STATS_DIR FASTCHAT_SRC -- FASTCHAT_TRAIN_ARGS...")
+    return run_fastchat(head[0], head[1], rest)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,6 @@ def wheel_fits_gpu_python(filename: str) -> bool:
 
 def copy_tokenizer(out: Path) -> Path:
     """The embedded model's (SmolLM2) tokenizer files only, for the GPU benchmark (no weights travel)."""
-    sys.path.insert(0, str(REPO))
     from ds_vicuna.model.embedded import embedded_model_path
 
     source, target = embedded_model_path(), out / TOKENIZER_DIR

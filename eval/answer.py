@@ -20,7 +20,7 @@ from typing import Callable, Protocol, Sequence
 from ds_vicuna.eval.answer_files import answer_record, load_answers
 from ds_vicuna.eval.judge_client import ChatClient, map_concurrent
 from ds_vicuna.eval.questions import Question
-from ds_vicuna.eval.records import AppendWriter
+from ds_vicuna.data.jsonl import AppendWriter
 
 log = logging.getLogger(__name__)
 

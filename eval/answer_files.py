@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ds_vicuna.eval.records import RecordError, iter_jsonl
+from ds_vicuna.data.jsonl import RecordError, iter_jsonl
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 
-from ds_vicuna.model.loading import DTYPES
+from ds_vicuna.model.loading import DTYPE_CHOICES
 
 
 def register(subparsers) -> None:
@@ -56,7 +56,7 @@ def _add_answer(p) -> None:
     p.add_argument("--temperature", type=_temperature, default=0.0,
                    help="0 = greedy; 'fastchat' = FastChat's per-category MT-bench temperatures")
     p.add_argument("--device", default="auto", help="local model: auto | cuda | cuda:N | cpu")
-    p.add_argument("--dtype", default="auto", choices=DTYPES,
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="local model: auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU")
     _add_client_flags(p, "--api-model", "endpoint model name when answering from --base-url")
     p.set_defaults(func=cmd_answer)
@@ -179,7 +179,7 @@ def _add_run(p) -> None:
 def _reported(command):
     """Bad input (a file, line, field or flag named in the message) exits 2 with that message, not a traceback."""
     def run(args) -> int:
-        from ds_vicuna.eval.records import RecordError
+        from ds_vicuna.data.jsonl import RecordError
 
         try:
             return command(args)
@@ -349,7 +349,8 @@ def cmd_run(args) -> int:
 
     from ds_vicuna.eval.answer import PER_CATEGORY
     from ds_vicuna.eval.judge_client import RetryPolicy
-    from ds_vicuna.eval.run import RunSettings, endpoints, parse_endpoint, run_eval
+    from ds_vicuna.eval.run import run_eval
+    from ds_vicuna.eval.run_settings import RunSettings, endpoints, parse_endpoint
 
     settings = RunSettings(
         questions=args.questions, models=endpoints(args.models, "--models"),

@@ -40,7 +40,7 @@ from ds_vicuna.eval.answer_files import Answer
 from ds_vicuna.eval.judge_client import ChatClient, map_concurrent
 from ds_vicuna.eval.judge_prompts import JudgeMode, JudgePrompt, PromptSet
 from ds_vicuna.eval.questions import Question
-from ds_vicuna.eval.records import AppendWriter, iter_jsonl
+from ds_vicuna.data.jsonl import AppendWriter, iter_jsonl
 
 log = logging.getLogger(__name__)
 WINNER_OF_GAME = ({"A": "model_1", "B": "model_2", "tie": "tie"},  # game 1: model_1 shown as A

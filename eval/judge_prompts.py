@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ds_vicuna.eval.questions import Question
-from ds_vicuna.eval.records import RecordError, iter_jsonl
+from ds_vicuna.data.jsonl import RecordError, iter_jsonl
 from ds_vicuna.eval.score_parsing import (PAIRWISE_FORMATS, SINGLE_FORMATS, PairVerdict, SingleScore,
                                           parse_pairwise, parse_single)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ds_vicuna.eval.judge_prompts import JudgeMode, JudgePrompt, PromptSet, load_prompt_set
-from ds_vicuna.eval.records import RecordError, iter_jsonl
+from ds_vicuna.data.jsonl import RecordError, iter_jsonl
 from ds_vicuna.eval.score_parsing import VICUNA_PAIR, parse_pair_scores, parse_pairwise
 
 LEGACY_NAME = re.compile(r"^review_(?P<m1>[^_]+)_(?P<m2>[^_]+)\.jsonl$")

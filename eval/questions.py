@@ -11,27 +11,19 @@ answer file instead (`reference_answer/gpt-4.jsonl`); `with_reference_answers` a
 bundled `mt_bench` and `vicuna_bench` sets come with FastChat's GPT-4 reference answers attached.
 
 Bundled sets: `vicuna_80` and `mt_bench_mini` (written for ds-vicuna), `mt_bench` and `vicuna_bench`
-(FastChat's files, byte for byte; see `eval/data/fastchat/README.md`).
+(FastChat's files, byte for byte; see `eval/data/fastchat/README.md`). The names are resolved by
+`ds_vicuna.data.question_sets`, the registry the contamination check (`data overlap`) uses too.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from importlib import resources
 from pathlib import Path
 
-from ds_vicuna.eval.records import RecordError, iter_jsonl
+from ds_vicuna.data.question_sets import resolve_question_set
+from ds_vicuna.data.jsonl import RecordError, iter_jsonl
 
 VICUNA_CATEGORIES = ("generic", "knowledge", "roleplay", "common-sense", "fermi", "counterfactual", "writing",
                      "coding", "math")
-_FASTCHAT = ("data", "fastchat")
-BUNDLED_SETS = {  # name -> (question file, reference answer file or None), relative to the package
-    "vicuna_80": (("questions", "vicuna_80.jsonl"), None),
-    "mt_bench_mini": (("questions", "mt_bench_mini.jsonl"), None),
-    "mt_bench": ((*_FASTCHAT, "mt_bench", "question.jsonl"),
-                 (*_FASTCHAT, "mt_bench", "reference_answer", "gpt-4.jsonl")),
-    "vicuna_bench": ((*_FASTCHAT, "vicuna_bench", "question.jsonl"),
-                     (*_FASTCHAT, "vicuna_bench", "reference_answer", "gpt-4.jsonl")),
-}
 
 
 class QuestionError(RecordError):
@@ -57,31 +49,14 @@ class Question:
         return self.reference[turn - 1]
 
 
-def _package_file(parts: tuple[str, ...]) -> Path:
-    return Path(str(resources.files("ds_vicuna.eval").joinpath(*parts)))
-
-
-def question_set_path(name_or_path: str | Path) -> Path:
-    """A bundled set name (see BUNDLED_SETS) -> its packaged file; anything else is a path."""
-    if str(name_or_path) in BUNDLED_SETS:
-        return _package_file(BUNDLED_SETS[str(name_or_path)][0])
-    return Path(name_or_path)
-
-
-def bundled_reference_answers(name_or_path: str | Path) -> Path | None:
-    """The reference answer file that comes with a bundled set (FastChat's GPT-4 answers), else None."""
-    entry = BUNDLED_SETS.get(str(name_or_path))
-    return _package_file(entry[1]) if entry and entry[1] else None
-
-
 def load_questions(name_or_path: str | Path) -> list[Question]:
-    """Load and validate a question file (references only from its own `reference` fields).
+    """Load and validate a bundled set or question file (references only from its own `reference` fields).
 
     Raises:
         QuestionError: a bad or duplicate record, naming file:line:field.
-        FileNotFoundError: no such file.
+        UnknownQuestionSet (a FileNotFoundError): neither a bundled set nor a file; lists the bundled names.
     """
-    path = question_set_path(name_or_path)
+    path = resolve_question_set(name_or_path).questions
     questions, seen = [], {}
     for line, record in iter_jsonl(path):
         question = parse_question(record, f"{path}:{line}")
@@ -101,8 +76,9 @@ def load_question_set(name_or_path: str | Path, reference_answers: str | Path | 
     Raises:
         QuestionError, RecordError: a bad question or reference answer record (file:line:field).
     """
-    questions = load_questions(name_or_path)
-    references = reference_answers or bundled_reference_answers(name_or_path)
+    files = resolve_question_set(name_or_path)
+    questions = load_questions(files.questions)
+    references = reference_answers or files.reference_answers
     return with_reference_answers(questions, references) if references else questions
 
 

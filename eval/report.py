@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ds_vicuna.eval.answer_files import load_answers
-from ds_vicuna.eval.run import RunResult, RunSettings, dump
+from ds_vicuna.eval.run_settings import RunResult, RunSettings, dump
 
 
 def write_outputs(settings: RunSettings, questions, answer_files: dict[str, Path], judgment_files: list[Path],

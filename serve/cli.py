@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 
-from ds_vicuna.model.loading import DEVICE_MAPS, DTYPES  # plain tuples: importing the loader loads no torch
+from ds_vicuna.model.loading import DEVICE_MAPS, DTYPE_CHOICES  # plain tuples: importing the loader loads no torch
 
 DEFAULT_CONTROLLER = "http://127.0.0.1:21001"
 
@@ -87,7 +87,7 @@ def _worker_args(p) -> None:
     p.add_argument("--template", help="chat template (default: from the checkpoint's ds_vicuna.json)")
     p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (default auto: the GPU when there "
                    "is one). A multi-GPU node runs one worker per GPU: --device cuda:0, --device cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=DTYPES,
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="weights precision (default auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU)")
     p.add_argument("--device-map", choices=DEVICE_MAPS,
                    help="spread one model over every visible GPU (for a model too big for one GPU)")

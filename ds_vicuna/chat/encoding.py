@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ds_vicuna.chat.messages import Message, MessageLike, Role, as_dicts, validate_messages
-from ds_vicuna.chat.templates import ChatTemplate, TemplateError, get_template
+from ds_vicuna.chat.templates import ChatTemplate, TemplateError, get_template, special_token_strings
 
 IGNORE_INDEX = -100
 TEMPLATE_OWNER = -1  # owner of characters the template wrote (role words, separators, control tokens)
@@ -115,16 +115,6 @@ class _RegionEncoder:
             raise EncodingError("tokenizer did not keep the region anchor intact; cannot encode exactly")
         shift = len(_ANCHOR)
         return list(enc.ids[1:]), [(max(s - shift, 0), max(e - shift, 0)) for s, e in enc.offsets[1:]]
-
-
-def special_token_strings(tokenizer) -> dict[str, int]:
-    """Every special (control) token of the tokenizer: text -> id."""
-    specials = {tok.content: idx for idx, tok in tokenizer.added_tokens_decoder.items() if tok.special}
-    for text in tokenizer.all_special_tokens:
-        idx = tokenizer.convert_tokens_to_ids(text)
-        if idx is not None:
-            specials.setdefault(text, idx)
-    return specials
 
 
 class ConversationEncoder:
@@ -345,17 +335,6 @@ def _owner_per_char(layout: Layout) -> list[int]:
         elif piece.stop_of is not None:
             owner[piece.start:piece.end] = [piece.stop_of] * (piece.end - piece.start)
     return owner
-
-
-def detect_stop_strings(tokenizer, template: ChatTemplate) -> list[str]:
-    """The control token a template writes right after an assistant reply (falls back to EOS)."""
-    encoder = ConversationEncoder(tokenizer, template)
-    probe = [Message(Role.USER, "a"), Message(Role.ASSISTANT, "b")]
-    layout = encoder.layout(probe)
-    stops = [layout.text[p.start:p.end] for p in layout.pieces if p.stop_of is not None]
-    if not stops and tokenizer.eos_token:
-        stops = [tokenizer.eos_token]
-    return stops
 
 
 _ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

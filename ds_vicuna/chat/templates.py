@@ -28,6 +28,32 @@ def adds_bos_token(tokenizer) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
+def special_token_strings(tokenizer) -> dict[str, int]:
+    """Every special (control) token of the tokenizer: text -> id."""
+    specials = {tok.content: idx for idx, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+    for text in tokenizer.all_special_tokens:
+        idx = tokenizer.convert_tokens_to_ids(text)
+        if idx is not None:
+            specials.setdefault(text, idx)
+    return specials
+
+
+def stops_after_reply(tokenizer, template: "ChatTemplate") -> list[str]:
+    """The control token a template writes right after an assistant reply (falls back to EOS).
+
+    The same rule the encoder labels stops by: a special token at the very start of the template text that
+    follows a reply. Placeholder contents make it hold for any reply.
+    """
+    reply = "\ue002reply\ue003"
+    text = template.render(tokenizer, [{"role": "user", "content": "\ue002user\ue003"},
+                                       {"role": "assistant", "content": reply}])
+    after = text.split(reply, 1)[1] if reply in text else ""
+    for token in sorted(special_token_strings(tokenizer), key=len, reverse=True):
+        if token and after.startswith(token):
+            return [token]
+    return [tokenizer.eos_token] if tokenizer.eos_token else []
+
+
 class ChatTemplate:
     """A chat format. Subclasses give the Jinja source and the special tokens it relies on."""
 
@@ -118,9 +144,7 @@ class TokenizerTemplate(ChatTemplate):
         return source
 
     def stop_strings(self, tokenizer) -> list[str]:
-        from ds_vicuna.chat.encoding import detect_stop_strings  # the encoder finds what follows a reply
-
-        return detect_stop_strings(tokenizer, self)
+        return stops_after_reply(tokenizer, self)
 
     def required_special_tokens(self, tokenizer) -> list[str]:
         return []

@@ -6,5 +6,7 @@
     ds-vicuna data overlap split.jsonl --questions mt_bench
 
 Modules: formats (read/write conversation files), clean, split, stats, overlap (contamination check),
-parallel (ordered process map, hash index), cli. Bundled files: sharegpt_sample.json, blocked_words.txt.
+question_sets (the bundled eval sets by name, shared with ds_vicuna.eval), jsonl (the strict JSONL reader of
+eval files), parallel (ordered process map, hash index), cli. Bundled files: sharegpt_sample.json,
+blocked_words.txt.
 """

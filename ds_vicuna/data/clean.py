@@ -1,7 +1,7 @@
 """Cleaning stage: raw ShareGPT/OpenAI conversations -> clean ShareGPT JSONL, every drop and repair counted.
 
     ds-vicuna data clean sharegpt.json clean.jsonl --skip-bad --lang en --report clean_report.json
-    ds-vicuna data clean sharegpt.json clean.jsonl --drop-overlap vicuna_80 --drop-overlap mt_bench_mini
+    ds-vicuna data clean sharegpt.json clean.jsonl --drop-overlap vicuna_80 --drop-overlap mt_bench
 
 Each conversation is cleaned on its own by `clean_conversation`, which returns the cleaned Conversation or
 the `SkipReason` it was dropped for, and counts each repair (`Fix`):

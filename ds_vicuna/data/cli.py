@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from ds_vicuna.data.question_sets import BUNDLED_SETS
+
 DEFAULT_TEMPLATE = "vicuna_v1.1"
 
 
@@ -31,7 +33,8 @@ def register(subparsers) -> None:
     clean.add_argument("--min-chars", type=int, default=0, help="drop conversations with a shorter assistant reply")
     clean.add_argument("--drop-overlap", action="append", default=[], metavar="SET",
                        help="drop conversations sharing an n-gram with this eval set's questions or reference "
-                            "answers (vicuna_80, mt_bench, or a FastChat-style JSONL file); repeatable")
+                            f"answers (a bundled set: {', '.join(BUNDLED_SETS)}; or a FastChat-style JSONL file); "
+                            "repeatable")
     clean.add_argument("--ngram", type=int, default=None, help="words per n-gram for --drop-overlap (default 8)")
     clean.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
     clean.add_argument("--report", type=Path, help="write the counts as JSON here")
@@ -64,8 +67,9 @@ def register(subparsers) -> None:
                                              "or reference answers (contamination check)")
     overlap.add_argument("input", nargs="+", help="training conversations (any format `data clean` reads)")
     overlap.add_argument("--questions", action="append", required=True, metavar="SET",
-                         help="vicuna_80, mt_bench (the bundled sample), or a FastChat-style question or "
-                              "reference-answer JSONL file; repeatable")
+                         help=f"a bundled set ({', '.join(BUNDLED_SETS)}: the sets `eval --questions` names, "
+                              "with their reference answers) or a FastChat-style question or reference-answer "
+                              "JSONL file; repeatable")
     overlap.add_argument("--ngram", type=int, default=None, help="words per n-gram (default 8)")
     overlap.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
     overlap.add_argument("--skip-bad", action="store_true", help="skip unreadable records instead of failing")
@@ -105,7 +109,8 @@ def run_clean(args: argparse.Namespace) -> int:
 
 def run_split(args: argparse.Namespace) -> int:
     from ds_vicuna.data.formats import FormatError
-    from ds_vicuna.data.split import SplitError, load_tokenizer, split_file
+    from ds_vicuna.data.split import SplitError, split_file
+    from ds_vicuna.model.tokenizer import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(args.model, args.template)
@@ -120,7 +125,7 @@ def run_split(args: argparse.Namespace) -> int:
 
 def _stats_sources(args: argparse.Namespace) -> tuple[list[tuple[str, float]], str | None, str]:
     """(path, weight) sources, model and template from the inputs and --weights, or from --config."""
-    from ds_vicuna.train.config import load_config
+    from ds_vicuna.config import load_config
 
     if args.config is not None:
         if args.input or args.weights:
@@ -143,7 +148,7 @@ def _stats_sources(args: argparse.Namespace) -> tuple[list[tuple[str, float]], s
 def run_stats(args: argparse.Namespace) -> int:
     import os
 
-    from ds_vicuna.train.config import ConfigError
+    from ds_vicuna.config import ConfigError
     from ds_vicuna.data.formats import FormatError
     from ds_vicuna.data.stats import stats_mix
 

@@ -5,12 +5,13 @@
     ds-vicuna data clean raw.json clean.jsonl --drop-overlap vicuna_80 --drop-overlap mt_bench
 
 What is indexed: every question turn and every reference answer of the given sets. A set is a bundled name
-(`vicuna_80`, `mt_bench_mini`; `mt_bench` is the bundled MT-bench-style sample) or a JSONL file in FastChat's
-formats: questions (`text` or `turns`, optional `reference`) and answer files (`choices[].turns`, as FastChat's
-`reference_answer/gpt-4.jsonl`). Texts are compared as lowercase word sequences (letters and digits; case,
-punctuation, Markdown and spacing do not matter). A training conversation overlaps when any of its messages
-holds one of the indexed `n`-word sequences (default 8, shorter than the 13 of GPT-3's check because chat
-questions are short). A question shorter than n words cannot be matched and is reported as such.
+(`vicuna_80`, `mt_bench_mini`, `mt_bench`, `vicuna_bench`: the same files `ds-vicuna eval --questions NAME` asks,
+see `ds_vicuna.data.question_sets`; `mt_bench` and `vicuna_bench` with FastChat's GPT-4 reference answers) or a
+JSONL file in FastChat's formats: questions (`text` or `turns`, optional `reference`) and answer files
+(`choices[].turns`, as FastChat's `reference_answer/gpt-4.jsonl`). Texts are compared as lowercase word
+sequences (letters and digits; case, punctuation, Markdown and spacing do not matter). A training conversation
+overlaps when any of its messages holds one of the indexed `n`-word sequences (default 8, shorter than the 13 of
+GPT-3's check because chat questions are short). A question shorter than n words cannot be matched and is reported as such.
 """
 from __future__ import annotations
 
@@ -18,15 +19,15 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from ds_vicuna.data.formats import Conversation, ConversationReader
+from ds_vicuna.data.jsonl import RecordError, iter_jsonl
 from ds_vicuna.data.parallel import ordered_map
+from ds_vicuna.data.question_sets import UnknownQuestionSet, resolve_question_set
 
 DEFAULT_NGRAM = 8
-SET_ALIASES = {"mt_bench": "mt_bench_mini"}
 _WORD = re.compile(r"[^\W_]+")
 
 
@@ -39,37 +40,12 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def bundled_sets() -> dict[str, Path]:
-    """Bundled question sets (installed with the eval stage): name -> file."""
-    folder = resources.files("ds_vicuna.eval") / "questions"
-    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".jsonl")}
-
-
-def resolve_set(name_or_path: str) -> tuple[str, Path]:
-    """(label, file) for a bundled set name or a path.
-
-    Raises:
-        OverlapError: neither a bundled set nor an existing file.
-    """
-    path = Path(name_or_path)
-    if path.is_file():
-        return path.name, path
-    bundled = bundled_sets()
-    name = SET_ALIASES.get(str(name_or_path), str(name_or_path))
-    if name in bundled:
-        return str(name_or_path), bundled[name]
-    raise OverlapError(f"{name_or_path}: no such file, and not a bundled question set (bundled: "
-                       f"{', '.join(sorted(set(bundled) | set(SET_ALIASES)))})")
-
-
 def eval_texts(label: str, path: Path) -> Iterable[tuple[str, str]]:
     """`(where, text)` for every question turn and reference answer of a FastChat-style JSONL file.
 
     Raises:
         OverlapError: a line that is not JSON, or a record with none of text / turns / reference / choices.
     """
-    from ds_vicuna.eval.records import RecordError, iter_jsonl
-
     try:
         for lineno, record in iter_jsonl(path):  # the eval stages' strict reader: errors name file:line
             qid = record.get("question_id", record.get("id", lineno))
@@ -144,6 +120,9 @@ class OverlapIndex:
 def build_index(sets: Sequence[str], n: int = DEFAULT_NGRAM) -> OverlapIndex:
     """Index the question turns and reference answers of each bundled set name or file.
 
+    A bundled set (`ds_vicuna.data.question_sets`) brings its reference answer file too (FastChat's GPT-4
+    answers for `mt_bench` and `vicuna_bench`).
+
     Raises:
         OverlapError: an unknown set, an unreadable file, or nothing to index.
     """
@@ -151,9 +130,13 @@ def build_index(sets: Sequence[str], n: int = DEFAULT_NGRAM) -> OverlapIndex:
         raise OverlapError(f"n-gram length must be >= 1, got {n}")
     index = OverlapIndex(n)
     for name in sets:
-        label, path = resolve_set(name)
-        for where, text in eval_texts(label, path):
-            index.add(where, text)
+        try:
+            files = resolve_question_set(name)
+        except UnknownQuestionSet as err:
+            raise OverlapError(str(err)) from None
+        for path in (files.questions, files.reference_answers):
+            for where, text in eval_texts(files.name, path) if path else ():
+                index.add(where, text)
     if not index.texts:
         raise OverlapError(f"{', '.join(sets)}: no question or answer has {n} words or more to index")
     return index

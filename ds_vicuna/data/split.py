@@ -173,18 +173,6 @@ class Splitter:
         return [exchange[0], reply], self.length(system + [exchange[0], reply])
 
 
-def load_tokenizer(model: str, template: str):
-    """The model's fast tokenizer with the template's control tokens added (as training adds them)."""
-    from transformers import AutoTokenizer
-
-    from ds_vicuna.model.embedded import resolve_model_path
-    from ds_vicuna.chat.templates import add_template_tokens
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model), use_fast=True)
-    add_template_tokens(tokenizer, template)
-    return tokenizer
-
-
 class _SplitWorker:
     """What a worker process runs: one conversation -> its measured pieces and the events of splitting it."""
 

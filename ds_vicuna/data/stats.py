@@ -160,7 +160,7 @@ def stats_file(source: str | os.PathLike, model: str | None = None, template: st
         workers: processes measuring token lengths (the output does not depend on it).
     """
     if tokenizer is None and model is not None:
-        from ds_vicuna.data.split import load_tokenizer
+        from ds_vicuna.model.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(model, template)
     stats = DataStats()
@@ -177,7 +177,7 @@ def stats_mix(sources: Sequence[tuple[str, float]], model: str | None = None, te
     """Statistics of each `(path, weight)` source and its share of an epoch (see `MixStats`)."""
     tokenizer = None
     if model is not None:
-        from ds_vicuna.data.split import load_tokenizer
+        from ds_vicuna.model.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(model, template)
     stats = [stats_file(path, template=template, skip_bad=skip_bad, tokenizer=tokenizer, workers=workers)

@@ -28,7 +28,7 @@ from ds_vicuna.model.card import ModelCard, read_model_card
 log = logging.getLogger(__name__)
 
 DEVICES = "auto, cuda, cuda:N or cpu"
-DTYPES = ("auto", "bf16", "fp16", "fp32")
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")  # every --dtype / train.precision flag offers these
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 FALLBACK_CONTEXT = 2048
 
@@ -163,15 +163,28 @@ def resolve_dtype(dtype: str, device):
     """
     import torch
 
-    named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if dtype in named:
-        return named[dtype]
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"--dtype: expected one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
     if dtype != "auto":
-        raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+        return torch_dtype(dtype)
     if device is None or torch.device(device).type != "cuda":
         return torch.float32
     major, _ = torch.cuda.get_device_capability(torch.device(device))
     return torch.bfloat16 if major >= 8 else torch.float16  # bf16 tensor cores arrived with Ampere (8.0)
+
+
+def torch_dtype(name: str):
+    """`bf16|fp16|fp32` -> the torch dtype (what a resolved `auto` or an explicit choice stands for).
+
+    Raises:
+        ValueError: another name.
+    """
+    import torch
+
+    named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name not in named:
+        raise ValueError(f"dtype: expected one of {', '.join(named)}, got {name!r}")
+    return named[name]
 
 
 def _any_gpu_device():
@@ -186,7 +199,7 @@ def stop_token_ids(tokenizer, stop_strings: Sequence[str], generation_eos=None) 
 
     A stop string that is not one special token (e.g. "USER:") is matched as text by the engine instead.
     """
-    from ds_vicuna.chat.encoding import special_token_strings
+    from ds_vicuna.chat.templates import special_token_strings
 
     specials = special_token_strings(tokenizer)
     ids = {specials[s] for s in stop_strings if s in specials}

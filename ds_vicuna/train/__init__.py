@@ -3,8 +3,8 @@
     python -m ds_vicuna.train configs/demo.yaml           # the loop (`ds-vicuna train` is the same)
     deepspeed --num_gpus 8 --module ds_vicuna.train configs/vicuna_7b.yaml
 
-Modules, in the order a step uses them:
-    config             typed Config (model / data / train), YAML + overrides, the DeepSpeed dict filled in
+Modules, in the order a step uses them (the typed Config they read is `ds_vicuna.config`, below every stage,
+since `ds-vicuna data stats --config` reads it too):
     dataset            conversations -> tokenized, sharded, memory-mapped cache; weighted mixes
     batching           packed or padded micro-batches, the epoch plan shared by every rank
     build              tokenizer, model (partitioned under ZeRO-3) and the DeepSpeed engine

@@ -1,6 +1,6 @@
-"""What the trainer builds before its loop: tokenizer, model (partitioned under ZeRO-3) and the DeepSpeed engine.
+"""What the trainer builds before its loop: model (partitioned under ZeRO-3) and the DeepSpeed engine.
 
-    tokenizer = load_tokenizer(model_path, "vicuna_v1.1")
+    tokenizer = load_tokenizer(model_path, "vicuna_v1.1")      # ds_vicuna.model.tokenizer
     config = build_model_config(model_path, cfg)
     model = build_model(model_path, config, tokenizer, cfg, ds, precision)
     engine = build_engine(model, ds, cfg, total_steps)
@@ -11,7 +11,8 @@ import math
 import os
 from pathlib import Path
 
-from ds_vicuna.train.config import Config, ConfigError, offloads_optimizer
+from ds_vicuna.config import Config, ConfigError, offloads_optimizer
+from ds_vicuna.model.loading import torch_dtype
 
 
 def check_cpu_adam() -> None:
@@ -29,19 +30,6 @@ def check_cpu_adam() -> None:
             "train.deepspeed offloads the optimizer to CPU, which needs DeepSpeedCPUAdam, but it cannot be built "
             f"here ({type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else err}). "
             "Install a C++ compiler (g++) and ninja, or use ds_configs/zero3.json (no offload).") from None
-
-
-def load_tokenizer(model_path: Path, template: str):
-    """The model's tokenizer plus the template's control tokens; a pad token (EOS) when it has none."""
-    from transformers import AutoTokenizer
-
-    from ds_vicuna.chat.templates import add_template_tokens
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    add_template_tokens(tokenizer, template)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return tokenizer
 
 
 def build_model_config(model_path: Path, cfg: Config):
@@ -134,7 +122,7 @@ def build_model(model_path: Path, model_config, tokenizer, cfg: Config, ds: dict
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    dtype = torch_dtype(precision)
     keep_alive = HfDeepSpeedConfig(ds) if ds["zero_optimization"].get("stage") == 3 else None  # noqa: F841
     model = AutoModelForCausalLM.from_pretrained(model_path, config=model_config, dtype=dtype,
                                                  attn_implementation=attn_implementation or pick_attn_implementation(

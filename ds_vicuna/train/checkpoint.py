@@ -202,7 +202,9 @@ def load_checkpoint(engine, folder: str | os.PathLike, *, rank: int,
 
     Args:
         universal: the checkpoint's universal copy (`ds_vicuna.train.elastic.prepare_resume`) when this run's world size
-            differs from the one that wrote `folder`; the engine must have been built with `load_universal`.
+            differs from the one that wrote `folder`; the engine must have been built with `load_universal`. A
+            universal load gives every optimizer param group group 0's hyperparameters: resume through
+            `ds_vicuna.train.elastic.load_resume_checkpoint`, which puts the saved ones back.
 
     Raises:
         CheckpointError: the folder is incomplete or DeepSpeed finds nothing to load.
@@ -217,13 +219,6 @@ def load_checkpoint(engine, folder: str | os.PathLike, *, rank: int,
                                                 load_lr_scheduler_states=True)
     if path is None or PROGRESS_KEY not in (client_state or {}):
         raise CheckpointError(f"{folder}: DeepSpeed could not load it (wrong ZeRO stage or world size?)")
-    if universal is not None:
-        from ds_vicuna.train.elastic import restore_param_groups
-
-        fixed = restore_param_groups(engine, folder)
-        if fixed and rank == 0:
-            print("[ds-vicuna] DeepSpeed's universal load gave every optimizer param group the hyperparameters of "
-                  "group 0; restored the saved ones: " + ", ".join(fixed), flush=True)
     saved_ranks = len(list(folder.glob(RNG_FILE.format(rank="*"))))
     rng_file = folder / RNG_FILE.format(rank=rank % max(saved_ranks, 1))  # more ranks than saved: reuse theirs
     if rng_file.is_file():

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ds_vicuna.train.checkpoint import CheckpointError
-from ds_vicuna.train.config import ConfigError, load_config
+from ds_vicuna.config import ConfigError, load_config
 from ds_vicuna.train.launch_env import detect_launch_env, shutdown_distributed
 from ds_vicuna.train.preemption import PreemptionGuard
 
@@ -84,7 +84,7 @@ def register(subparsers) -> None:
         help="fine-tune with DeepSpeed (one process; --ranks N starts the deepspeed launcher)",
         description="ds-vicuna train [CONFIG.yaml] [--ranks N] [--section.key value ...]\n\n"
                     "One process by default; --ranks N runs `deepspeed --num_gpus N --module ds_vicuna.train "
-                    "CONFIG ...` on this machine (multi-node: see launch/). Keys: see ds_vicuna/train/config.py.",
+                    "CONFIG ...` on this machine (multi-node: see launch/). Keys: see ds_vicuna/config.py.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("argv", nargs="*", help="CONFIG.yaml then --key value overrides")
     parser.set_defaults(func=_run_cli, train_parser=parser)

@@ -40,9 +40,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ds_vicuna.chat.encoding import IGNORE_INDEX, MaskStrategy, get_encoder, special_token_strings
+from ds_vicuna.chat.encoding import IGNORE_INDEX, MaskStrategy, get_encoder
+from ds_vicuna.chat.templates import get_template, special_token_strings
 from ds_vicuna.data.parallel import ordered_map
-from ds_vicuna.chat.templates import get_template
 
 # 2: labels honour a message's weight 0 and a truncated reply's stop token; 3: sharded cache layout
 ENCODING_VERSION = 3  # bump when encoding.py changes what it produces: every cache is rebuilt

@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from ds_vicuna.train.checkpoint import CheckpointError
+from ds_vicuna.train.checkpoint import CheckpointError, TrainingProgress, load_checkpoint
 
 UNIVERSAL_SUBDIR = "universal"
 UNIVERSAL_MARKER = "ds_vicuna_universal_complete.json"
@@ -134,6 +134,23 @@ def _holds_large_tensor(value) -> bool:
     if isinstance(value, (list, tuple)):
         return any(_holds_large_tensor(v) for v in value)
     return False
+
+
+def load_resume_checkpoint(engine, folder: str | os.PathLike, *, rank: int,
+                           universal: str | os.PathLike | None = None) -> TrainingProgress:
+    """`load_checkpoint`, from the universal copy when `prepare_resume` made one, with each optimizer param
+    group's own hyperparameters put back after a universal load.
+
+    Raises:
+        CheckpointError: the folder is incomplete, DeepSpeed finds nothing to load, or the param groups differ.
+    """
+    progress = load_checkpoint(engine, folder, rank=rank, universal=universal)
+    if universal is not None:
+        fixed = restore_param_groups(engine, folder)
+        if fixed and rank == 0:
+            print("[ds-vicuna] DeepSpeed's universal load gave every optimizer param group the hyperparameters of "
+                  "group 0; restored the saved ones: " + ", ".join(fixed), flush=True)
+    return progress
 
 
 def restore_param_groups(engine, folder: str | os.PathLike) -> list[str]:

@@ -26,7 +26,7 @@ import re
 import time
 from pathlib import Path
 
-from ds_vicuna.model.loading import DTYPES
+from ds_vicuna.model.loading import DTYPE_CHOICES, torch_dtype
 from ds_vicuna.train.checkpoint import (HF_SUBDIR, TRAIN_CONFIG_FILE, CheckpointError, find_resume_path, is_complete,
                                   read_training_record)
 
@@ -162,7 +162,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, dty
     folder = resolve_checkpoint(checkpoint)
     record = read_training_record(folder)
     precision = record.get("precision", "fp32") if dtype == "auto" else dtype
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    weights_dtype = torch_dtype(precision)
     hf = folder / HF_SUBDIR
     config = AutoConfig.from_pretrained(hf)
     config.use_cache = True  # training turned the KV cache off; generation wants it
@@ -171,18 +171,18 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, dty
     check_weights(folder, hf, state, expected, tied)
 
     plan = split_torch_state_dict_into_shards(
-        {name: torch.empty(shape, dtype=kind or torch_dtype, device="meta") for name, (shape, kind) in expected.items()},
+        {name: torch.empty(shape, dtype=kind or weights_dtype, device="meta") for name, (shape, kind) in expected.items()},
         filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
         stale.unlink(missing_ok=True)
-    write_shards(out, plan.filename_to_tensors, state, mapped, torch_dtype, progress)
+    write_shards(out, plan.filename_to_tensors, state, mapped, weights_dtype, progress)
     if plan.is_sharded:
         index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
-    config.dtype = torch_dtype
+    config.dtype = weights_dtype
     config.save_pretrained(out)
     template = get_template(record["config"]["model"]["template"])
     tokenizer = AutoTokenizer.from_pretrained(hf)
@@ -248,7 +248,7 @@ def register(subparsers) -> None:
                                    description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a step-* folder or a training output dir (uses its newest checkpoint)")
     parser.add_argument("out", help="destination folder")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                         help="weights dtype; auto = the training precision (bf16/fp16 on GPU, fp32 on CPU)")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                         help=f"largest safetensors shard, e.g. 2GB or 500MB (default {DEFAULT_MAX_SHARD_SIZE}); "

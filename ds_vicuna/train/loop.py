@@ -23,20 +23,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ds_vicuna.train.checkpoint import (TRAIN_CONFIG_FILE, TrainingProgress, check_resume_compatible, load_checkpoint,
-                                  read_training_record, resolve_resume, save_checkpoint)
-from ds_vicuna.train.config import DEFAULT_LOSS_CHUNK_TOKENS, Config, ConfigError, fill_deepspeed_config, \
+from ds_vicuna.config import DEFAULT_LOSS_CHUNK_TOKENS, Config, ConfigError, fill_deepspeed_config, \
     load_deepspeed_config, offloads_optimizer, resolve_precision
-from ds_vicuna.train.elastic import micro_batch_seed, prepare_resume, with_universal_load
+from ds_vicuna.model.tokenizer import load_tokenizer
+from ds_vicuna.train.checkpoint import (TRAIN_CONFIG_FILE, TrainingProgress, check_resume_compatible,
+                                        read_training_record, resolve_resume, save_checkpoint)
+from ds_vicuna.train.elastic import load_resume_checkpoint, micro_batch_seed, prepare_resume, with_universal_load
 from ds_vicuna.train.launch_env import LaunchEnv, detect_launch_env, init_distributed
 from ds_vicuna.train.loss import count_label_tokens, token_loss_sum
 from ds_vicuna.train.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
 from ds_vicuna.train.sequence_parallel import check_sequence_parallel, register_ulysses, shard_batch
-from ds_vicuna.train.metrics import (LOSS_PLOT, MetricsLogger, describe_engine, matmul_params, peak_flops, plot_loss,
-                                     progress_bar, step_flops)
+from ds_vicuna.train.metrics import (LOSS_PLOT, MetricsLogger, describe_engine, matmul_params, peak_flops,
+                                     peak_rss_bytes, plot_loss, progress_bar, step_flops, step_profile,
+                                     write_memory_report)
 from ds_vicuna.train.build import (bf16_supported, build_engine, build_model, build_model_config, check_cpu_adam,
-                                   cpu_has_native_bf16, load_tokenizer, pick_training_attention,
-                                   share_cpu_threads)
+                                   cpu_has_native_bf16, pick_training_attention, share_cpu_threads)
 
 
 class TrainError(RuntimeError):
@@ -203,7 +204,7 @@ def load_data(cfg: Config, path: str | list, tokenizer, name: str):
     Raises:
         ConfigError: an unreadable file, samples longer than max_length, or nothing to train on.
     """
-    from ds_vicuna.train.config import parse_sources
+    from ds_vicuna.config import parse_sources
     from ds_vicuna.train.dataset import build_mixture
 
     cache_dir = cfg.data.cache_dir or str(Path(cfg.train.output_dir) / "cache")
@@ -347,7 +348,9 @@ def fit(run: Run, guard: PreemptionGuard, logger: MetricsLogger) -> tuple[dict[i
                  for i in rank_share(run, progress.micro_batch_in_epoch)]
         started = time.perf_counter()
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
-        loss, label_tokens = optimizer_step(run, [make_batch(run, run.train_data, b) for b in indices], seeds=seeds)
+        with step_profile(cfg.train.output_dir, run.launch.rank, cfg.train.profile_step == steps_this_run + 1):
+            loss, label_tokens = optimizer_step(run, [make_batch(run, run.train_data, b) for b in indices],
+                                                seeds=seeds)
         # a sequence-parallel group trains its micro-batches once: its first rank counts their tokens
         samples = [i for b in indices for i in samples_of(b)] if run.sp_rank == 0 else []
         lengths = [int(run.train_data.lengths[i]) for i in samples]
@@ -458,13 +461,16 @@ def train(cfg: Config, launch: LaunchEnv | None = None, guard: PreemptionGuard |
     if launch.is_main:
         print("[ds-vicuna] " + describe_engine(run), flush=True)
     if resume_from is not None:
-        run.progress = load_checkpoint(run.engine, resume_from, rank=launch.rank, universal=universal)
+        run.progress = load_resume_checkpoint(run.engine, resume_from, rank=launch.rank, universal=universal)
         check_resume_compatible(run.progress.config, cfg)
         run.progress.config = cfg.to_dict()
         if launch.is_main:
             print(f"[ds-vicuna] resumed from {resume_from} at step {run.progress.step}", flush=True)
     logger = MetricsLogger(cfg.train.output_dir, enabled=launch.is_main)
+    rss_before_training = peak_rss_bytes()
     losses, exit_code = fit(run, guard, logger)
+    if cfg.train.memory_report:
+        write_memory_report(cfg.train.output_dir, launch.rank, rss_before_training, peak_rss_bytes())
     if cfg.data.eval_path and exit_code == 0 and run.progress.step >= run.total_steps:
         logger.log({"step": run.progress.step, "eval_loss": evaluate(run)})
     folder = save(run)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 
-from ds_vicuna.train.config import DEFAULT_LOSS_CHUNK_TOKENS
+from ds_vicuna.config import DEFAULT_LOSS_CHUNK_TOKENS
 from ds_vicuna.chat.encoding import IGNORE_INDEX
 
 # torch is imported inside the functions: `python -m ds_vicuna.train` imports this module before its stop-signal

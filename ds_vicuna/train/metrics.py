@@ -1,15 +1,19 @@
-"""What the trainer reports: the metrics log (JSONL + TensorBoard), the loss plot, MFU, the progress bar.
+"""What the trainer reports: the metrics log (JSONL + TensorBoard), the loss plot, MFU, the progress bar, and on
+request (`train.memory_report`, `train.profile_step`) each rank's peak RSS and one step's operator profile.
 
     logger = MetricsLogger(output_dir, enabled=is_main); logger.log({"step": 1, "loss": 2.3}); logger.close()
     plot_loss(output_dir / METRICS_FILE, output_dir / LOSS_PLOT)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
+MEMORY_REPORT = "memory_rank{rank}.json"
+PROFILE_REPORT = "profile_rank{rank}.txt"
 # Dense (no sparsity) bf16 peak FLOP/s by GPU name fragment, for MFU; the first fragment found in the device name
 # wins, so the more specific come first (no entry: MFU not logged).
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200", 989e12), ("H100", 989e12), ("H800", 989e12),
@@ -131,3 +135,35 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path) -> Path | None:
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return Path(png_path)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far, in bytes (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def write_memory_report(output_dir: str | Path, rank: int, before_training: int, after_training: int) -> Path:
+    """output_dir/memory_rank<R>.json with this rank's peak RSS when the loop started and when it ended."""
+    path = Path(output_dir) / MEMORY_REPORT.format(rank=rank)
+    path.write_text(json.dumps({"rank": rank, "peak_rss_before_training_bytes": before_training,
+                                "peak_rss_bytes": after_training}) + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def step_profile(output_dir: str | Path, rank: int, enabled: bool):
+    """When `enabled`, profile the block with torch.profiler and write its operator table to
+    output_dir/profile_rank<R>.txt; otherwise do nothing."""
+    if not enabled:
+        yield
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, with_stack=False) as prof:
+        yield
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=70)
+    (Path(output_dir) / PROFILE_REPORT.format(rank=rank)).write_text(table)

@@ -23,7 +23,7 @@ reads them too. DeepSpeed 0.19's flex_attention path rebuilds a plain causal mas
 """
 from __future__ import annotations
 
-from ds_vicuna.train.config import ConfigError
+from ds_vicuna.config import ConfigError
 from ds_vicuna.chat.encoding import IGNORE_INDEX
 from ds_vicuna.train.packed_attention import PACKED_SDPA
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ds_vicuna.data.formats import load_conversations
+from ds_vicuna.data.question_sets import resolve_question_set
 
 SAMPLE = Path(resources.files("ds_vicuna") / "data" / "sharegpt_sample.json")
 BLOCKED = Path(resources.files("ds_vicuna") / "data" / "blocked_words.txt")
@@ -131,3 +132,37 @@ def test_overlap_command_names_the_leaked_conversation(tmp_path):
     assert json.loads((tmp_path / "o.json").read_text())["hits"][0]["id"] == "leak"
     result = cli("clean", data, tmp_path / "c.jsonl", "--drop-overlap", "vicuna_80", "--no-progress")
     assert any(line.split() == ["skipped:", "eval_overlap", "1"] for line in result.stdout.splitlines())
+
+
+def test_mt_bench_questions_pasted_into_training_data_are_found_and_dropped(tmp_path):
+    """The new user's case: three MT-bench questions copied verbatim from the bundled file into a ShareGPT
+    training file. `--questions mt_bench` is the 80 questions `eval --questions mt_bench` asks, so all 3 are found."""
+    lines = resolve_question_set("mt_bench").questions.read_text().splitlines()
+    pasted = [json.loads(lines[i]) for i in (0, 37, 79)]
+    records = [{"id": f"pasted-{q['question_id']}", "conversations": [{"from": "human", "value": q["turns"][0]},
+                                                                     {"from": "gpt", "value": "Sure."}]}
+               for q in pasted]
+    records.append({"id": "mine", "conversations": [{"from": "human", "value": "How do I water tomatoes?"},
+                                                    {"from": "gpt", "value": "Deeply, twice a week."}]})
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    result = cli("overlap", data, "--questions", "mt_bench", "--no-progress", "--report", tmp_path / "o.json")
+    assert "overlap: 3 of 4 training conversations" in result.stdout
+    hits = {hit["id"]: hit["eval"] for hit in json.loads((tmp_path / "o.json").read_text())["hits"]}
+    assert set(hits) == {f"pasted-{q['question_id']}" for q in pasted}
+    assert all(f"mt_bench:{q['question_id']}:turns[0]" in hits[f"pasted-{q['question_id']}"] for q in pasted)
+    result = cli("clean", data, tmp_path / "clean.jsonl", "--drop-overlap", "mt_bench", "--no-progress")
+    assert any(line.split() == ["skipped:", "eval_overlap", "3"] for line in result.stdout.splitlines())
+    assert [c.id for c in load_conversations(tmp_path / "clean.jsonl")] == ["mine"]
+
+
+def test_overlap_takes_every_bundled_set_and_names_them_for_an_unknown_one(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"id": "a", "conversations": [{"from": "human", "value": "Hi"},
+                                                            {"from": "gpt", "value": "Hello."}]}) + "\n")
+    result = cli("overlap", data, "--questions", "vicuna_bench", "--no-progress")
+    assert "overlap: 0 of 1 training conversations" in result.stdout and "vicuna_bench" in result.stdout
+    bad = cli("overlap", data, "--questions", "mt_bench_80", "--no-progress", check=False)
+    assert bad.returncode == 2
+    assert "mt_bench_80: no such file, and not a bundled question set (bundled: mt_bench, mt_bench_mini, " \
+           "vicuna_80, vicuna_bench)" in bad.stderr

@@ -43,11 +43,20 @@ def test_index_holds_fastchat_questions_turns_and_references():
     assert not index.matches(conv("d", "I overtook the second runner in a race.", "Then you are second.").messages)
 
 
-def test_bundled_sets_and_mt_bench_alias():
-    index = build_index(["vicuna_80", "mt_bench"])
-    assert any(label.startswith("vicuna_80:") for label in index.texts)
-    assert any(label.startswith("mt_bench:") for label in index.texts)
-    with pytest.raises(OverlapError, match="not a bundled question set .*vicuna_80"):
+def test_bundled_sets_are_the_eval_sets_with_their_reference_answers():
+    """`mt_bench` is FastChat's 80 questions (what `eval --questions mt_bench` asks) plus its GPT-4 references."""
+    index = build_index(["vicuna_80", "mt_bench", "vicuna_bench", "mt_bench_mini"])
+    labels = set(index.texts) | set(index.too_short)
+    for name in ("vicuna_80", "mt_bench", "vicuna_bench", "mt_bench_mini"):
+        assert any(label.startswith(f"{name}:") for label in labels), name
+    assert {f"mt_bench:{qid}:turns[0]" for qid in range(81, 161)} <= labels
+    assert "mt_bench:101:choices[0].turns[0]" in labels  # reference_answer/gpt-4.jsonl
+    assert any(label.startswith("vicuna_bench:") and ":choices[0].turns[0]" in label for label in labels)
+
+
+def test_unknown_set_is_refused_with_the_bundled_names():
+    with pytest.raises(OverlapError, match=r"vicuna_81: no such file, and not a bundled question set \(bundled: "
+                                           r"mt_bench, mt_bench_mini, vicuna_80, vicuna_bench\)"):
         build_index(["vicuna_81"])
 
 

@@ -11,7 +11,7 @@ from ds_vicuna.eval.answer import ApiBackend, fastchat_temperature, run_answers
 from ds_vicuna.eval.answer_files import load_answers
 from ds_vicuna.eval.judge_client import ChatClient, RetryPolicy
 from ds_vicuna.eval.questions import load_questions
-from ds_vicuna.eval.records import RecordError
+from ds_vicuna.data.jsonl import RecordError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 

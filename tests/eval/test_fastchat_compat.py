@@ -18,13 +18,14 @@ from pathlib import Path
 import pytest
 from tests.support.fake_openai_judge import start_server
 
+from ds_vicuna.data.question_sets import resolve_question_set
 from ds_vicuna.eval.answer import ApiBackend, run_answers
 from ds_vicuna.eval.answer_files import load_answers
 from ds_vicuna.eval.judge import plan_tasks, run_judge
 from ds_vicuna.eval.judge_client import ChatClient, RetryPolicy
 from ds_vicuna.eval.judge_prompts import JudgeMode, load_prompt_set, prompt_set_path
 from ds_vicuna.eval.judgments import read_judgments, read_many
-from ds_vicuna.eval.questions import load_question_set, load_questions, question_set_path
+from ds_vicuna.eval.questions import load_question_set, load_questions
 from ds_vicuna.eval.summarize import relative_quality, summarize_loaded
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "fastchat"
@@ -107,7 +108,7 @@ def test_fastchat_own_data_files():
         questions = load_question_set(data / bench / "question.jsonl",
                                       data / bench / "reference_answer" / "gpt-4.jsonl")
         assert len(questions) == 80
-        assert (data / bench / "question.jsonl").read_bytes() == question_set_path(bench).read_bytes()
+        assert (data / bench / "question.jsonl").read_bytes() == resolve_question_set(bench).questions.read_bytes()
         assert len(load_questions(data / bench / "question.jsonl")) == 80
     prompts = load_prompt_set(data / "judge_prompts.jsonl")
     assert len(prompts.prompts) == 8

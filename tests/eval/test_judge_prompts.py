@@ -7,7 +7,7 @@ import pytest
 from ds_vicuna.eval.judge_prompts import (JudgeMode, default_prompt_set, load_prompt_set, parse_prompt,
                                           prompt_set_path)
 from ds_vicuna.eval.questions import Question
-from ds_vicuna.eval.records import RecordError
+from ds_vicuna.data.jsonl import RecordError
 from ds_vicuna.eval.score_parsing import parse_pair_scores
 
 FASTCHAT_SHA256 = "fd283293406d024f44c174b094ef48031d0687a4682fd3a56b29b138f80281b6"  # commit 0e6d3e4b

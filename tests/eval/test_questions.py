@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ds_vicuna.eval.questions import (VICUNA_CATEGORIES, QuestionError, load_question_set, load_questions,
-                                      question_set_path)
+from ds_vicuna.data.question_sets import UnknownQuestionSet, resolve_question_set
+from ds_vicuna.eval.questions import VICUNA_CATEGORIES, QuestionError, load_question_set, load_questions
 
 
 def test_bundled_vicuna_80():
@@ -99,4 +99,10 @@ def test_bundled_fastchat_files_are_byte_for_byte_fastchats():
     expected = {"mt_bench": "119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7",
                 "vicuna_bench": "c248c5c98ba45bb0c2aadae2f270e643bd32679c6c306a3b2a503ac4254cdaa5"}
     for name, digest in expected.items():
-        assert hashlib.sha256(question_set_path(name).read_bytes()).hexdigest() == digest
+        assert hashlib.sha256(resolve_question_set(name).questions.read_bytes()).hexdigest() == digest
+
+
+def test_unknown_set_is_refused_with_the_bundled_names():
+    with pytest.raises(UnknownQuestionSet, match=r"mt_bench_80: no such file, and not a bundled question set "
+                                                 r"\(bundled: mt_bench, mt_bench_mini, vicuna_80, vicuna_bench\)"):
+        load_question_set("mt_bench_80")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tests.support.fake_openai_judge import start_server
 
-from ds_vicuna.eval.run import parse_endpoint
+from ds_vicuna.eval.run_settings import parse_endpoint
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "fastchat"
 MODELS = ("alpha-q8", "beta-q5", "gamma-q6")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ds_vicuna.eval.judgments import read_judgments
-from ds_vicuna.eval.records import RecordError
+from ds_vicuna.data.jsonl import RecordError
 from ds_vicuna.eval.summarize import Options, relative_quality, summarize_loaded
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"

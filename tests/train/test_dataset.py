@@ -158,7 +158,7 @@ def test_multi_rank_rank0_builds_once(tmp_path, data):
 
 
 def test_mixture_plans_by_weight_and_stays_pure(tmp_path, tokenizer):
-    from ds_vicuna.train.config import load_config
+    from ds_vicuna.config import load_config
     from ds_vicuna.train.dataset import MixedDataset, build_mixture
     from ds_vicuna.train.loop import plan_epoch
 

@@ -26,7 +26,8 @@ def run_a(tmp_path_factory):
     cfg = write_train_config(tmp / "cfg.yaml", model, data, data_opts={"batching": "pack"}, learning_rate=3.0e-3,
                              warmup_ratio=0.2, epochs=2, global_batch_size=4, micro_batch_size=1, save_every=2,
                              keep_last=5, weight_decay=0.1)
-    run_checked(deepspeed_command(2, DUMP, tmp / "a.pt", cfg, "--output_dir", tmp / "A"), timeout=400)
+    run_checked(deepspeed_command(2, DUMP, tmp / "a.pt", cfg, "--output_dir", tmp / "A", "--memory_report", "true",
+                                  "--profile_step", "2"), timeout=400)
     return tmp, cfg, torch.load(tmp / "a.pt")
 
 
@@ -65,6 +66,10 @@ def test_checkpoint_folder_layout(run_a):
     assert all(r["tokens_per_s"] > 0 and r["label_tokens"] > 0 for r in records)
     assert (out / "loss.png").stat().st_size > 1000
     assert records[-1]["loss"] < records[0]["loss"]
+    for rank in (0, 1):  # asked for with train.memory_report and train.profile_step (benchmarks read them)
+        memory = json.loads((out / f"memory_rank{rank}.json").read_text())
+        assert 0 < memory["peak_rss_before_training_bytes"] <= memory["peak_rss_bytes"]
+        assert "Self CPU" in (out / f"profile_rank{rank}.txt").read_text()
 
 
 def test_resume_reproduces_every_later_loss(run_a):

@@ -4,10 +4,11 @@ import json
 import pytest
 
 from ds_vicuna.train.checkpoint import CheckpointError, check_resume_compatible
-from ds_vicuna.train.config import load_config
+from ds_vicuna.config import load_config
 from ds_vicuna.train.loop import samples_of, step_batches
 from ds_vicuna.train.cli import split_argv
-from ds_vicuna.train.metrics import matmul_params, peak_flops, plot_loss
+from ds_vicuna.train.metrics import (matmul_params, peak_flops, peak_rss_bytes, plot_loss, step_profile,
+                                     write_memory_report)
 from ds_vicuna.train.build import build_model_config, param_groups, pick_attn_implementation, share_cpu_threads
 from tests.support.tiny_llama import make_tiny_model
 
@@ -140,6 +141,30 @@ def test_loss_plot(tmp_path):
                        + json.dumps({"step": 5, "eval_loss": 0.9}) + "\n")
     png = plot_loss(metrics, tmp_path / "loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_report_and_step_profile_are_written_on_request(tmp_path):
+    """What `train.memory_report` and `train.profile_step` write (benchmarks/bench_train.py reads them)."""
+    import torch
+
+    before = peak_rss_bytes()
+    path = write_memory_report(tmp_path, 1, before, peak_rss_bytes())
+    assert path.name == "memory_rank1.json"
+    report = json.loads(path.read_text())
+    assert report["rank"] == 1 and 0 < report["peak_rss_before_training_bytes"] <= report["peak_rss_bytes"]
+    with step_profile(tmp_path, 0, enabled=False):
+        torch.ones(8) @ torch.ones(8)
+    assert not (tmp_path / "profile_rank0.txt").exists()
+    with step_profile(tmp_path, 0, enabled=True):
+        torch.ones(8, 8) @ torch.ones(8, 8)
+    assert "aten::mm" in (tmp_path / "profile_rank0.txt").read_text()
+
+
+def test_profile_step_must_be_positive(tmp_path):
+    from ds_vicuna.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.profile_step"):
+        load_config(None, ["train.profile_step=0"])
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ds_vicuna.train.config import ConfigError, load_config
+from ds_vicuna.config import ConfigError, load_config
 from ds_vicuna.chat.encoding import IGNORE_INDEX
 from ds_vicuna.train.loss import count_label_tokens
 from ds_vicuna.train.sequence_parallel import check_sequence_parallel, shard_batch

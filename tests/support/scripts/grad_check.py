@@ -15,7 +15,7 @@ import sys
 import torch
 from deepspeed.utils import safe_get_full_grad
 
-from ds_vicuna.train.config import load_config
+from ds_vicuna.config import load_config
 from ds_vicuna.train.launch_env import init_distributed
 from ds_vicuna.train.loop import make_batch, optimizer_step, preflight, setup
 from ds_vicuna.train.cli import quiet_library_warnings

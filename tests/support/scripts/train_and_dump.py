@@ -10,7 +10,7 @@ import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
-from ds_vicuna.train.config import load_config
+from ds_vicuna.config import load_config
 from ds_vicuna.train.loop import train
 from ds_vicuna.train.cli import quiet_library_warnings
 

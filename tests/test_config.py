@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from ds_vicuna.train.config import (Config, ConfigError, fill_deepspeed_config, load_config, load_deepspeed_config,
+from ds_vicuna.config import (Config, ConfigError, fill_deepspeed_config, load_config, load_deepspeed_config,
                               offloads_optimizer, parse_overrides, resolve_precision)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_vicuna_defaults():
@@ -141,7 +141,7 @@ def test_deepspeed_config_must_not_set_batch(tmp_path):
 
 
 def test_train_path_may_be_a_weighted_mix(tmp_path):
-    from ds_vicuna.train.config import DataSource
+    from ds_vicuna.config import DataSource
 
     path = tmp_path / "mix.yaml"
     path.write_text("data:\n  train_path:\n    - sharegpt.jsonl\n    - {path: identity.jsonl, weight: 3}\n"

@@ -1,4 +1,12 @@
-"""JSONL files that join the eval stages: strict readers (errors name file:line) and an append-only writer.
+"""JSONL files that join the eval stages: the strict reader (errors name file:line) and an append-only writer.
+
+    for line, record in iter_jsonl("question.jsonl"):
+        ...
+    with AppendWriter("model_answer/ours.jsonl") as out:
+        out.write({"question_id": 1, ...})
+
+Question sets, answers and judgments are read with it by the eval stages and by the contamination check
+(`ds_vicuna.data.overlap`); it lives in the data stage so both can import it.
 
 The writer flushes and fsyncs every record, so a run killed at any point leaves every finished record on
 disk and at most one torn last line, which `open_append` cuts off before the resumed run appends.

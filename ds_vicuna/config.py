@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ds_vicuna.model.loading import DTYPES
+from ds_vicuna.model.loading import DTYPE_CHOICES
 
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 ROPE_SCALING = ("linear", "dynamic")
 BATCHING = ("pack", "group", "max")
 MASKS = ("assistant", "last_turn", "all")
 SCHEDULERS = ("cosine", "linear", "constant")
+PRECISIONS = DTYPE_CHOICES  # the same choices and auto policy as inference (ds_vicuna.model.loading)
 DEFAULT_LOSS_CHUNK_TOKENS = 1024
 
 
@@ -165,14 +166,20 @@ class TrainConfig:
     loss_chunk_tokens: int | None = DEFAULT_LOSS_CHUNK_TOKENS
     """Labelled tokens per lm_head + cross-entropy chunk: the loss never holds the whole [tokens, vocab] logits
     (see ds_vicuna/train/loss.py); null = the plain path that does (8 GiB in fp32 for 16K tokens x 128K vocabulary)."""
+    memory_report: bool = False
+    """Each rank writes output_dir/memory_rank<R>.json: its peak RSS in bytes when the loop starts (model loaded,
+    engine built: `peak_rss_before_training_bytes`) and when it ends, before the final save (`peak_rss_bytes`)."""
+    profile_step: int | None = None
+    """Run this step of this run (1-based) under torch.profiler; each rank writes its operator table (sorted by
+    self CPU time) to output_dir/profile_rank<R>.txt."""
 
     def __post_init__(self):
-        _check_choice("train.precision", self.precision, DTYPES)
+        _check_choice("train.precision", self.precision, PRECISIONS)
         _check_choice("train.lr_scheduler", self.lr_scheduler, SCHEDULERS)
         for name in ("global_batch_size", "micro_batch_size", "epochs", "save_every", "keep_last", "log_every",
                      "sequence_parallel_size"):
             _check_positive(f"train.{name}", getattr(self, name))
-        for name in ("max_steps", "eval_every", "stop_after_steps", "loss_chunk_tokens"):
+        for name in ("max_steps", "eval_every", "stop_after_steps", "loss_chunk_tokens", "profile_step"):
             if getattr(self, name) is not None:
                 _check_positive(f"train.{name}", getattr(self, name))
         if self.learning_rate <= 0:
