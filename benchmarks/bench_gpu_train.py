@@ -150,7 +150,7 @@ def main() -> int:
         from ds_vicuna.model.embedded import embedded_model_path
 
         tokenizer = embedded_model_path()
-    model = write_random_model(work / "model", tokenizer, TINY if args.tiny else SHAPE)
+    write_random_model(work / "model", tokenizer, TINY if args.tiny else SHAPE)
     shortest = min(int(arm.split(":")[0]) for arm in args.arms)
     write_sharegpt_like(work / "sharegpt_like.jsonl", args.conversations, max_words=min(1700, shortest // 2))
     results = []

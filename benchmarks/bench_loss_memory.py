@@ -1,4 +1,4 @@
-"""Peak memory of the loss: chunked lm_head + cross-entropy (ds_vicuna.train.loss, the default) vs the plain full logits.
+"""Peak memory of the loss: chunked lm_head + cross-entropy (ds_vicuna.train.loss, the default) vs plain logits.
 
     python benchmarks/bench_loss_memory.py                                 # CPU, fp32: peak RSS, 2048 tokens
     python benchmarks/bench_loss_memory.py --device cuda --json out.json   # GPU, bf16: max allocated, 16384 tokens

@@ -48,10 +48,10 @@ def main() -> None:
         q, k, v = (torch.randn(len(ROWS), args.heads, length, args.head_dim, generator=gen, dtype=dtype,
                                requires_grad=True) for _ in range(3))  # [B, H, T, D]
 
-        def masked():
+        def masked(q=q, k=k, v=v):
             sdpa_attention_forward(module, q, k, v, mask[:, None])[0].sum().backward()
 
-        def packed():
+        def packed(q=q, k=k, v=v):
             packed_sdpa_attention(module, q, k, v, None, position_ids=positions)[0].sum().backward()
 
         slow, fast = timed(masked, args.repeat), timed(packed, args.repeat)

@@ -174,7 +174,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=400)
     parser.add_argument("--model", help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench_train"))
-    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of every rank of both arms (default: cores / ranks)")
+    parser.add_argument("--threads", type=int,
+                        help="OMP_NUM_THREADS of every rank of both arms (default: cores / ranks)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--profile-step", type=int,
                         help="ds-vicuna: profile this step (train.profile_step: OUT/ds-vicuna-*/profile_rank*.txt)")

@@ -86,7 +86,8 @@ def bundle_requirements(image: set[str], root: str = "ds-vicuna", extras: tuple[
             try:
                 needed[key] = metadata.version(key)
             except metadata.PackageNotFoundError:
-                raise RuntimeError(f"{req} (needed by {name}) is not installed in {sys.prefix}; run `make env`") from None
+                raise RuntimeError(f"{req} (needed by {name}) is not installed in {sys.prefix}; "
+                                   "run `make env`") from None
             stack.append((key, tuple(req.extras)))
     return dict(sorted(needed.items()))
 
@@ -181,7 +182,8 @@ def make_overlay(base_python: str, env_dir: Path) -> Path:
         shutil.rmtree(env_dir)
     subprocess.run([base_python, "-m", "venv", "--without-pip", str(env_dir)], check=True)
     python = env_dir / "bin" / "python"
-    probe = "import json, site, sysconfig; print(json.dumps(site.getsitepackages() + [sysconfig.get_paths()['purelib']]))"
+    probe = ("import json, site, sysconfig; "
+             "print(json.dumps(site.getsitepackages() + [sysconfig.get_paths()['purelib']]))")
     base_sites = list(dict.fromkeys(json.loads(subprocess.run([base_python, "-c", probe], check=True,
                                                               capture_output=True, text=True).stdout)))
     own_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -201,8 +203,8 @@ def install_bundle(python: Path, wheels: Path, log: list) -> None:
     env.pop("PIP_CONSTRAINT", None)
     env["PIP_CONFIG_FILE"] = os.devnull  # this machine's pip settings (indexes, constraints) play no part
     for step in (files, ["-e", str(REPO)]):
-        command = [str(python), "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation", "--use-pep517",
-                   "--no-cache-dir", "--find-links", str(wheels), *step]
+        command = [str(python), "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation",
+                   "--use-pep517", "--no-cache-dir", "--find-links", str(wheels), *step]
         proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=BUDGETS_S["install"])
         log.append({"command": " ".join(command[3:8]) + " ...", "rc": proc.returncode,
                     "output": (proc.stdout + proc.stderr)[-3000:]})
@@ -293,7 +295,8 @@ def run_check(wheels: Path, report_dir: Path, base_python: str, env_dir: Path, s
     if not skip_bench and cuda:
         loss_json, train_json = report_dir / "loss_memory.json", report_dir / "bench_train.json"
         benches = (("loss_memory", loss_json, ["benchmarks/bench_loss_memory.py", "--device", "cuda"]),
-                   ("bench_train", train_json, ["benchmarks/bench_gpu_train.py", "--tokenizer", wheels / TOKENIZER_DIR]))
+                   ("bench_train", train_json,
+                    ["benchmarks/bench_gpu_train.py", "--tokenizer", wheels / TOKENIZER_DIR]))
         for key, path, command in benches:
             report["phases"].append(run_phase(key, [python, *command, "--json", path], report_dir / f"{key}.log", env))
             report[key] = json.loads(path.read_text()) if path.is_file() else None

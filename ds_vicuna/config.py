@@ -100,7 +100,8 @@ class DataConfig:
     mask: str = "assistant"
     """Which tokens are trained on: assistant (every reply), last_turn, all."""
     batching: str = "pack"
-    """pack = several conversations per row (no padding); group = pad within length-sorted groups; max = pad to max_length."""
+    """pack = several conversations per row (no padding); group = pad within length-sorted groups; max = pad to
+    max_length."""
     max_samples: int | None = None
     """Use only the first N conversations (quick runs)."""
     cache_dir: str | None = None

@@ -1,7 +1,7 @@
 """Answer files in FastChat's `model_answer` format, read and written in one place.
 
-    {"question_id": 81, "answer_id": "...", "model_id": "vicuna-13b", "choices": [{"index": 0, "turns": ["...", "..."]}],
-     "tstamp": 1686286924.8}
+    {"question_id": 81, "answer_id": "...", "model_id": "vicuna-13b",
+     "choices": [{"index": 0, "turns": ["...", "..."]}], "tstamp": 1686286924.8}
 
 Written: always `choices[0].turns`, one string per question turn (FastChat's `gen_judgment.py` reads
 `answer["choices"][0]["turns"][i]`). Read: that, or the older single-turn form `{"text": "..."}` that ds-vicuna

@@ -134,7 +134,8 @@ def _choice_text(response: requests.Response) -> str:
     return content or ""
 
 
-def map_concurrent(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[tuple[T, R | None, Exception | None]]:
+def map_concurrent(fn: Callable[[T], R], items: Iterable[T],
+                   workers: int) -> Iterator[tuple[T, R | None, Exception | None]]:
     """Run `fn` over `items` on `workers` threads; yield `(item, result, error)` as each finishes.
 
     At most `2 * workers` calls are in flight, so a long item list is not submitted all at once and the

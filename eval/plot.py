@@ -247,7 +247,7 @@ def plot_ratings(result: dict, judges: str = "an LLM judge"):
     upper = [max(0.0, m["ci"][1] - m["rating"]) if m["ci"] else 0 for _, m in models]
     fig, ax = plt.subplots(figsize=(8, 0.55 * len(models) + 1.6))
     ax.errorbar(values, range(len(models)), xerr=[lower, upper], fmt="o", color=COLORS["model_2"], capsize=4)
-    for y, (name, m) in enumerate(models):
+    for y, (_name, m) in enumerate(models):
         ci = f" [{m['ci'][0]:.0f}, {m['ci'][1]:.0f}]" if m["ci"] else ""
         ax.annotate(f"{m['rating']:.0f}{ci}", (m["rating"], y), textcoords="offset points", xytext=(0, 8),
                     ha="center", fontsize=8)

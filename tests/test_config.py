@@ -97,7 +97,8 @@ def test_overrides_dotted_bare_and_equals(tmp_path):
 def test_grad_accum_derived_from_global_batch():
     cfg = load_config(None, ["--global_batch_size", "128", "--micro_batch_size", "2"])
     assert cfg.gradient_accumulation_steps(8) == 8 and cfg.gradient_accumulation_steps(1) == 64
-    with pytest.raises(ConfigError, match=r"x world size \(3\); world sizes that can train it: 1, 2, 4, 8, 16, 32, 64 "):
+    with pytest.raises(ConfigError,
+                       match=r"x world size \(3\); world sizes that can train it: 1, 2, 4, 8, 16, 32, 64 "):
         cfg.gradient_accumulation_steps(3)
     assert load_config(None, ["--global_batch_size", "12", "--micro_batch_size", "2"]).world_sizes() == [1, 2, 3, 6]
 

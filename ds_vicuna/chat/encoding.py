@@ -12,8 +12,8 @@ How it stays exact by construction, with no offsets or per-tokenizer cases writt
    `tokenizer.apply_chat_template(...)`, which the tests check.
 4. Labels come from character offsets: a token is trained on when it covers characters of a trained
    assistant reply or its stop token. A reply marked `weight=0` stays in the context without labels; the stop
-   token after a reply marked `truncated` (cut by `ds-vicuna data split`) is never labeled. A token that would mix those with system/user characters raises
-   EncodingError; no sample is ever masked whole or dropped silently.
+   token after a reply marked `truncated` (cut by `ds-vicuna data split`) is never labeled. A token that would
+   mix those with system/user characters raises EncodingError; no sample is ever masked whole or dropped silently.
 """
 from __future__ import annotations
 
@@ -356,6 +356,7 @@ def encode_conversation(messages: Sequence[MessageLike], tokenizer, template: "s
     return get_encoder(tokenizer, template).encode(messages, max_length=max_length, mask=mask)
 
 
-def encode_prompt(messages: Sequence[MessageLike], tokenizer, template: "str | ChatTemplate" = "vicuna_v1.1") -> list[int]:
+def encode_prompt(messages: Sequence[MessageLike], tokenizer,
+                  template: "str | ChatTemplate" = "vicuna_v1.1") -> list[int]:
     """Encode the inference prompt for `messages` (ending with the user's turn)."""
     return get_encoder(tokenizer, template).encode_prompt(messages)

@@ -19,7 +19,8 @@ Every record becomes a `Conversation(id, messages)` of `ds_vicuna.chat.messages.
 checked here (JSON, fields, roles, types, unique ids); the conversation's *structure* (role order, empty turns)
 is the cleaning stage's job. Two records with the same `id` are an error naming both (with `skip_bad`, the later
 one is skipped and counted as `duplicate_id`, as FastChat's cleaner drops it), because every later stage names
-its output after the id; ids are remembered as 64-bit hashes (see `ds_vicuna.data.parallel.HashSet`). Files are read lazily, JSON lists included, so memory does not grow with the file.
+its output after the id; ids are remembered as 64-bit hashes (see `ds_vicuna.data.parallel.HashSet`). Files are
+read lazily, JSON lists included, so memory does not grow with the file.
 The canonical on-disk form this package writes is ShareGPT JSONL (a turn carries `weight`/`truncated` only
 when they are not the default).
 """

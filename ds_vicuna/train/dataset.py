@@ -155,7 +155,8 @@ class MixedDataset:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """Everything about a tokenizer that changes encodings: its backend JSON and its special tokens."""
-    specials = {name: str(getattr(tokenizer, name, None)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    specials = {name: str(getattr(tokenizer, name, None))
+                for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
     return tokenizer.backend_tokenizer.to_str() + json.dumps([specials, special_token_strings(tokenizer)],
                                                              sort_keys=True)
 

@@ -171,7 +171,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, dty
     check_weights(folder, hf, state, expected, tied)
 
     plan = split_torch_state_dict_into_shards(
-        {name: torch.empty(shape, dtype=kind or weights_dtype, device="meta") for name, (shape, kind) in expected.items()},
+        {name: torch.empty(shape, dtype=kind or weights_dtype, device="meta")
+         for name, (shape, kind) in expected.items()},
         filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

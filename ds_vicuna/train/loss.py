@@ -14,17 +14,22 @@ else `batch["labels"]` shifted by one here.
 Chunked path. The plain path holds `logits.float()`: [B, T, V] fp32, 8 GiB for 16K tokens and a 128K vocabulary,
 plus as much again for its gradient. Instead, for one forward the model's output layer (lm_head) returns the loss
 instead of logits: it takes the hidden states of the labelled positions only and runs lm_head + cross-entropy
-`chunk_tokens` rows at a time (`ds_vicuna.train.linear_cross_entropy`), computing each chunk's gradients for the hidden
-states and the weight right away (as Liger-Kernel's fused linear cross-entropy does), so at most one chunk of
-logits exists at a time and no matmul is recomputed. The loss leaves the model as its `logits` output, so DeepSpeed ZeRO-3 treats it as the
-output layer's output: the weight is gathered once for the forward and once for the backward, as usual.
+`chunk_tokens` rows at a time (`ds_vicuna.train.linear_cross_entropy`), computing each chunk's gradients for
+the hidden states and the weight right away (as Liger-Kernel's fused linear cross-entropy does), so at most one
+chunk of logits exists at a time and no matmul is recomputed. The loss leaves the model as its `logits` output,
+so DeepSpeed ZeRO-3 treats it as the output layer's output: the weight is gathered once for the forward and once
+for the backward, as usual.
 """
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 from ds_vicuna.config import DEFAULT_LOSS_CHUNK_TOKENS
 from ds_vicuna.chat.encoding import IGNORE_INDEX
+
+if TYPE_CHECKING:  # annotations only
+    import torch
 
 # torch is imported inside the functions: `python -m ds_vicuna.train` imports this module before its stop-signal
 # handler is installed, and a signal during a slow import would kill the rank.

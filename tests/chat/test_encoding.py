@@ -51,8 +51,8 @@ def test_weight_zero_and_truncated_replies(smol_tokenizer):
     encoded = encode_conversation(chat, smol_tokenizer, "vicuna_v1.1")
     assert labeled_tokens(smol_tokenizer, encoded) == ["ĠYou", "Ġare", "Ġwelcome", "."]  # no <|im_end|> after it
     everything = encode_conversation(chat, smol_tokenizer, "vicuna_v1.1", mask="all")
-    unlabeled = [smol_tokenizer.convert_ids_to_tokens(t) for t, label in zip(everything["input_ids"],
-                                                                          everything["labels"]) if label == IGNORE_INDEX]
+    unlabeled = [smol_tokenizer.convert_ids_to_tokens(t)
+                 for t, label in zip(everything["input_ids"], everything["labels"]) if label == IGNORE_INDEX]
     assert unlabeled == ["ĠI", "Ġam", "ĠVic", "una", ".", "<|im_end|>", "<|im_end|>"]
     with pytest.raises(MessageError, match=r"messages\[1\]\.weight: expected 0 or 1, got 0.5"):
         encode_conversation([CHAT[0], {**CHAT[1], "weight": 0.5}], smol_tokenizer)
@@ -199,7 +199,8 @@ def check_properties(tokenizer, template, messages):
                 current = []
         assert [tokenizer.decode(r) for r in run_ids] == runs
     # (c) the prompt part equals what serving feeds the model, for every reply
-    reply_starts = [i for i, label in enumerate(labels) if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX)]
+    reply_starts = [i for i, label in enumerate(labels)
+                    if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX)]
     reply_indices = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) == 1
                      and REPLY_LEAD[get_template(template).name] + m["content"] + ("" if m.get("truncated") else stop)]
     assert len(reply_starts) == len(reply_indices)
@@ -223,7 +224,8 @@ def check_properties(tokenizer, template, messages):
             assert encoder.encode_prompt(messages[:-1]) == list(prompt)
 
 
-PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY_SETTINGS = settings(max_examples=150, deadline=None,
+                             suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @PROPERTY_SETTINGS

@@ -80,7 +80,8 @@ def test_clean_output_is_markdown_and_teaches_the_identity(cleaned):
 def test_clean_without_skip_bad_names_the_bad_record(tmp_path):
     result = cli("clean", SAMPLE, tmp_path / "o.jsonl", "--workers", "1", check=False)
     assert result.returncode == 2
-    assert re.search(r"sharegpt_sample\.json: record \d+: conversations\[1\]\.from: unknown role 'robot'", result.stderr)
+    assert re.search(r"sharegpt_sample\.json: record \d+: conversations\[1\]\.from: unknown role 'robot'",
+                     result.stderr)
     result = cli("clean", ASSETS / "bad_line.jsonl", tmp_path / "o.jsonl", "--workers", "1", check=False)
     assert result.returncode == 2 and "bad_line.jsonl:2:" in result.stderr
 

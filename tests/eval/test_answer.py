@@ -1,4 +1,4 @@
-"""`eval answer`: FastChat answer records (choices[].turns) from an endpoint (fake) and a local checkpoint (embedded)."""
+"""`eval answer`: FastChat answer records (choices[].turns) from an endpoint (fake) and a local checkpoint."""
 import json
 import subprocess
 import sys

@@ -135,7 +135,8 @@ def test_eval_run_with_our_server_as_one_model(tmp_path, api_url):
     finally:
         fake.shutdown()
     assert "report ->" in printed
-    ours = [json.loads(line) for line in (tmp_path / "run" / "model_answer" / f"{MODEL}.jsonl").read_text().splitlines()]
+    answers = tmp_path / "run" / "model_answer" / f"{MODEL}.jsonl"
+    ours = [json.loads(line) for line in answers.read_text().splitlines()]
     assert sorted(len(r["choices"][0]["turns"]) for r in ours) == [1, 2] and all(r["model_id"] == MODEL for r in ours)
     ratings = json.loads((tmp_path / "run" / "ratings.json").read_text())
     assert set(ratings["models"]) == {MODEL, "fake-q6"} and ratings["battles"] == 3

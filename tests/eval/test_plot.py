@@ -87,7 +87,8 @@ def test_rate_cli_prints_ranks_and_writes_a_png(tmp_path):
     assert all(m["ci"][0] <= m["rating"] <= m["ci"][1] for m in result["models"].values())
     _check_png(tmp_path / "ratings.png")
     table = _cli("rate", FASTCHAT / "gpt-4_pair.jsonl", "--bootstrap", "50").stdout
-    assert "Bradley-Terry ratings (Elo scale, mean 1000) from 8 battles on 4 questions" in table  # 133 has an "error" game
+    # question 133 has an "error" game
+    assert "Bradley-Terry ratings (Elo scale, mean 1000) from 8 battles on 4 questions" in table
 
 
 def test_nothing_to_plot_is_an_error(tmp_path):

@@ -1,4 +1,4 @@
-"""Question sets: bundled files (ours and FastChat's) load; FastChat's format as is; bad records name file:line:field."""
+"""Question sets: bundled files (ours and FastChat's) load; FastChat's format as is; bad records name file:line."""
 import hashlib
 import json
 from collections import Counter

@@ -392,7 +392,7 @@ def test_slurm_srun_tasks_signalled_while_starting_stop_after_the_first_step(tin
     job = slurm.sbatch(["--nodes=2", "--ntasks-per-node=1", "--time=10", f"--output={log}",
                         "launch/slurm/train.sbatch", str(cfg)], env=slurm_env(LAUNCHER="srun"), cwd=REPO)
     deadline = time.monotonic() + 120
-    while not "[sbatch] job" in read(log):
+    while "[sbatch] job" not in read(log):
         assert time.monotonic() < deadline, f"job not started after 120 s: {slurm.job(job)}"
         time.sleep(0.1)
     slurm.signal_batch(job, "USR1")

@@ -107,8 +107,8 @@ def deepspeed_command(num_ranks: int, script: str | Path, *args: str, port: int 
     """The real `deepspeed --num_gpus N script args` launcher (its runner module, so any venv works), free port."""
     from ds_vicuna.train.launch_env import free_port
 
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks), "--master_port", str(port or free_port()),
-            str(script), *map(str, args)]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
+            "--master_port", str(port or free_port()), str(script), *map(str, args)]
 
 
 def run_checked(cmd: list, timeout: int = 300, gpu: bool = False, **kwargs) -> subprocess.CompletedProcess:

@@ -39,7 +39,8 @@ def test_build_matches_encoder_and_hits_cache(tmp_path, data, tokenizer):
     first = build_tokenized_dataset(data, tokenizer, "chatml", 256, cache_dir=tmp_path / "cache", num_workers=1)
     assert not first.from_cache and len(first) == 20
     expected = encode_conversation(
-        [{"role": "user", "content": "question 3 why why why "}, {"role": "assistant", "content": "answer 3 " + "because " * 3},
+        [{"role": "user", "content": "question 3 why why why "},
+         {"role": "assistant", "content": "answer 3 " + "because " * 3},
          {"role": "user", "content": "thanks"}, {"role": "assistant", "content": "you are welcome"}],
         tokenizer, "chatml")
     assert first[3]["input_ids"].tolist() == expected["input_ids"]

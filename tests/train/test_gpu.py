@@ -19,8 +19,9 @@ import sys
 import pytest
 import torch
 
-from tests.support.device_checks import (check_export, check_repeated_batch_run, check_resume, chunked_loss_matches_plain,
-                           packed_rows_match_alone, relative_error, repeated_batch_config, train_run)
+from tests.support.device_checks import (check_export, check_repeated_batch_run, check_resume,
+                                         chunked_loss_matches_plain, packed_rows_match_alone, relative_error,
+                                         repeated_batch_config, train_run)
 from tests.support.tiny_llama import REPO, make_tiny_model, run_checked, write_conversations, write_train_config
 
 gpu = pytest.mark.gpu

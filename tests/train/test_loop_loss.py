@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support.tiny_llama import REPO, deepspeed_command, make_tiny_model, run_checked, write_conversations, write_train_config
+from tests.support.tiny_llama import (REPO, deepspeed_command, make_tiny_model, run_checked, write_conversations,
+                                      write_train_config)
 
 pytestmark = pytest.mark.slow
 PLAIN_LOSS = "4x1:loss_chunk_tokens=null"

@@ -114,8 +114,8 @@ def test_two_rank_checkpoint_resumes_on_one_rank(run_a):
 
 def test_one_rank_checkpoint_resumes_on_two_ranks(run_a):
     """Capacity grew: 1 rank trains 2 steps and stops (train.stop_after_steps: the preemption path, checkpoint
-    and stop, without the signal; tests/launch/test_launch_scripts.py sends real ones); 2 ranks continue from it. Both halves
-    match the uninterrupted 2-rank run A step by step."""
+    and stop, without the signal; tests/launch/test_launch_scripts.py sends real ones); 2 ranks continue from it.
+    Both halves match the uninterrupted 2-rank run A step by step."""
     tmp, cfg, a = run_a
     out = tmp / "grow"
     run_ranks(1, tmp / "grow1.pt", cfg, "--output_dir", out, "--stop_after_steps", "2")
@@ -214,7 +214,8 @@ def test_universal_copy_is_made_once_and_carries_only_what_the_loader_reads(run_
 
     universal = convert_to_universal(folder)
     slim = torch.load(universal / OPTIMIZER_STATE_FILE, weights_only=False)
-    assert "fp32_flat_groups" not in slim and all(set(s) == {"step"} for s in slim["optimizer_state_dict"]["state"].values())
+    assert "fp32_flat_groups" not in slim
+    assert all(set(s) == {"step"} for s in slim["optimizer_state_dict"]["state"].values())
     assert [g["weight_decay"] for g in slim["optimizer_state_dict"]["param_groups"]] == [0.1, 0.0]
     assert (universal / OPTIMIZER_STATE_FILE).stat().st_size * 10 < (plain / OPTIMIZER_STATE_FILE).stat().st_size
     assert not (folder / "latest_universal").exists() and not list(folder.glob(".universal.tmp-*"))
@@ -246,8 +247,8 @@ def test_export_equals_engine_parameters(run_a, tmp_path):
     expected = ds_vicuna.encode_conversation(messages, tok, "vicuna_v1.1")["input_ids"]
     assert tok.apply_chat_template(messages, tokenize=True, return_dict=False) == expected
     generation = GenerationConfig.from_pretrained(out)
-    assert tok.convert_tokens_to_ids("</s>") in ([generation.eos_token_id]
-                                                 if isinstance(generation.eos_token_id, int) else generation.eos_token_id)
+    eos_ids = [generation.eos_token_id] if isinstance(generation.eos_token_id, int) else generation.eos_token_id
+    assert tok.convert_tokens_to_ids("</s>") in eos_ids
     meta = read_model_meta(out)
     assert meta["template"] == "vicuna_v1.1" and meta["stop_strings"] == ["</s>"] and meta["max_length"] == 512
 

@@ -193,5 +193,6 @@ def test_importing_the_trainer_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, ds_vicuna.train, ds_vicuna.train.cli, ds_vicuna.train.__main__; print(sorted(m for m in sys.modules if m == 'torch'))"
+    code = ("import sys, ds_vicuna.train, ds_vicuna.train.cli, ds_vicuna.train.__main__; "
+            "print(sorted(m for m in sys.modules if m == 'torch'))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

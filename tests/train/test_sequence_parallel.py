@@ -10,7 +10,8 @@ from ds_vicuna.config import ConfigError, load_config
 from ds_vicuna.chat.encoding import IGNORE_INDEX
 from ds_vicuna.train.loss import count_label_tokens
 from ds_vicuna.train.sequence_parallel import check_sequence_parallel, shard_batch
-from tests.support.tiny_llama import REPO, deepspeed_command, make_tiny_model, run_checked, write_conversations, write_train_config
+from tests.support.tiny_llama import (REPO, deepspeed_command, make_tiny_model, run_checked, write_conversations,
+                                      write_train_config)
 
 X = IGNORE_INDEX
 
@@ -111,8 +112,8 @@ def test_two_rank_sequence_parallel_training_run_stops_and_resumes(sp_config):
     run_checked(deepspeed_command(2, script, tmp / "sp.pt", cfg, *common, *sp_args, "--stop_after_steps", "2"))
     shutil.copytree(tmp / "o2", tmp / "o3")
     run_checked(deepspeed_command(2, script, tmp / "sp_resumed.pt", cfg, *common, *sp_args, "--resume", "auto"))
-    run_checked([sys.executable, str(script), str(tmp / "shrunk.pt"), str(cfg), *common, "--output_dir", str(tmp / "o3"),
-                 "--resume", "auto"])
+    run_checked([sys.executable, str(script), str(tmp / "shrunk.pt"), str(cfg), *common,
+                 "--output_dir", str(tmp / "o3"), "--resume", "auto"])
     one, sp = torch.load(tmp / "one.pt"), torch.load(tmp / "sp.pt")
     assert sorted(one["losses"]) == [1, 2, 3] and sorted(sp["losses"]) == [1, 2]
     assert sp["checkpoint"].endswith("step-000002")

@@ -1,6 +1,6 @@
 """One optimizer step on fixed samples; dumps the step's loss and full gradients (rank 0) for comparison.
 
-    python tests/support/scripts/grad_check.py CONFIG OUT.pt 4x1 1x4      # one process: micro 4 x GAS 1, micro 1 x GAS 4
+    python tests/support/scripts/grad_check.py CONFIG OUT.pt 4x1 1x4   # one process: micro 4 x GAS 1, micro 1 x GAS 4
     deepspeed --num_gpus 2 tests/support/scripts/grad_check.py CONFIG OUT.pt 1x2   # 2 ranks x micro 1 x GAS 2
     python tests/support/scripts/grad_check.py CONFIG OUT.pt 4x1 4x1:loss_chunk_tokens=null,gradient_checkpointing=false
     deepspeed --num_gpus 2 tests/support/scripts/grad_check.py CONFIG OUT.pt 2x1:sequence_parallel_size=2
