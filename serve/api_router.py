@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ds_vicuna.serve.admission import DEFAULT_MAX_JOBS_PER_REQUEST, DEFAULT_MAX_RUNNING_REQUESTS, Admission
 from ds_vicuna.serve.errors import APIError, ErrorCode
 from ds_vicuna.serve.http_util import install_error_handlers, json_body
 from ds_vicuna.serve.metrics import ServingMetrics, install_metrics
 from ds_vicuna.serve.moderation import Moderator
 from ds_vicuna.serve.openai_protocol import model_list
-from ds_vicuna.serve.routing import Upstream
+from ds_vicuna.serve.routing import Upstream, pooled_session
 from ds_vicuna.serve.serving import ChatService
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -43,6 +44,9 @@ class APIConfig:
         worker_secret: sent to the controller and workers (`X-Worker-Secret`), which refuse calls without it.
         model_memory: seconds a model stays "served a moment ago": asked for while no worker serves it (a
             controller restart, a worker restarting), it is a 503 the client retries, not a 404.
+        max_jobs_per_request: most jobs (prompts x n) in one request; more is a 400 naming the limit.
+        max_running_requests: generation requests in flight at once; one more is a 429 at once. The server needs
+            more threads than this (`serve.cli` gives it 16 more), so health checks and refusals are always answered.
     """
 
     controller: str
@@ -52,6 +56,8 @@ class APIConfig:
     moderator: Moderator = field(default_factory=Moderator)
     worker_secret: str | None = None
     model_memory: float = 120.0
+    max_jobs_per_request: int = DEFAULT_MAX_JOBS_PER_REQUEST
+    max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS
 
 
 def create_app(config: APIConfig, http=None, clock: Callable[[], float] = time.monotonic):
@@ -59,17 +65,25 @@ def create_app(config: APIConfig, http=None, clock: Callable[[], float] = time.m
 
     Args:
         config: the server settings.
-        http: the HTTP client for controller and workers (default: the `requests` module).
+        http: the HTTP client for controller and workers (default: a pooled keep-alive `requests.Session`).
         clock: returns seconds (monotonic), for the model memory and metrics.
     """
     from flask import Flask, Response, jsonify, request, send_from_directory, stream_with_context
 
     if http is None:
-        import requests as http
+        http = pooled_session(config.max_running_requests + 16)
     upstream = Upstream(config.controller, http, config.max_attempts, config.worker_secret, config.model_memory,
                         clock)
     metrics = ServingMetrics(clock=clock)
-    service = ChatService(config.moderator, upstream, metrics)
+    admission = Admission(config.max_jobs_per_request, config.max_running_requests)
+    metrics.gauge("ds_vicuna_queue_depth", "Jobs admitted here still waiting for their first token",
+                  lambda: admission.counts.waiting)
+    metrics.gauge("ds_vicuna_running_jobs", "Jobs streaming tokens through this server",
+                  lambda: admission.counts.running)
+    metrics.gauge("ds_vicuna_running_requests", "Generation requests in flight", admission.running_requests)
+    metrics.gauge("ds_vicuna_queue_limit", "Generation requests in flight before a 429",
+                  lambda: admission.max_running_requests)
+    service = ChatService(config.moderator, upstream, metrics, admission)
     keys = [k.encode() for k in config.api_keys]
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = config.max_content_length

@@ -23,8 +23,16 @@ import sys
 import threading
 
 from ds_vicuna.model.loading import DEVICE_MAPS, DTYPE_CHOICES  # plain tuples: importing the loader loads no torch
+from ds_vicuna.serve.admission import DEFAULT_MAX_JOBS_PER_REQUEST, DEFAULT_MAX_RUNNING_REQUESTS
 
 DEFAULT_CONTROLLER = "http://127.0.0.1:21001"
+# Server sizes, on purpose (see `_server_sizes`): a streaming response holds a thread to its end, so the API keeps
+# SPARE_THREADS beyond --max-running-requests for /health, /v1/models and the 429s themselves, and every role
+# accepts far more connections than it has threads (they queue instead of being refused at the TCP level).
+SPARE_THREADS = 16
+CONTROLLER_THREADS = 16
+CONNECTION_LIMIT = 1000
+READY_TIMEOUT_S = 120.0
 
 
 def register(subparsers) -> None:
@@ -77,7 +85,8 @@ def register(subparsers) -> None:
 def _net_args(p, port: int) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=port)
-    p.add_argument("--threads", type=int, default=0, help="waitress threads (default: enough for the queue)")
+    p.add_argument("--threads", type=int, default=0, help="waitress threads (default: sized for the role: the API "
+                   "--max-running-requests + 16, a worker --max-queue + 8, the controller 16)")
     p.add_argument("--log-level", default="WARNING")
 
 
@@ -95,7 +104,8 @@ def _worker_args(p) -> None:
                    help="prompt tokens prefilled between two decode steps, so long prompts do not stall running "
                    "streams (default: 256 on CPU, 2048 on GPU; 0 = whole prompts at once)")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting + running requests before 429")
+    p.add_argument("--max-queue", type=int, default=64, help="jobs (a request brings prompts x n) waiting or "
+                   "running before a 429; also the most one request may bring")
     p.add_argument("--heartbeat-interval", type=float, default=2.0)
     p.add_argument("--torch-threads", type=int, default=0,
                    help="CPU threads for torch (default: torch's choice; use 1 per worker when several share cores)")
@@ -105,6 +115,13 @@ def _api_args(p) -> None:
     p.add_argument("--api-key", action="append", default=None,
                    help="accepted Bearer key (repeat for several; default: $DS_VICUNA_API_KEYS or none)")
     p.add_argument("--max-content-length", type=int, default=1024 * 1024, help="request body limit in bytes")
+    p.add_argument("--max-jobs-per-request", type=_positive, default=DEFAULT_MAX_JOBS_PER_REQUEST,
+                   help="most completions (prompts x n) one request may ask for; more is a 400 naming this limit "
+                   f"(default {DEFAULT_MAX_JOBS_PER_REQUEST})")
+    p.add_argument("--max-running-requests", type=_positive, default=DEFAULT_MAX_RUNNING_REQUESTS,
+                   help="generation requests the API runs at once; one more is a 429 with Retry-After at once "
+                   f"(default {DEFAULT_MAX_RUNNING_REQUESTS}; the server keeps 16 more threads for health checks "
+                   "and refusals)")
     p.add_argument("--blocked-words", help="moderation: file of blocked words/phrases, one a line")
     p.add_argument("--moderation-url", help="moderation: an OpenAI-compatible /v1/moderations URL")
     p.add_argument("--moderation-key", default=os.environ.get("DS_VICUNA_MODERATION_KEY"))
@@ -116,6 +133,13 @@ def _secret_arg(p, exposed: bool = False) -> None:
     if exposed:
         p.add_argument("--insecure", action="store_true",
                        help="allow binding a non-loopback interface without a worker secret (not recommended)")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _check_exposure(args, role: str, host: str) -> None:
@@ -155,14 +179,15 @@ def _build_api(args, controller_url: str, secret: str | None):
     if not keys and not is_loopback(args.host):
         print(f"warning: the API listens on {args.host} without --api-key: anyone who reaches it can use the model",
               file=sys.stderr, flush=True)
-    config = APIConfig(controller_url, keys, args.max_content_length, moderator=moderator, worker_secret=secret)
-    return create_app(config, http=requests)
+    config = APIConfig(controller_url, keys, args.max_content_length, moderator=moderator, worker_secret=secret,
+                       max_jobs_per_request=args.max_jobs_per_request,
+                       max_running_requests=args.max_running_requests)
+    return create_app(config)  # its own pooled keep-alive session to the controller and workers
 
 
 def _build_worker(args, controller_url: str | None, server_url: str, secret: str | None):
-    import requests
-
     from ds_vicuna.model.loading import load_chat_model
+    from ds_vicuna.serve.routing import pooled_session
     from ds_vicuna.serve.worker import Worker
     from ds_vicuna.chat.templates import TemplateError
 
@@ -178,7 +203,7 @@ def _build_worker(args, controller_url: str | None, server_url: str, secret: str
     placement = getattr(loaded.model, "hf_device_map", None) and "several devices (--device-map)" or loaded.device
     print(f"loaded {loaded.name} on {placement} as {str(loaded.dtype).removeprefix('torch.')}, template "
           f"{loaded.template}, context {loaded.context_length} tokens", flush=True)
-    return Worker(loaded, server_url, controller_url, requests, args.max_batch_size, args.max_queue, secret,
+    return Worker(loaded, server_url, controller_url, pooled_session(2), args.max_batch_size, args.max_queue, secret,
                   args.heartbeat_interval, prefill_chunk=args.prefill_chunk)
 
 
@@ -191,7 +216,7 @@ class Servers:
     def add(self, app, host: str, port: int, threads: int):
         from ds_vicuna.serve.http_util import make_server
 
-        server = make_server(app, host, port, threads)
+        server = make_server(app, host, port, threads, max(CONNECTION_LIMIT, 4 * threads))
         self.servers.append(server)
         return server
 
@@ -219,7 +244,46 @@ def _threads(args, default: int) -> int:
     return args.threads or default
 
 
+def _api_threads(args) -> int:
+    return args.threads or args.max_running_requests + SPARE_THREADS
+
+
+def _raise_fd_limit() -> None:
+    """Let this process open as many sockets as the system allows it (the soft limit up to the hard one)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def _wait_until_served(api_url: str, model: str, worker, timeout: float = READY_TIMEOUT_S) -> bool:
+    """Poll the API's own /health until it lists `model` (a worker serves it, end to end); False on timeout or
+    when the worker ended itself."""
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not worker.stopped.is_set():
+        try:
+            reply = requests.get(f"{api_url}/health", timeout=5)
+            if reply.status_code == 200 and model in reply.json().get("models", []):
+                return True
+        except (requests.RequestException, ValueError):
+            pass
+        time.sleep(0.1)
+    return False
+
+
 def _setup_logging(args) -> None:
+    _raise_fd_limit()
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -236,6 +300,11 @@ def _start_worker(worker, servers: Servers) -> bool:
         servers.close()
         return False
     return True
+
+
+def _loopback(host: str) -> str:
+    """The address this process calls its own server bound to `host` by (a wildcard is called on 127.0.0.1)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def _reachable_name(host: str) -> str:
@@ -271,10 +340,9 @@ def run_all(args) -> int:
     secret = args.worker_secret or secrets.token_hex(16)
     servers = Servers()
     controller = servers.add(controller_app(Controller(args.heartbeat_expiry, secret)), args.controller_host,
-                             args.controller_port, 8)
-    controller_url = server_url(controller, "127.0.0.1" if args.controller_host in ("0.0.0.0", "::")
-                                else args.controller_host)
-    api = servers.add(_build_api(args, controller_url, secret), args.host, args.port, _threads(args, 64))
+                             args.controller_port, CONTROLLER_THREADS)
+    controller_url = server_url(controller, _loopback(args.controller_host))
+    api = servers.add(_build_api(args, controller_url, secret), args.host, args.port, _api_threads(args))
     box = {}  # the worker app needs the worker, the worker needs its own URL: bind first, build after
     worker_server = servers.add(lambda environ, start: box["app"](environ, start), "127.0.0.1", 0,
                                 args.max_queue + 8)
@@ -282,6 +350,12 @@ def run_all(args) -> int:
     worker = _build_worker(args, controller_url, server_url(worker_server, "127.0.0.1"), secret)
     box["app"] = worker_app(worker)
     if not _start_worker(worker, servers):
+        return 1
+    if not _wait_until_served(server_url(api, _loopback(args.host)), worker.loaded.name, worker):
+        print(f"error: the API did not list {worker.loaded.name!r} within {READY_TIMEOUT_S:.0f} s of the worker's "
+              "start (see the log above)", file=sys.stderr, flush=True)
+        servers.close()
+        worker.stop()
         return 1
     public_controller = f"http://{_reachable_name(args.controller_host)}:{controller.effective_port}"
     print(f"controller at {controller_url}; worker {worker.address} serving {worker.loaded.name!r}", flush=True)
@@ -304,7 +378,7 @@ def run_controller(args) -> int:
               file=sys.stderr)
     servers = Servers()
     server = servers.add(create_app(Controller(args.heartbeat_expiry, args.worker_secret)), args.host, args.port,
-                         _threads(args, 16))
+                         _threads(args, CONTROLLER_THREADS))
     servers.start()
     print(f"ds-vicuna controller ready at {server_url(server, args.host)}", flush=True)
     servers.wait()
@@ -342,7 +416,7 @@ def run_api(args) -> int:
     _setup_logging(args)
     servers = Servers()
     server = servers.add(_build_api(args, args.controller, args.worker_secret), args.host, args.port,
-                         _threads(args, 64))
+                         _api_threads(args))
     servers.start()
     print(f"ds-vicuna API ready at {server_url(server, args.host)}/v1", flush=True)
     servers.wait()

@@ -64,6 +64,7 @@ class _Row:
     generated: int = 0  # completion tokens so far (a stop token is not one)
     tokens: list[int] = field(default_factory=list)  # sampled ids fed back: the context is prompt + tokens
     pending: list[TokenLogprob] = field(default_factory=list)  # logprobs not yet sent with a text event
+    sent: int = 0  # generated tokens already counted in a text event
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     recomputes: int = 0
     finished: bool = False
@@ -451,8 +452,9 @@ class BatchEngine:
             row.pending.append(logprob)
         piece, hit_stop = row.text.add(token_id)
         if piece:
-            job.events.put(TextEvent(piece, tuple(row.pending)))
+            job.events.put(TextEvent(piece, tuple(row.pending), row.generated - row.sent))
             row.pending.clear()
+            row.sent = row.generated
         if hit_stop:
             return self._finish(row, FinishReason.STOP)
         if row.generated >= job.params.max_tokens:
@@ -462,8 +464,9 @@ class BatchEngine:
     def _finish(self, row: _Row, reason: FinishReason) -> bool:
         rest = row.text.finish()  # text held back for a stop string that never completed
         if rest:
-            row.job.events.put(TextEvent(rest, tuple(row.pending)))
+            row.job.events.put(TextEvent(rest, tuple(row.pending), row.generated - row.sent))
             row.pending.clear()
+            row.sent = row.generated
         prompt_logprobs = tuple(row.prompt_logprobs) if row.job.params.wants_prompt_logprobs else ()
         row.job.events.put(DoneEvent(reason.value, len(row.job.prompt_ids), row.generated, tuple(row.pending),
                                      prompt_logprobs))

@@ -12,6 +12,7 @@ from ds_vicuna.serve.errors import APIError, ErrorCode
 log = logging.getLogger("ds_vicuna.serve")
 
 SECRET_HEADER = "X-Worker-Secret"
+MAX_JSON_DEPTH = 64  # nesting levels a request body may have (OpenAI's own bodies need fewer than 10)
 
 
 def install_error_handlers(app, metrics=None) -> None:
@@ -98,19 +99,39 @@ def parse_json_body(raw: bytes) -> dict:
     """The request body as a JSON object whose every string can be encoded as UTF-8.
 
     Raises:
-        APIError: not JSON, not an object, or a string holding a lone surrogate (`"\\ud800"`), naming where.
+        APIError: not JSON, nested deeper than `MAX_JSON_DEPTH`, not an object, or a string holding a lone
+            surrogate (`"\\ud800"`), naming where.
     """
     try:
         body = json.loads(raw.decode("utf-8") if raw else "")
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise APIError(ErrorCode.INVALID_JSON, f"the request body is not valid JSON: {err}") from None
+    except RecursionError:  # deeper than the parser's own stack allows
+        raise APIError(ErrorCode.INVALID_JSON, f"the request body is nested deeper than {MAX_JSON_DEPTH} "
+                       "levels") from None
     if not isinstance(body, dict):
         raise APIError(ErrorCode.INVALID_JSON, f"the request body must be a JSON object, got {type(body).__name__}")
+    if _deeper_than(body, MAX_JSON_DEPTH):
+        raise APIError(ErrorCode.INVALID_JSON, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
     bad = _unencodable_text(body)
     if bad is not None:
         raise APIError(ErrorCode.INVALID_VALUE, f"'{bad}' holds text that cannot be encoded as UTF-8 (a lone "
                        "surrogate such as \\ud800); send valid Unicode", bad)
     return body
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON `value` nests objects/arrays more than `limit` levels (iterative: no recursion limit)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _unencodable_text(value: Any, path: str = "") -> str | None:
@@ -135,15 +156,26 @@ def _unencodable_text(value: Any, path: str = "") -> str | None:
     return None
 
 
-def make_server(app, host: str, port: int, threads: int):
-    """A waitress server bound now (port 0 picks a free one); call `.run()` to serve and `.close()` to stop."""
+def make_server(app, host: str, port: int, threads: int, connection_limit: int | None = None,
+                channel_timeout: int = 300):
+    """A waitress server bound now (port 0 picks a free one); call `.run()` to serve and `.close()` to stop.
+
+    Args:
+        threads: requests handled at once (a streaming response holds its thread to the end).
+        connection_limit: open client connections before the server stops accepting more (they wait in the
+            listen backlog); default 4 per thread, at least 100. Sized per role by `serve.cli`.
+        channel_timeout: seconds an idle connection (e.g. a pooled keep-alive one) stays open.
+    """
     from waitress.server import create_server
 
     # send_bytes=1: flush each streamed chunk at once instead of waiting for 18 kB of output.
     # channel_request_lookahead: keep reading the socket while the app runs, so a handler can ask
     # environ["waitress.client_disconnected"]() whether its client went away (non-streaming cancel).
+    # asyncore_use_poll: poll() has no FD_SETSIZE: select() fails for any descriptor past 1023 ("filedescriptor
+    # out of range in select()"), which killed the server loop of a process holding many sockets.
     return create_server(app, host=host, port=port, threads=threads, send_bytes=1, ident="ds-vicuna",
-                         channel_timeout=300, connection_limit=max(100, threads * 4), channel_request_lookahead=4)
+                         channel_timeout=channel_timeout, connection_limit=connection_limit or max(100, threads * 4),
+                         channel_request_lookahead=4, asyncore_use_poll=True)
 
 
 def server_url(server, host: str) -> str:

@@ -1,13 +1,16 @@
-"""Routing jobs to workers: the controller client, worker selection with failover, and one job's event stream.
+"""Routing requests to workers: the controller client, worker selection with failover, a request's event stream.
 
-    upstream = Upstream("http://127.0.0.1:21001", requests, max_attempts=3, secret=S)
-    events = upstream.open("vicuna", {"messages": [...], "params": {...}})   # streaming, failover before the 1st event
-    result = upstream.complete("vicuna", payload)                             # a whole job, retried whole
+    upstream = Upstream("http://127.0.0.1:21001", pooled_session(), max_attempts=3, secret=S)
+    address, events = upstream.open_batch("vicuna", [job, job])   # streaming: (job index, event), 1st received
+    results = upstream.run_batch("vicuna", [job, job])            # whole jobs, unfinished ones retried elsewhere
 
-A worker that fails before its first event (refused connection, 429, 5xx, broken stream) is excluded and the job
-goes to another one; `complete` retries a job even after tokens, since its client has seen nothing yet. Every
-failover leaves one log line. While the controller is unreachable, jobs go to the workers it last named
-(`LastSeenWorkers`).
+All the jobs of one API request (its choices and prompts) go to one worker in one call, which admits them all or
+none, so a request costs one connection to the controller (one pick) and one to a worker, however many jobs it
+holds. A worker that fails before its first event (refused connection, 429, 5xx, broken stream) is excluded and
+the batch goes to another one; `run_batch` retries the jobs that did not finish even after tokens, since their
+client has seen nothing yet. Every failover leaves one log line. While the controller is unreachable, batches go to
+the workers it last named (`LastSeenWorkers`). Connections come from one pooled keep-alive session
+(`pooled_session`) and a worker's connection is closed as soon as its batch ends or is refused.
 """
 from __future__ import annotations
 
@@ -21,10 +24,26 @@ from typing import Callable, Iterator
 from ds_vicuna.serve.errors import APIError, ErrorCode
 from ds_vicuna.serve.http_util import SECRET_HEADER
 from ds_vicuna.serve.worker_events import (DoneEvent, ErrorEvent, Event, ProtocolError, TextEvent, TokenLogprob,
-                                           is_final, parse_line)
+                                           is_final, parse_job_line)
 
 log = logging.getLogger(__name__)
 RETRYABLE = {ErrorCode.QUEUE_FULL, ErrorCode.WORKER_FAILED, ErrorCode.INTERNAL, ErrorCode.NO_WORKER}
+CONTROLLER_TIMEOUT_S = 10
+WORKER_TIMEOUT_S = (5, 600)  # (connect, between two reads)
+IndexedEvent = tuple[int, Event]
+
+
+def pooled_session(connections: int = 64):
+    """A `requests.Session` whose connections to each host are pooled and kept alive: at most `connections` stay
+    open per host, more are opened for a moment when that many calls run at once and closed after use."""
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=16, pool_maxsize=connections, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 
 
 class ControllerDown(Exception):
@@ -88,7 +107,7 @@ class Upstream:
 
     Args:
         controller: the controller's URL.
-        http: an object with `get`/`post` like the `requests` module (stateless, safe across threads).
+        http: an object with `get`/`post` like a `requests.Session` (safe across threads), e.g. `pooled_session()`.
         max_attempts: workers tried per job.
         secret: the worker secret, sent with every controller and worker call.
         model_memory: see `serve.api_router.APIConfig.model_memory`.
@@ -133,8 +152,8 @@ class Upstream:
 
     def _call(self, method: str, path: str, **kwargs) -> dict:
         try:
-            reply = getattr(self.http, method)(f"{self.controller}{path}", timeout=10, headers=self._headers,
-                                               **kwargs)
+            reply = getattr(self.http, method)(f"{self.controller}{path}", timeout=CONTROLLER_TIMEOUT_S,
+                                               headers=self._headers, **kwargs)
         except Exception as err:
             self._controller_state(False, type(err).__name__)
             raise ControllerDown(type(err).__name__) from None
@@ -178,16 +197,21 @@ class Upstream:
         return address
 
     # ---- workers --------------------------------------------------------------------------------------------
-    def open(self, model: str, payload: dict) -> Iterator[Event]:
-        """Events of one job (`serve.worker_events`), its first event already received.
+    def open_batch(self, model: str, payloads: list[dict],
+                   tried: list[str] | None = None) -> tuple[str, "BatchStream"]:
+        """Start `payloads` (a request's jobs) on one worker, in one call; its first event already received.
+
+        Args:
+            tried: workers to leave out; failed ones are appended.
+
+        Returns:
+            the worker's address, and (job index, event) pairs; closing them cancels the jobs on the worker.
 
         Raises:
-            APIError: a client error from the worker (e.g. context length), or every attempt failed.
+            APIError: a client error from the worker (e.g. context length), or every attempt failed (a 429 when
+                every worker's queue was full: nothing was generated).
         """
-        return self.open_at(model, payload, [])[1]
-
-    def open_at(self, model: str, payload: dict, tried: list[str]) -> tuple[str, Iterator[Event]]:
-        """Like `open`, also returning the worker's address; failed workers are appended to `tried`."""
+        tried = [] if tried is None else tried
         last: APIError | None = None
         for _ in range(self.max_attempts):
             try:
@@ -195,7 +219,7 @@ class Upstream:
             except APIError as err:
                 raise (last if last is not None and err.code is ErrorCode.NO_WORKER else err) from None
             try:
-                events = self._start(address, payload)
+                events = self._start(address, payloads)
                 first = next(events)
             except APIError as err:
                 if err.code not in RETRYABLE:
@@ -203,44 +227,56 @@ class Upstream:
                 self._failed_over(address, model, err.message, tried)
                 last = err
                 continue
-            if isinstance(first, ErrorEvent):
-                self._failed_over(address, model, first.message, tried)
-                last = APIError(ErrorCode.WORKER_FAILED, f"a worker failed: {first.message}")
+            index, event = first
+            if isinstance(event, ErrorEvent):
+                close_stream(events)
+                code = _code(event.code)
+                if code not in RETRYABLE:
+                    raise APIError(code, event.message)
+                self._failed_over(address, model, event.message, tried)
+                last = APIError(ErrorCode.WORKER_FAILED, f"a worker failed: {event.message}")
                 continue
-            return address, JobStream(first, events)
+            return address, BatchStream(first, events)
         raise last or APIError(ErrorCode.NO_WORKER, f"no worker could serve model '{model}'")
 
     @staticmethod
     def _failed_over(address: str, model: str, reason: str, tried: list[str]) -> None:
         tried.append(address)
-        log.warning("failover: worker %s failed a job for model %r (%s); trying another", address, model, reason)
+        log.warning("failover: worker %s failed a request for model %r (%s); trying another", address, model,
+                    reason)
 
-    def _start(self, address: str, payload: dict) -> Iterator[Event]:
+    def _start(self, address: str, payloads: list[dict]) -> Iterator[IndexedEvent]:
         try:
-            reply = self.http.post(f"{address}/worker_generate_stream", json=payload, stream=True, timeout=(5, 600),
-                                   headers=self._headers)
+            reply = self.http.post(f"{address}/worker_generate_batch", json={"jobs": payloads}, stream=True,
+                                   timeout=WORKER_TIMEOUT_S, headers=self._headers)
         except Exception as err:
             log.warning("worker %s unreachable: %s", address, err)
             raise APIError(ErrorCode.WORKER_FAILED, f"a worker was unreachable ({type(err).__name__})") from None
         if reply.status_code != 200:
             body = _json_or_none(reply)
-            reply.close()
+            reply.close()  # refused: its socket goes now, not when the garbage is collected
             err = APIError.from_body(body, reply.status_code)
             if err.code is ErrorCode.INVALID_WORKER_SECRET:  # our configuration, not the client's request
                 log.error("worker %s refused this API server's worker secret", address)
                 err = APIError(ErrorCode.WORKER_FAILED, "a worker refused this API server (wrong worker secret)")
             raise err
-        return self._lines(reply, address)
+        return self._lines(reply, address, len(payloads))
 
     @staticmethod
-    def _lines(reply, address: str) -> Iterator[Event]:
+    def _lines(reply, address: str, jobs: int) -> Iterator[IndexedEvent]:
+        open_jobs = set(range(jobs))
         try:
             for line in reply.iter_lines():
-                if line:
-                    event = parse_line(line)
-                    yield event
-                    if is_final(event):
-                        return
+                if not line:
+                    continue
+                index, event = parse_job_line(line)
+                if index not in open_jobs:
+                    raise ProtocolError(f"an event for job {index}, which is not open")
+                if is_final(event):
+                    open_jobs.discard(index)
+                yield index, event
+                if not open_jobs:
+                    return
             raise APIError(ErrorCode.WORKER_FAILED, "a worker closed the stream early")
         except APIError:
             raise
@@ -253,53 +289,85 @@ class Upstream:
         finally:
             reply.close()
 
-    def complete(self, model: str, payload: dict, cancel: threading.Event | None = None) -> JobResult:
-        """Run one job to the end; retried whole on another worker if it fails before the end.
+    def run_batch(self, model: str, payloads: list[dict], cancel: threading.Event | None = None,
+                  observe: Callable[[int, Event], None] | None = None) -> list["JobResult"]:
+        """Run a request's jobs to the end on one worker; jobs that did not finish are retried on another.
 
         Args:
-            cancel: once set (the client went away), the job's worker connection is closed at its next event,
-                which cancels the job on the worker.
+            cancel: once set (the client went away), the worker connection is closed at its next event, which
+                cancels the jobs on the worker.
+            observe: called with (job index, event) for every event (metrics).
 
         Raises:
             APIError: a client error, every attempt failed, or CLIENT_CLOSED after `cancel`.
         """
+        results: list[JobResult | None] = [None] * len(payloads)
         tried: list[str] = []
         last: APIError | None = None
         for _ in range(self.max_attempts):
+            pending = [i for i, result in enumerate(results) if result is None]
+            if not pending:
+                break
             try:
-                address, events = self.open_at(model, payload, tried)  # tries several workers itself
-            except APIError as err:  # after a job broke mid-way, its error says more than "none left"
+                address, events = self.open_batch(model, [payloads[i] for i in pending], tried)
+            except APIError as err:  # after a batch broke mid-way, its error says more than "none left"
                 raise (last if last is not None and err.code is ErrorCode.NO_WORKER else err) from None
+            collected = [_Collected() for _ in pending]
             try:
-                return _collect_job(events, cancel)
+                for k, event in events:
+                    if cancel is not None and cancel.is_set():
+                        raise APIError(ErrorCode.CLIENT_CLOSED, "the client closed the connection")
+                    if observe is not None:
+                        observe(pending[k], event)
+                    collected[k].add(event)
             except APIError as err:
                 if err.code not in RETRYABLE:
                     raise
-                self._failed_over(address, model, err.message, tried)
                 last = err
-        raise last or APIError(ErrorCode.NO_WORKER, f"no worker could serve model '{model}'")
+            finally:
+                events.close()
+            for k, job in enumerate(collected):
+                if job.error is not None and job.error.code not in RETRYABLE:
+                    raise job.error
+                results[pending[k]] = job.result
+                last = job.error or last
+            if any(result is None for result in results):
+                self._failed_over(address, model, last.message if last else "jobs did not finish", tried)
+        if any(result is None for result in results):
+            raise last or APIError(ErrorCode.NO_WORKER, f"no worker could serve model '{model}'")
+        return results
 
 
-def _collect_job(events: "JobStream", cancel: threading.Event | None) -> JobResult:
-    parts: list[str] = []
-    logprobs: list[TokenLogprob] = []
-    first_text_at = None
+class _Collected:
+    """One job's events gathered into a `JobResult` (or its error)."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.first_text_at: float | None = None
+        self.result: JobResult | None = None
+        self.error: APIError | None = None
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, TextEvent):
+            self.first_text_at = self.first_text_at or time.monotonic()
+            self.parts.append(event.text)
+            self.logprobs.extend(event.logprobs)
+        elif isinstance(event, DoneEvent):
+            self.result = JobResult("".join(self.parts), event.finish_reason, event.prompt_tokens,
+                                    event.completion_tokens, self.logprobs + list(event.logprobs),
+                                    event.prompt_logprobs, self.first_text_at)
+        else:
+            code = _code(event.code)
+            self.error = APIError(code if code not in RETRYABLE else ErrorCode.WORKER_FAILED,
+                                  f"a worker failed: {event.message}" if code in RETRYABLE else event.message)
+
+
+def _code(value: str) -> ErrorCode:
     try:
-        for event in events:
-            if cancel is not None and cancel.is_set():
-                raise APIError(ErrorCode.CLIENT_CLOSED, "the client closed the connection")
-            if isinstance(event, TextEvent):
-                first_text_at = first_text_at or time.monotonic()
-                parts.append(event.text)
-                logprobs.extend(event.logprobs)
-            elif isinstance(event, DoneEvent):
-                return JobResult("".join(parts), event.finish_reason, event.prompt_tokens, event.completion_tokens,
-                                 logprobs + list(event.logprobs), event.prompt_logprobs, first_text_at)
-            else:
-                raise APIError(ErrorCode.WORKER_FAILED, f"a worker failed: {event.message}")
-        raise APIError(ErrorCode.WORKER_FAILED, "a worker closed the stream early")
-    finally:
-        events.close()
+        return ErrorCode(value)
+    except ValueError:
+        return ErrorCode.WORKER_FAILED
 
 
 def _is_ours(body) -> bool:
@@ -307,18 +375,19 @@ def _is_ours(body) -> bool:
     return isinstance(body, dict) and isinstance(body.get("error"), dict) and "code" in body["error"]
 
 
-class JobStream:
-    """A job's events: `first` (already received), then `events`. `close()` closes `events`, and so the worker
-    connection, whether or not iteration began (closing a generator that never started runs no `finally`)."""
+class BatchStream:
+    """A request's events as (job index, event): `first` (already received), then `events`. `close()` closes
+    `events`, and so the worker connection, whether or not iteration began (closing a generator that never
+    started runs no `finally`)."""
 
-    def __init__(self, first: Event, events: Iterator[Event]):
-        self._first: list[Event] = [first]
+    def __init__(self, first: IndexedEvent, events: Iterator[IndexedEvent]):
+        self._first: list[IndexedEvent] = [first]
         self._events = events
 
-    def __iter__(self) -> "JobStream":
+    def __iter__(self) -> "BatchStream":
         return self
 
-    def __next__(self) -> Event:
+    def __next__(self) -> IndexedEvent:
         return self._first.pop() if self._first else next(self._events)
 
     def close(self) -> None:
@@ -326,7 +395,7 @@ class JobStream:
 
 
 def close_stream(stream) -> None:
-    """Close a job stream (or any iterator with `close`), ending its worker connection."""
+    """Close a batch stream (or any iterator with `close`), ending its worker connection."""
     close = getattr(stream, "close", None)
     if close is not None:
         close()

@@ -11,15 +11,18 @@ without the template's leading separator, so a client's history renders the way 
 
 A scheduler thread runs `serve.engine.BatchEngine`: between decode steps it admits waiting requests into free
 batch slots (up to `max_batch_size` rows decode together), long prompts are prefilled in chunks while the others keep
-streaming, and finished rows leave at once. A full queue answers 429; a prompt plus max_tokens beyond the
-model's context answers 400. One job's failure is that job's error event; if the scheduler thread dies anyway,
-`Worker.healthy` turns False, waiting clients get an error event and new requests are refused.
+streaming, and finished rows leave at once. A request's jobs (choices, prompts) arrive in one call
+(`/worker_generate_batch`) and are admitted all or none: when they do not all fit in the queue now, the call is a
+429 before anything is generated; a prompt plus max_tokens beyond the model's context answers 400. One job's
+failure is that job's error event; if the scheduler thread dies anyway, `Worker.healthy` turns False, waiting
+clients get an error event and new requests are refused.
 
 The worker registers with the controller and heartbeats its queue length and health; a controller that refuses
 the secret ends the worker (`RegistrationRefused`), one that forgot it (restarted) gets a new registration.
 
-Endpoints (all but /health need the worker secret when one is set): POST /worker_generate_stream (JSON lines of
-`serve.worker_events`), POST /count_tokens, GET /worker_status, /metrics (Prometheus), /health.
+Endpoints (all but /health need the worker secret when one is set): POST /worker_generate_batch
+(`{"jobs": [job, ...]}` -> JSON lines of `serve.worker_events`, each naming its job), POST /worker_generate_stream
+(one job -> its lines), POST /count_tokens, GET /worker_status, /metrics (Prometheus), /health.
 """
 from __future__ import annotations
 
@@ -34,10 +37,10 @@ from ds_vicuna.model.loading import ChatModel
 from ds_vicuna.serve.engine import BatchEngine
 from ds_vicuna.serve.errors import APIError, ErrorCode
 from ds_vicuna.serve.http_util import SECRET_HEADER, install_error_handlers, json_body, require_secret
-from ds_vicuna.serve.jobs import GenerationJob, chat_job
+from ds_vicuna.serve.jobs import GenerationJob, JobSink, chat_job
 from ds_vicuna.serve.metrics import ServingMetrics, install_metrics
 from ds_vicuna.serve.sampling import DEFAULT_MAX_TOKENS, SamplingParams
-from ds_vicuna.serve.worker_events import DoneEvent, ErrorEvent, Event, TextEvent, is_final, to_line
+from ds_vicuna.serve.worker_events import ErrorEvent, Event, is_final, to_line
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class Worker:
         controller: the controller's URL, or None to run unregistered (tests).
         http: an object with `post(url, json=..., headers=..., timeout=...)` (e.g. requests.Session).
         max_batch_size: requests decoded together.
-        max_queue: waiting + running requests before new ones get 429.
+        max_queue: waiting + running jobs before new ones get 429 (also the most jobs one call may carry).
         secret: the controller's worker-registration secret.
         heartbeat_interval: seconds between heartbeats.
         prefill_chunk: prompt tokens prefilled per scheduler step (None: by device; 0: whole prompts).
@@ -85,6 +88,7 @@ class Worker:
         self._said_unhealthy = False
         self._scheduler: threading.Thread | None = None
         self._scheduler_error: str | None = None
+        self.metrics = ServingMetrics()
 
     @property
     def healthy(self) -> bool:
@@ -148,24 +152,79 @@ class Worker:
         return params
 
     def submit(self, job: GenerationJob) -> None:
-        """Queue a job for the scheduler.
+        """Queue a job for the scheduler (`submit_all` of one)."""
+        self.submit_all([job])
+
+    def submit_all(self, jobs: list[GenerationJob]) -> None:
+        """Queue jobs for the scheduler, all or none.
 
         Raises:
-            APIError: QUEUE_FULL when `max_queue` requests are already waiting or running; WORKER_FAILED when the
+            APIError: QUEUE_FULL (nothing queued) when they do not all fit beside the jobs waiting or running;
+                INVALID_VALUE when there are more than `max_queue` (they never could); WORKER_FAILED when the
                 scheduler has died.
         """
+        if len(jobs) > self.max_queue:
+            raise APIError(ErrorCode.INVALID_VALUE, f"{len(jobs)} jobs in one call, more than this worker's whole "
+                           f"queue ({self.max_queue}, --max-queue)", "jobs")
         with self._lock:
             if not self.healthy:
                 raise APIError(ErrorCode.WORKER_FAILED, "this worker cannot generate (its scheduler stopped)")
-            if len(self._waiting) + self._running >= self.max_queue:
-                raise APIError(ErrorCode.QUEUE_FULL, f"the worker's queue is full ({self.max_queue} requests); "
-                               "retry shortly")
-            self._waiting.append(job)
+            held = len(self._waiting) + self._running
+            if held + len(jobs) > self.max_queue:
+                raise APIError(ErrorCode.QUEUE_FULL, f"the worker's queue is full ({held} of {self.max_queue} jobs "
+                               f"held, {len(jobs)} asked for); retry shortly")
+            self._waiting.extend(jobs)
             self._lock.notify()
 
     def queue_length(self) -> int:
+        """Jobs waiting or running."""
         with self._lock:
             return len(self._waiting) + self._running
+
+    def queue_depth(self) -> int:
+        """Jobs waiting for a batch slot."""
+        with self._lock:
+            return len(self._waiting)
+
+    def running_jobs(self) -> int:
+        """Jobs in the batch (being prefilled or decoding)."""
+        with self._lock:
+            return self._running
+
+    def open_jobs(self, jobs: list[GenerationJob], poll: float = 1.0) -> Iterator[tuple[int, Event]]:
+        """Submit `jobs` now (all or none, see `submit_all`) and return their (index, event) pairs as they come.
+
+        Each job's events are counted in `metrics` as the engine makes them, read or not. Closing the iterator
+        (the caller went away) cancels the jobs that have not ended.
+        """
+        inbox: "queue.Queue[tuple[int, Event]]" = queue.Queue()
+        started = time.monotonic()
+        for i, job in enumerate(jobs):
+            job.events = JobSink(inbox, i, self.metrics.observer(started=started, timed=True))
+        self.submit_all(jobs)
+        return self._events_of(jobs, inbox, poll)
+
+    def _events_of(self, jobs: list[GenerationJob], inbox: "queue.Queue[tuple[int, Event]]",
+                   poll: float) -> Iterator[tuple[int, Event]]:
+        open_jobs = set(range(len(jobs)))
+        try:
+            while open_jobs:
+                try:
+                    index, event = inbox.get(timeout=poll)
+                except queue.Empty:
+                    reason = "the worker is shutting down" if self._stopping.is_set() else \
+                        None if self.healthy else "the worker's scheduler stopped"
+                    if reason is not None:
+                        for index in sorted(open_jobs):
+                            yield index, ErrorEvent(reason)
+                        return
+                    continue
+                if is_final(event):
+                    open_jobs.discard(index)
+                yield index, event
+        finally:
+            for job in jobs:
+                job.cancelled.set()
 
     def stream(self, job: GenerationJob, poll: float = 1.0) -> Iterator[Event]:
         """Events of a submitted job (`serve.worker_events`); closing the iterator cancels the job."""
@@ -313,33 +372,48 @@ def create_app(worker: Worker, max_content_length: int = 4 * 1024 * 1024):
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_content_length
-    metrics = ServingMetrics()
-    metrics.gauge("ds_vicuna_queue_length", "Requests waiting or running on this worker", worker.queue_length)
-    metrics.gauge("ds_vicuna_queue_limit", "Requests this worker holds before answering 429",
-                  lambda: worker.max_queue)
+    metrics = worker.metrics
+    metrics.gauge("ds_vicuna_queue_length", "Jobs waiting or running on this worker", worker.queue_length)
+    metrics.gauge("ds_vicuna_queue_depth", "Jobs waiting for a batch slot", worker.queue_depth)
+    metrics.gauge("ds_vicuna_running_jobs", "Jobs in the batch (prefilling or decoding)", worker.running_jobs)
+    metrics.gauge("ds_vicuna_queue_limit", "Jobs this worker holds before answering 429", lambda: worker.max_queue)
     install_error_handlers(app, metrics)
     require_secret(app, worker.secret)
     install_metrics(app, metrics)
 
-    def observed(job: GenerationJob) -> Iterator[bytes]:
-        started, first = time.monotonic(), True
-        for event in worker.stream(job):
-            if first and isinstance(event, TextEvent):
-                first = False
-                metrics.time_to_first_token.observe(time.monotonic() - started)
-            elif isinstance(event, DoneEvent):
-                metrics.job_finished(event.prompt_tokens, event.completion_tokens)
-            elif isinstance(event, ErrorEvent):
-                metrics.errors.labels(event.code).inc()
-            yield to_line(event)
+    def lines(events: Iterator[tuple[int, Event]], tagged: bool) -> Iterator[bytes]:
+        try:
+            for index, event in events:
+                yield to_line(event, index if tagged else None)
+        finally:
+            events.close()  # the API went away: cancel the jobs
+
+    def jobs_of(body: dict) -> list[GenerationJob]:
+        raw = body.get("jobs")
+        if not isinstance(raw, list) or not raw or not all(isinstance(job, dict) for job in raw):
+            raise APIError(ErrorCode.INVALID_VALUE, "'jobs' must be a non-empty list of job objects", "jobs")
+        jobs = []
+        for i, job in enumerate(raw):
+            try:
+                jobs.append(worker.make_job(job))
+            except APIError as err:  # the API checked these already: name the job for whoever else calls
+                raise APIError(err.code, f"jobs[{i}]: {err.message}" if len(raw) > 1 else err.message,
+                               err.param) from None
+        return jobs
+
+    def generate(jobs: list[GenerationJob], tagged: bool):
+        if not worker.healthy:
+            raise APIError(ErrorCode.WORKER_FAILED, "this worker's scheduler has stopped; it takes no requests")
+        events = worker.open_jobs(jobs)  # admitted all or none before the response starts: a 429 is a 429
+        return Response(stream_with_context(lines(events, tagged)), mimetype="application/x-ndjson")
+
+    @app.post("/worker_generate_batch")
+    def generate_batch():
+        return generate(jobs_of(json_body(request)), tagged=True)
 
     @app.post("/worker_generate_stream")
     def generate_stream():
-        if not worker.healthy:
-            raise APIError(ErrorCode.WORKER_FAILED, "this worker's scheduler has stopped; it takes no requests")
-        job = worker.make_job(json_body(request))
-        worker.submit(job)
-        return Response(stream_with_context(observed(job)), mimetype="application/x-ndjson")
+        return generate([worker.make_job(json_body(request))], tagged=False)
 
     @app.post("/count_tokens")
     def count_tokens():
@@ -348,6 +422,7 @@ def create_app(worker: Worker, max_content_length: int = 4 * 1024 * 1024):
     @app.get("/worker_status")
     def worker_status():
         return jsonify({"model": worker.loaded.name, "queue_length": worker.queue_length(),
+                        "queue_depth": worker.queue_depth(), "running_jobs": worker.running_jobs(),
                         "max_queue": worker.max_queue, "max_batch_size": worker.engine.max_batch_size,
                         "context_length": worker.loaded.context_length, "healthy": worker.healthy})
 

@@ -2,18 +2,22 @@
 
     from ds_vicuna.serve.worker_events import TextEvent, DoneEvent, ErrorEvent, parse_line, to_line
     line = to_line(TextEvent("Hel"))       # b'{"text": "Hel"}\\n'
-    parse_line(line)                       # TextEvent(text='Hel', logprobs=())
+    parse_line(line)                       # TextEvent(text='Hel', logprobs=(), tokens=0)
+    to_line(TextEvent("Hel", tokens=1), job=3)   # b'{"text": "Hel", "tokens": 1, "job": 3}\\n' (one of a batch)
+    parse_job_line(line)                   # (3, TextEvent(...))
 
 A job's stream is zero or more `TextEvent`s, then exactly one `DoneEvent` or `ErrorEvent`. The worker writes
 these (`to_line`), the API reads them (`parse_line`), and the test fakes use the same classes, so both sides
-agree on one format. The wire shapes are plain JSON objects:
+agree on one format. A request's jobs travel in one call (`/worker_generate_batch`): each line then also names
+its job (`"job": index`) and the jobs' lines interleave. The wire shapes are plain JSON objects:
 
-    {"text": str, "logprobs": [TokenLogprob...]}            # "logprobs" only when asked for
+    {"text": str, "tokens": int, "logprobs": [TokenLogprob...]}   # "tokens" when > 0, "logprobs" when asked for
     {"done": {"finish_reason", "prompt_tokens", "completion_tokens", "prompt_logprobs"?}}
     {"error": {"message": str, "code": str}}                # code: an errors.ErrorCode value
 
-`logprobs` on a text event are the tokens generated since the previous event (a text piece may be held back
-while it could still start a stop string, so pieces and tokens need not line up one to one).
+`logprobs` on a text event are the tokens generated since the previous event, and `tokens` counts them (a text
+piece may be held back while it could still start a stop string, so pieces and tokens need not line up one to
+one); the API counts generated tokens as they arrive, so a stream its client dropped is counted too.
 """
 from __future__ import annotations
 
@@ -59,13 +63,22 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class TextEvent:
-    """A piece of the reply that is final (never half a character, never part of a stop string)."""
+    """A piece of the reply that is final (never half a character, never part of a stop string).
+
+    Attributes:
+        text: the piece.
+        logprobs: the tokens generated since the previous event, when asked for.
+        tokens: how many tokens were generated since the previous event (0 from workers that do not say).
+    """
 
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
+    tokens: int = 0
 
     def to_dict(self) -> dict:
         body: dict = {"text": self.text}
+        if self.tokens:
+            body["tokens"] = self.tokens
         if self.logprobs:
             body["logprobs"] = [lp.to_dict() for lp in self.logprobs]
         return body
@@ -114,9 +127,10 @@ FINAL_EVENTS = (DoneEvent, ErrorEvent)
 LOGPROB_FLOOR = -9999.0
 
 
-def to_line(event: Event) -> bytes:
-    """One event as a UTF-8 JSON line (ending in a newline)."""
-    return (json.dumps(event.to_dict(), ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+def to_line(event: Event, job: int | None = None) -> bytes:
+    """One event as a UTF-8 JSON line (ending in a newline); `job` tags it with its job's index in a batch."""
+    body = event.to_dict() if job is None else {**event.to_dict(), "job": job}
+    return (json.dumps(body, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
 
 
 def is_final(event: Event) -> bool:
@@ -129,16 +143,41 @@ def parse_line(line: bytes | str) -> Event:
     Raises:
         ProtocolError: not JSON, or not one of the three event shapes.
     """
+    return _event(_json_object(line))
+
+
+def parse_job_line(line: bytes | str) -> tuple[int, Event]:
+    """Parse one line of a batch stream: (the job's index, its event).
+
+    Raises:
+        ProtocolError: not an event, or no non-negative integer "job".
+    """
+    raw = _json_object(line)
+    job = raw.get("job")
+    if not isinstance(job, int) or isinstance(job, bool) or job < 0:
+        raise ProtocolError(f"a batch event needs a job index, got {job!r}")
+    return job, _event(raw)
+
+
+def _json_object(line: bytes | str) -> dict:
     try:
         raw = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise ProtocolError(f"not a JSON line: {err}") from None
     if not isinstance(raw, dict):
         raise ProtocolError(f"an event is a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _event(raw: dict) -> Event:
     if "text" in raw:
         if not isinstance(raw["text"], str):
             raise ProtocolError("'text' must be a string")
-        return TextEvent(raw["text"], _logprobs(raw.get("logprobs")))
+        try:
+            tokens = _count(raw, "tokens") if "tokens" in raw else 0
+        except TypeError as err:
+            raise ProtocolError(str(err)) from None
+        return TextEvent(raw["text"], _logprobs(raw.get("logprobs")), tokens)
     if "done" in raw:
         done = raw["done"]
         try:

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from ds_vicuna.serve.routing import JobStream
+from ds_vicuna.serve.routing import BatchStream
 from ds_vicuna.serve.worker_events import TextEvent
 from tests.support.serve_fakes import (CHAT, FULL, EndlessResponse, FakeResponse, assert_error, events, ok_worker,
                                         streamed_text)
@@ -40,18 +40,18 @@ def test_worker_client_errors_pass_through_and_full_queues_give_429(stack):
     assert_error(client.post("/v1/chat/completions", json={**CHAT, "stream": True}), 429, "queue_full")
 
 
-def test_closing_a_job_stream_before_reading_it_closes_the_worker_connection():
+def test_closing_a_batch_stream_before_reading_it_closes_the_worker_connection():
     response = EndlessResponse()
 
     def events():
         try:
-            yield from (TextEvent("x") for _ in response.iter_lines())
+            yield from ((0, TextEvent("x")) for _ in response.iter_lines())
         finally:
             response.close()
 
     inner = events()
-    next(inner)  # the first event, as Upstream.open_at reads it before choosing a worker
-    stream = JobStream(TextEvent("x"), inner)
+    next(inner)  # the first event, as Upstream.open_batch reads it before choosing a worker
+    stream = BatchStream((0, TextEvent("x")), inner)
     stream.close()
     assert response.closed
 

@@ -17,7 +17,7 @@ from ds_vicuna.serve.api_router import APIConfig, create_app
 from ds_vicuna.serve.controller import Controller
 from ds_vicuna.serve.controller import create_app as controller_app
 from ds_vicuna.serve.openai_protocol import iter_sse
-from ds_vicuna.serve.worker_events import DoneEvent, TextEvent, TokenLogprob, to_line
+from ds_vicuna.serve.worker_events import DoneEvent, ProtocolError, TextEvent, TokenLogprob, parse_line, to_line
 
 CONTROLLER = "http://controller"
 SECRET = "s3cret"
@@ -72,11 +72,41 @@ def logprob_worker(body):
                                     to_line(DoneEvent("stop", 2, 3, logprobs=keep(stop), prompt_logprobs=prompt))])
 
 
-class FakeHTTP:
-    """`requests`-like: the controller is a Flask test client, each worker a function(body) -> FakeResponse.
+class BatchResponse(FakeResponse):
+    """A worker's answer to one batch call, made of one scripted reply per job: their lines interleaved (one from
+    each in turn), each tagged with its job as the real worker tags them; closing it closes every reply."""
 
-    `controller_down` makes every controller call fail as a refused connection; `payloads` and `headers` record
-    what each worker call carried.
+    def __init__(self, replies: list):
+        super().__init__(200)
+        self.replies = replies
+
+    def iter_lines(self):
+        streams = [(job, iter(reply.iter_lines())) for job, reply in enumerate(self.replies)]
+        while streams:
+            for item in list(streams):
+                job, lines = item
+                try:
+                    line = next(lines)
+                except StopIteration:
+                    streams.remove(item)
+                    continue
+                try:
+                    yield to_line(parse_line(line), job).rstrip(b"\n")
+                except ProtocolError:
+                    yield line  # garbage stays garbage
+
+    def close(self):
+        for reply in self.replies:
+            reply.close()
+
+
+class FakeHTTP:
+    """`requests`-like: the controller is a Flask test client, each worker a function(job body) -> FakeResponse.
+
+    A batch call (`/worker_generate_batch`) runs the worker's function once per job: any refusal (not 200) is the
+    batch's answer (the replies already made are closed), else their lines come interleaved (`BatchResponse`).
+    `controller_down` makes every controller call fail as a refused connection; `calls` records each worker
+    call's address, `payloads` each job, `headers` each call's headers.
     """
 
     def __init__(self, controller_client, workers: dict):
@@ -98,15 +128,26 @@ class FakeHTTP:
             with self._lock:
                 reply = self.controller.post(url[len(CONTROLLER):], json=json, headers=headers)
             return FakeResponse(reply.status_code, reply.get_json())
-        address = url.rsplit("/", 1)[0]
+        address, endpoint = url.rsplit("/", 1)
+        jobs = json["jobs"] if endpoint == "worker_generate_batch" else [json]
         with self._lock:
             self.calls.append(address)
-            self.payloads.append(json)
+            self.payloads.extend(jobs)
             self.headers.append(headers)
         behaviour = self.workers[address]
         if isinstance(behaviour, Exception):
             raise behaviour
-        return behaviour(json)
+        if endpoint != "worker_generate_batch":
+            return behaviour(json)
+        replies = []
+        for job in jobs:
+            reply = behaviour(job)
+            if reply.status_code != 200:
+                for made in replies:
+                    made.close()
+                return reply
+            replies.append(reply)
+        return BatchResponse(replies)
 
 
 class FakeClock:
