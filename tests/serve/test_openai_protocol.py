@@ -95,6 +95,8 @@ def test_worker_params_follow_the_contract(stack):
 @pytest.mark.parametrize("payload,status,code,param", [
     (b"{not json", 400, "invalid_json", None),
     (b"[1, 2]", 400, "invalid_json", None),
+    (b'{"a": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", 400, "invalid_json", None),  # once a RecursionError 500
+    (b'{"a": ' + b"[" * 64 + b"]" * 64 + b"}", 400, "invalid_json", None),  # deeper than MAX_JSON_DEPTH
     ({**CHAT, "temperature": "hot"}, 400, "invalid_type", "temperature"),
     ({**CHAT, "temperature": 3}, 400, "invalid_value", "temperature"),
     ({**CHAT, "max_tokens": True}, 400, "invalid_type", "max_tokens"),

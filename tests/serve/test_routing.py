@@ -125,3 +125,17 @@ def test_an_api_server_with_the_wrong_worker_secret_is_a_server_error_not_the_cl
     assert_error(reply, 500, "internal_error")
     assert http.calls == [] and any("--worker-secret" in r.getMessage() for r in caplog.records)
     assert client.get("/health").status_code == 503
+
+
+def test_a_batch_broken_mid_way_retries_only_its_unfinished_jobs_elsewhere(stack):
+    def half_broken(body):
+        if body["prompt"] == "a":
+            return FakeResponse(200, lines=events("A"))
+        return FakeResponse(200, lines=events("x", "y"), broken_after=1)
+
+    client, http = stack({"http://w1": half_broken, "http://w2": ok_worker})
+    reply = client.post("/v1/completions", json={"model": "m", "prompt": ["a", "b"], "max_tokens": 3})
+    texts = [c["text"] for c in reply.get_json()["choices"]]
+    assert reply.status_code == 200 and texts == ["A", "Hello!"]
+    assert http.calls == ["http://w1", "http://w2"]
+    assert [p["prompt"] for p in http.payloads] == ["a", "b", "b"]  # the finished job was not run again

@@ -173,3 +173,80 @@ def test_non_streaming_request_is_cancelled_when_its_client_goes_away(stack):
                         environ_overrides={"waitress.client_disconnected": gone.is_set})
     assert reply.status_code == 499 and time.monotonic() - started < 5
     assert len(replies) == 2 and all(r.closed for r in replies)
+
+
+# ---- admission and one call per request --------------------------------------------------------------------
+def metric_samples(client) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = client.get("/metrics").get_data(as_text=True)
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if not s.labels}
+
+
+def test_a_requests_jobs_reach_one_worker_in_one_call(stack):
+    client, http = stack({"http://w1": ok_worker, "http://w2": ok_worker})
+    body = client.post("/v1/completions", json={"model": "m", "prompt": ["a", "b"], "n": 3, "max_tokens": 3})
+    assert body.status_code == 200 and len(body.get_json()["choices"]) == 6
+    assert len(http.calls) == 1 and len(http.payloads) == 6  # one worker call carrying all six jobs
+    reply = client.post("/v1/chat/completions", json={**CHAT, "n": 4, "stream": True})
+    assert reply.status_code == 200 and len(http.calls) == 2 and len(http.payloads) == 10
+
+
+def test_too_many_jobs_in_a_request_is_a_400_before_any_work(stack):
+    client, http = stack({"http://w1": ok_worker}, max_jobs_per_request=4)
+    reply = client.post("/v1/completions", json={"model": "m", "prompt": ["Hi"] * 3, "n": 2, "max_tokens": 1})
+    assert reply.status_code == 400
+    err = reply.get_json()["error"]
+    assert err["code"] == "invalid_value" and err["param"] == "n" and "at most 4" in err["message"]
+    assert http.calls == []
+    assert client.post("/v1/completions", json={"model": "m", "prompt": ["Hi"] * 2, "n": 2,
+                                                "max_tokens": 1}).status_code == 200
+
+
+def test_past_the_running_limit_a_request_is_429_at_once_and_its_place_comes_back(stack):
+    import time
+
+    replies: list[EndlessResponse] = []
+
+    def endless_worker(body):
+        replies.append(EndlessResponse())
+        return replies[-1]
+
+    client, http = stack({"http://w1": endless_worker}, max_running_requests=1)
+    holding = client.post("/v1/chat/completions", json={**CHAT, "stream": True}, buffered=False)
+    next(iter(holding.response))
+    started = time.monotonic()
+    refused = client.post("/v1/chat/completions", json=CHAT)
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    assert time.monotonic() - started < 1 and len(http.calls) == 1  # refused before anything reached a worker
+    samples = metric_samples(client)
+    assert samples["ds_vicuna_running_requests"] == 1 and samples["ds_vicuna_queue_limit"] == 1
+    holding.close()  # the client goes away: its place and its worker connection are given back
+    assert replies[0].closed and metric_samples(client)["ds_vicuna_running_requests"] == 0
+    never_read = client.post("/v1/chat/completions", json={**CHAT, "stream": True}, buffered=False)
+    never_read.close()  # closed before its first chunk: the place comes back all the same
+    assert replies[1].closed and metric_samples(client)["ds_vicuna_running_requests"] == 0
+
+
+def test_metrics_count_a_dropped_streams_tokens_and_time_every_request(stack):
+    replies: list[EndlessResponse] = []
+
+    def endless_worker(body):
+        replies.append(EndlessResponse())
+        return replies[-1]
+
+    client, _ = stack({"http://w1": endless_worker})
+    reply = client.post("/v1/chat/completions", json={**CHAT, "stream": True}, buffered=False)
+    chunks = iter(reply.response)
+    received = [next(chunks) for _ in range(6)]  # the role chunk, then five tokens
+    assert sum(b'"content": "x"' in c for c in received) == 5
+    samples = metric_samples(client)
+    assert samples["ds_vicuna_running_jobs"] == 1 and samples["ds_vicuna_queue_depth"] == 0
+    reply.close()
+    samples = metric_samples(client)
+    assert samples["ds_vicuna_generation_tokens_total"] >= 5  # counted though the stream never finished
+    assert samples["ds_vicuna_running_jobs"] == 0 and samples["ds_vicuna_running_requests"] == 0
+    assert samples["ds_vicuna_request_duration_seconds_count"] == 1
+    assert samples["ds_vicuna_time_to_first_token_seconds_count"] == 1
+    assert samples["ds_vicuna_inter_token_latency_seconds_count"] >= 4

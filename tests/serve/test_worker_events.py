@@ -6,10 +6,11 @@ import math
 import pytest
 
 from ds_vicuna.serve.worker_events import (DoneEvent, ErrorEvent, ProtocolError, TextEvent, TokenLogprob, is_final,
-                                      parse_line, to_line)
+                                      parse_job_line, parse_line, to_line)
 
 EVENTS = [
     TextEvent("Hel"),
+    TextEvent("lo", tokens=2),
     TextEvent("naïve 🙂 \n\"quoted\"", (TokenLogprob(" na", -0.5, ((" na", -0.5), (" the", -1.25))),)),
     DoneEvent("stop", 12, 3),
     DoneEvent("length", 4, 2, logprobs=(TokenLogprob("x", -2.0),),
@@ -27,8 +28,22 @@ def test_round_trip(event):
     assert parse_line(line.decode()) == event
 
 
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
+def test_batch_lines_name_their_job(event):
+    line = to_line(event, job=5)
+    assert parse_job_line(line) == (5, event)
+    assert parse_line(line) == event  # the job tag is extra, not a different event
+
+
+@pytest.mark.parametrize("line", [to_line(TextEvent("x")), b'{"text": "x", "job": -1}', b'{"text": "x", "job": "1"}',
+                                  b'{"text": "x", "job": true}', b'{"text": "x", "tokens": -2, "job": 0}'])
+def test_a_batch_line_without_a_valid_job_or_count_is_a_protocol_error(line):
+    with pytest.raises(ProtocolError):
+        parse_job_line(line)
+
+
 def test_final_events():
-    assert [is_final(e) for e in EVENTS] == [False, False, True, True, True, True]
+    assert [is_final(e) for e in EVENTS] == [False, False, False, True, True, True, True]
 
 
 def test_minus_infinity_is_written_as_openai_writes_it():

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ds_vicuna.serve.worker_events import DoneEvent, parse_line
+from ds_vicuna.serve.worker_events import DoneEvent, TextEvent, parse_job_line, parse_line
 from ds_vicuna.model.loading import ChatModel
 from ds_vicuna.serve.worker import RegistrationRefused, Worker, create_app
 
@@ -112,6 +112,60 @@ def test_metrics_count_jobs_and_show_the_queue(served):
     assert samples["ds_vicuna_queue_length"] == 0 and samples["ds_vicuna_queue_limit"] == 4
     assert samples["ds_vicuna_generation_tokens_total"] == 3
     assert samples["ds_vicuna_time_to_first_token_seconds_count"] == 1
+
+
+def metric_samples(client) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = client.get("/metrics", headers={"X-Worker-Secret": SECRET}).get_data(as_text=True)
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if not s.labels}
+
+
+def test_a_batch_call_runs_every_job_and_tags_each_line(served):
+    worker, client = served
+    jobs = [GENERATE, {"prompt": "Hi there", "params": {"max_tokens": 2, "temperature": 0.0}}]
+    reply = client.post("/worker_generate_batch", json={"jobs": jobs}, headers={"X-Worker-Secret": SECRET})
+    assert reply.status_code == 200
+    events = [parse_job_line(line) for line in reply.get_data().splitlines()]
+    done = {job: event for job, event in events if isinstance(event, DoneEvent)}
+    assert sorted(done) == [0, 1] and (done[0].completion_tokens, done[1].completion_tokens) == (3, 2)
+    assert sum(e.tokens for _, e in events if isinstance(e, TextEvent)) <= 5  # text events say their tokens
+    bad = client.post("/worker_generate_batch", json={"jobs": [GENERATE, {"prompt": ""}]},
+                      headers={"X-Worker-Secret": SECRET})
+    assert bad.status_code == 400 and bad.get_json()["error"]["message"].startswith("jobs[1]: ")
+    for body in ({"jobs": []}, {"jobs": "x"}, {"jobs": [GENERATE] * 5}):  # 5 > max_queue: never admissible
+        reply = client.post("/worker_generate_batch", json=body, headers={"X-Worker-Secret": SECRET})
+        assert reply.status_code == 400 and reply.get_json()["error"]["param"] == "jobs", body
+
+
+def test_a_batch_is_admitted_all_or_none(loaded):
+    worker = make_worker(loaded)  # not started: what is queued stays queued
+    client = create_app(worker).test_client()
+    for _ in range(3):
+        worker.submit(worker.make_job(GENERATE))
+    reply = client.post("/worker_generate_batch", json={"jobs": [GENERATE, GENERATE]},
+                        headers={"X-Worker-Secret": SECRET})
+    assert reply.status_code == 429 and reply.headers["Retry-After"] == "1"
+    assert worker.queue_length() == 3  # neither job was queued
+    samples = metric_samples(client)
+    assert samples["ds_vicuna_queue_depth"] == 3 and samples["ds_vicuna_running_jobs"] == 0
+
+
+def test_tokens_of_a_job_whose_caller_went_away_are_counted(served):
+    worker, client = served
+    long_job = {"prompt": "Hello", "params": {"max_tokens": 200, "temperature": 0.0}}
+    reply = client.post("/worker_generate_batch", json={"jobs": [long_job]}, headers={"X-Worker-Secret": SECRET},
+                        buffered=False)
+    lines = iter(reply.response)
+    next(lines)
+    next(lines)
+    reply.close()  # the API went away: the job is cancelled; what it generated still counts
+    assert wait_for(lambda: worker.queue_length() == 0)
+    samples = metric_samples(client)
+    assert 2 <= samples["ds_vicuna_generation_tokens_total"] < 200
+    assert samples["ds_vicuna_request_duration_seconds_count"] == 1
+    assert samples["ds_vicuna_inter_token_latency_seconds_count"] >= 1
 
 
 def wait_for(condition, timeout: float = 5.0) -> bool:
