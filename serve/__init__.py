@@ -14,11 +14,12 @@ Modules, bottom up (each imports only the ones above it):
     engine           BatchEngine: continuous batching with chunked prefill on one causal LM
     generate         generate_replies: offline replies with the engine (eval answer, the demo)
     http_util        what every Flask app shares: error handlers, the worker secret, JSON bodies, waitress
-    metrics          Prometheus metrics of the API and the workers
+    metrics          Prometheus metrics of the API and the workers (JobObserver: one job's events -> metrics)
+    admission        the API's limits before any work: jobs per request (400), requests in flight (429)
     moderation       the input filter (blocked words, a moderation endpoint)
     controller       the worker registry and router (least loaded worker per model)
     worker           Worker: a model, its scheduler thread and heartbeats, and its Flask app
-    routing          the API's controller/worker client: worker choice, failover, one job's event stream
+    routing          the API's controller/worker client: worker choice, failover, a request's jobs in one call
     serving          ChatService: the chat/completions logic (parse -> moderate -> route -> respond)
     api_router       APIConfig + create_app: thin Flask handlers of the OpenAI-compatible API and the chat page
     cli              `ds-vicuna serve ...` and `ds-vicuna chat`
