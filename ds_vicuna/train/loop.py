@@ -37,7 +37,7 @@ from ds_vicuna.train.metrics import (LOSS_PLOT, MetricsLogger, describe_engine, 
                                      peak_rss_bytes, plot_loss, progress_bar, step_flops, step_profile,
                                      write_memory_report)
 from ds_vicuna.train.build import (bf16_supported, build_engine, build_model, build_model_config, check_cpu_adam,
-                                   cpu_has_native_bf16, pick_training_attention, share_cpu_threads)
+                                   cpu_has_native_bf16, pick_training_attention, share_cpu_threads_if_needed)
 
 
 class TrainError(RuntimeError):
@@ -168,14 +168,13 @@ def setup(cfg: Config, ds_base: dict, launch: LaunchEnv) -> Run:
         total_steps = min(total_steps, cfg.train.max_steps)
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_type == "cpu":
-        share_cpu_threads()
+    share_cpu_threads_if_needed(device_type, ds_base)
     precision = resolve_precision(cfg.train.precision, device_type, bf16_supported(device_type))
     if precision == "bf16" and device_type == "cpu" and not cpu_has_native_bf16() and launch.is_main:
         print("[ds-vicuna] bf16 on a CPU without avx512_bf16/AMX: matmuls are emulated (slower than fp32); "
               "parameters, gradients and activations take half the memory", flush=True)
     model_config = build_model_config(model_path, cfg)
-    attn = pick_training_attention(cfg.model.attn_implementation, cfg.data.batching, sp_size)
+    attn = pick_training_attention(cfg.model.attn_implementation, cfg.data.batching, sp_size, device_type)
     check_sequence_parallel(sp_size, launch.world_size, model_config, attn, ds_base)
     ds = fill_deepspeed_config(ds_base, micro_batch_size=cfg.train.micro_batch_size, grad_accum=grad_accum,
                                world_size=launch.world_size, hidden_size=model_config.hidden_size,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ds_vicuna.train.packed_attention import PACKED_SDPA, packed_sdpa_attention, register_packed_sdpa, segment_starts
+from tests.support.gpu_device import DEVICE
 
 
 def test_segment_starts_follow_position_restarts():
@@ -66,4 +67,4 @@ def test_same_logits_and_gradients_as_transformers_packed_sdpa():
 
 @pytest.mark.gpu
 def test_same_logits_and_gradients_as_transformers_packed_sdpa_on_gpu():
-    _check_same_as_transformers_packed_sdpa("cuda")  # the one-kernel mask path
+    _check_same_as_transformers_packed_sdpa(DEVICE)  # the one-kernel mask path
