@@ -659,19 +659,18 @@ def image_pins(path: Path = IMAGE_PACKAGES) -> dict:
 
 
 def image_env_requirements() -> list[str]:
-    """What the rehearsal's stand-in for the GPU image holds: every package `ds-vicuna[dev]` needs that the image
-    has (nothing else), at the image's pinned version where image_packages.txt gives one, else at this .venv's;
-    torch is CPU torch 2.13.0 (the local CPU build) standing in for the image's CUDA torch."""
+    """What the rehearsal's stand-in for the GPU image is built from: every package `ds-vicuna[dev]` needs that the
+    image has, at the image's version where image_packages.txt pins one (pip picks the rest to fit them); torch is
+    CPU torch 2.13.0 (the local CPU build) standing in for the image's CUDA torch."""
     image, pins = image_packages(), image_pins()
-    wanted = {name: version for name, version in bundle_requirements(set()).items() if name in image}
-    wanted.update({name: pins[name] for name in wanted.keys() & pins.keys()})
-    wanted["torch"] = CPU_TORCH
-    return [f"{name}=={version}" for name, version in sorted(wanted.items())]
+    wanted = sorted(name for name in bundle_requirements(set()) if name in image and name != "torch")
+    return [f"{name}=={pins[name]}" if name in pins else name for name in wanted] + [f"torch=={CPU_TORCH}"]
 
 
 def make_image_env(env_dir: Path) -> str:
-    """A venv holding only the GPU image's packages (`image_env_requirements`), built with the package index once
-    (a stamp holds the requirement list). Returns its python."""
+    """A venv holding only the GPU image's packages (`image_env_requirements` with what they need; anything pip
+    adds that the image lacks is removed again), built with the package index once (a stamp holds the
+    requirement list). Returns its python."""
     python, stamp = env_dir / "bin" / "python", env_dir / STAMP
     requirements = image_env_requirements()
     if python.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == requirements:
@@ -684,9 +683,16 @@ def make_image_env(env_dir: Path) -> str:
                            *requirements], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"the image stand-in at {env_dir} did not install:\n{proc.stderr[-3000:]}")
+    listed = subprocess.run([str(python), "-m", "pip", "list", "--format=json", "--disable-pip-version-check"],
+                            check=True, capture_output=True, text=True).stdout
+    extra = sorted(canonical(d["name"]) for d in json.loads(listed))
+    extra = [name for name in extra if name not in image_packages() and name not in ("pip", "setuptools", "wheel")]
+    if extra:  # not in the image: the bundle must bring them, so the stand-in must lack them
+        subprocess.run([str(python), "-m", "pip", "uninstall", "--quiet", "-y", *extra], check=True,
+                       capture_output=True)
     stamp.write_text(json.dumps(requirements) + "\n")
-    print(f"[rehearsal] image stand-in: {len(requirements)} packages in {env_dir} "
-          f"({time.monotonic() - started:.0f} s)", flush=True)
+    print(f"[rehearsal] image stand-in: {len(requirements)} packages asked for in {env_dir}, {len(extra)} that "
+          f"the image lacks removed ({' '.join(extra) or 'none'}); {time.monotonic() - started:.0f} s", flush=True)
     return str(python)
 
 
@@ -732,6 +738,9 @@ def rehearsal(work: Path, report_dir: Path, reuse_bundle: bool = False) -> int:
     local = wheels_for(image_python, wheels, work / "wheels_local")
     if report_dir.exists():
         shutil.rmtree(report_dir)
+    # its own JIT build of DeepSpeed's ops: the overlay's deepspeed lives elsewhere than .venv's, and one folder
+    # shared by two installs rebuilds at every switch
+    os.environ["TORCH_EXTENSIONS_DIR"] = str((work / "torch_extensions").resolve())
     codes = {command: run_command(command, local, report_dir, image_python, work / "overlay", device="cpu")
              for command in ("test", "bench")}
     print(f"[rehearsal] {time.monotonic() - started:.0f} s in all; test exit {codes['test']}, bench exit "

@@ -112,6 +112,18 @@ def pick_training_attention(requested: str, batching: str, sequence_parallel_siz
     return attn
 
 
+def enable_tf32(precision: str, device_type: str) -> bool:
+    """fp32 training on CUDA: matmuls in TF32 (`torch.set_float32_matmul_precision("high")`), the precision whose
+    peak `metrics.peak_flops("fp32")` divides by for MFU; without it fp32 MFU would be measured against a peak the
+    GPU was never asked to reach. Returns whether TF32 was enabled."""
+    import torch
+
+    if precision != "fp32" or device_type != "cuda":
+        return False
+    torch.set_float32_matmul_precision("high")
+    return True
+
+
 def bf16_supported(device_type: str) -> bool:
     """Whether this GPU, or this CPU's torch (oneDNN), can train in bf16."""
     import torch

@@ -37,7 +37,8 @@ from ds_vicuna.train.metrics import (LOSS_PLOT, MetricsLogger, describe_engine, 
                                      peak_rss_bytes, plot_loss, progress_bar, step_flops, step_profile,
                                      write_memory_report)
 from ds_vicuna.train.build import (bf16_supported, build_engine, build_model, build_model_config, check_cpu_adam,
-                                   cpu_has_native_bf16, pick_training_attention, share_cpu_threads_if_needed)
+                                   cpu_has_native_bf16, enable_tf32, pick_training_attention,
+                                   share_cpu_threads_if_needed)
 
 
 class TrainError(RuntimeError):
@@ -170,6 +171,7 @@ def setup(cfg: Config, ds_base: dict, launch: LaunchEnv) -> Run:
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     share_cpu_threads_if_needed(device_type, ds_base)
     precision = resolve_precision(cfg.train.precision, device_type, bf16_supported(device_type))
+    enable_tf32(precision, device_type)  # what peak_flops("fp32") assumes
     if precision == "bf16" and device_type == "cpu" and not cpu_has_native_bf16() and launch.is_main:
         print("[ds-vicuna] bf16 on a CPU without avx512_bf16/AMX: matmuls are emulated (slower than fp32); "
               "parameters, gradients and activations take half the memory", flush=True)

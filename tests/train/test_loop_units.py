@@ -10,7 +10,7 @@ from ds_vicuna.train.cli import split_argv
 from ds_vicuna.train.metrics import (matmul_params, peak_flops, peak_rss_bytes, plot_loss, step_profile,
                                      write_memory_report)
 from ds_vicuna.train.build import (build_model_config, param_groups, pick_attn_implementation, pick_training_attention,
-                                   share_cpu_threads, share_cpu_threads_if_needed)
+                                   enable_tf32, share_cpu_threads, share_cpu_threads_if_needed)
 from tests.support.tiny_llama import make_tiny_model
 
 
@@ -95,6 +95,22 @@ def test_packed_rows_on_cuda_use_flex_attention_never_a_dense_mask():
     assert pick_training_attention("auto", "group", 1, "cuda") == "sdpa"  # no packing: no mask to build
     assert pick_training_attention("flex_attention", "pack", 1, "cpu") == "flex_attention"
     assert pick_training_attention("auto", "pack", 2, "cuda") == PACKED_SDPA  # sequence parallel core attention
+
+
+def test_fp32_on_cuda_runs_in_tf32_the_precision_its_mfu_peak_counts():
+    import torch
+
+    from ds_vicuna.train.metrics import peak_flops
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert not enable_tf32("bf16", "cuda") and not enable_tf32("fp32", "cpu")
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert enable_tf32("fp32", "cuda") and torch.get_float32_matmul_precision() == "high"  # TF32
+        assert peak_flops("fp32", "NVIDIA H100 80GB HBM3") == peak_flops("bf16", "NVIDIA H100 80GB HBM3") / 2
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_split_argv_drops_launcher_flag():
