@@ -50,6 +50,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 BUDGETS_S = {"install": 75, "probe": 25, "tests": 180, "loss_memory": 35, "bench_train": 145}
 COMMAND_PHASES = {"test": ("install", "probe", "tests"), "bench": ("install", "probe", "loss_memory", "bench_train")}
 COMMAND_LIMIT_S = 285
+# The rehearsal (device cpu) runs the same phases on a 2-core CPU: every gpu test on the CPU takes far longer.
+REHEARSAL_BUDGETS_S = {"install": 300, "probe": 60, "tests": 1500, "loss_memory": 120, "bench_train": 600}
 GRACE_S = 15  # SIGINT this long before a phase's budget ends, SIGKILL at the end
 NO_GPU_EXIT = 3
 STAMP = ".ds_vicuna_installed"
@@ -284,26 +286,29 @@ def install_bundle(python: Path, wheels: Path, log: list, budget_s: float, offli
             raise RuntimeError(f"install failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
 
 
-def ensure_installed(base_python: str, wheels: Path, env_dir: Path, offline: list[str]) -> tuple[Path, dict]:
+def ensure_installed(base_python: str, wheels: Path, env_dir: Path, offline: list[str],
+                     budgets: dict = BUDGETS_S) -> tuple[Path, dict]:
     """The overlay with the bundle installed, once per machine: a stamp (the manifest's digest and the base
     interpreter) skips the install when nothing changed. Returns (its python, the install phase record)."""
     started = time.monotonic()
     python, stamp = env_dir / "bin" / "python", env_dir / STAMP
     want = {"manifest": manifest_digest(wheels), "base_python": base_python, "repo": str(REPO)}
     if python.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
-        record = phase_record("install", 0, started, False, note=f"already installed ({stamp})")
+        record = phase_record("install", 0, started, False, budgets["install"], note=f"already installed ({stamp})")
         return python, record
     log: list = []
     try:
         python = make_overlay(base_python, env_dir)
-        install_bundle(python, wheels, log, BUDGETS_S["install"], offline)
+        install_bundle(python, wheels, log, budgets["install"], offline)
     except subprocess.TimeoutExpired:
-        raise PhaseError(phase_record("install", None, started, True, log=log)) from None
+        raise PhaseError(phase_record("install", None, started, True, budgets["install"], log=log)) from None
     except (RuntimeError, subprocess.SubprocessError, OSError) as err:
-        raise PhaseError(phase_record("install", 1, started, False, note=str(err)[-3000:], log=log)) from None
+        raise PhaseError(phase_record("install", 1, started, False, budgets["install"], note=str(err)[-3000:],
+                                      log=log)) from None
     stamp.write_text(json.dumps(want) + "\n")
     offline_note = " ".join(offline) or "no-index flags only (not root: no network namespace)"
-    return python, phase_record("install", 0, started, False, note=f"installed offline ({offline_note})", log=log)
+    return python, phase_record("install", 0, started, False, budgets["install"],
+                                note=f"installed offline ({offline_note})", log=log)
 
 
 class PhaseError(Exception):
@@ -358,13 +363,14 @@ def probe_environment(python: Path, budget_s: float | None = None) -> dict:
         return {"probe_crash": f"unreadable output: {proc.stdout[-500:]!r}"}
 
 
-def phase_record(name: str, rc: int | None, started: float, timed_out: bool, **extra) -> dict:
+def phase_record(name: str, rc: int | None, started: float, timed_out: bool, budget_s: float | None = None,
+                 **extra) -> dict:
     """{phase, rc, seconds, budget_s, timed_out, ...}, printed with its budget and the time it took."""
     seconds = round(time.monotonic() - started, 1)
-    record = {"phase": name, "rc": rc, "seconds": seconds, "budget_s": BUDGETS_S[name], "timed_out": timed_out,
-              **extra}
+    budget = budget_s or BUDGETS_S[name]
+    record = {"phase": name, "rc": rc, "seconds": seconds, "budget_s": budget, "timed_out": timed_out, **extra}
     state = "TIMED OUT" if timed_out else f"rc {rc}"
-    print(f"[gpu-check] {name}: {state}, {seconds} s of its {BUDGETS_S[name]} s budget"
+    print(f"[gpu-check] {name}: {state}, {seconds} s of its {budget} s budget"
           + (f"; {extra['note']}" if extra.get("note") else ""), flush=True)
     return record
 
@@ -391,7 +397,7 @@ def run_phase(name: str, command: list, log_path: Path, env: dict, budget_s: flo
                 proc.wait()
             rc = None
         _kill_group(proc.pid)  # whatever it left behind
-    return phase_record(name, rc, started, timed_out, log=log_path.name)
+    return phase_record(name, rc, started, timed_out, budget, log=log_path.name)
 
 
 def _default_sigint() -> None:
@@ -444,20 +450,21 @@ def run_command(command: str, wheels: Path, report_dir: Path, base_python: str, 
     started = time.monotonic()
     report = {"command": command, "device_asked": device, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "host": platform.node(), "phases": []}
+    budgets = BUDGETS_S if device == "cuda" else REHEARSAL_BUDGETS_S
     print(f"[gpu-check] {command} on {device}: phases {', '.join(COMMAND_PHASES[command])}, budgets "
-          f"{sum(BUDGETS_S[p] for p in COMMAND_PHASES[command])} s in all", flush=True)
+          f"{sum(budgets[p] for p in COMMAND_PHASES[command])} s in all", flush=True)
     try:
         python, record = ensure_installed(base_python, wheels, env_dir, offline_prefix() if offline is None
-                                          else offline)
+                                          else offline, budgets)
     except PhaseError as err:
         report["phases"].append(err.record)
         report["error"] = f"install: {err}"
         return finish(report, report_dir, started, device)
     report["phases"].append(record)
     probe_started = time.monotonic()
-    report["environment"] = probe_environment(python)
+    report["environment"] = probe_environment(python, budgets["probe"])
     report["phases"].append(phase_record("probe", 1 if "probe_crash" in report["environment"] else 0,
-                                         probe_started, False))
+                                         probe_started, False, budgets["probe"]))
     if "probe_crash" in report["environment"] or (device == "cuda" and not report["environment"].get(
             "cuda_available")):
         return finish(report, report_dir, started, device)
@@ -468,12 +475,13 @@ def run_command(command: str, wheels: Path, report_dir: Path, base_python: str, 
         junit.unlink(missing_ok=True)
         report["phases"].append(run_phase("tests", [
             python, "-m", "pytest", "-m", "gpu", "-ra", "-p", "no:cacheprovider", f"--junitxml={junit}",
-            f"--timeout={int(BUDGETS_S['tests'] - GRACE_S)}", "tests"], report_dir / "tests.log", env))
+            f"--timeout={int(budgets['tests'] - GRACE_S)}", "tests"], report_dir / "tests.log", env,
+            budgets["tests"]))
         report["tests"] = read_junit(junit) if junit.is_file() else []
     else:
         for key, path, bench in bench_commands(device, wheels, report_dir):
             path.unlink(missing_ok=True)
-            report["phases"].append(run_phase(key, [python, *bench], report_dir / f"{key}.log", env))
+            report["phases"].append(run_phase(key, [python, *bench], report_dir / f"{key}.log", env, budgets[key]))
             report[key] = json.loads(path.read_text()) if path.is_file() else None
             write_report(report_dir, report)
     return finish(report, report_dir, started, device)

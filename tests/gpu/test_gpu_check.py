@@ -204,7 +204,7 @@ def test_a_probe_crash_is_named_not_taken_for_no_gpu(gpu_check, tmp_path, monkey
 
 def test_no_cuda_device_is_not_success(gpu_check, tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "ensure_installed", lambda *a: (sys.executable, phase("install", 0)))
-    monkeypatch.setattr(gpu_check, "probe_environment", lambda python: {"cuda_available": False, "torch": "x"})
+    monkeypatch.setattr(gpu_check, "probe_environment", lambda *a: {"cuda_available": False, "torch": "x"})
     assert gpu_check.run_command("test", tmp_path, tmp_path / "r", "python3", tmp_path / "env") == \
         gpu_check.NO_GPU_EXIT
 
