@@ -1,24 +1,36 @@
-"""The GPU tier in one command: every `gpu`-marked test, the training MFU benchmark and the loss-memory benchmark
-on one CUDA machine with no network, and a report (markdown + JSON, device named).
+"""The GPU tier: every `gpu`-marked test, the training MFU benchmark and the loss-memory benchmark on one CUDA
+machine with no network, in two commands of under 5 minutes each, and a report (markdown + JSON, device named).
 
     make gpu-wheels      # here, with the package index: .gpu_wheels/ (wheels + DeepSpeed sdist + SmolLM2 tokenizer)
-    make gpu-check       # on the GPU machine (copy the repo with .gpu_wheels/): install, test, benchmark, report
-    make gpu-check GPU_REPORT=/some/dir GPU_PY=/opt/torch/.venv/bin/python3
+    make gpu-test        # on the GPU machine (the repo with .gpu_wheels/): install once (a stamp), the gpu tests
+    make gpu-bench       # on the GPU machine: install once, the benchmarks
+    make gpu-check GPU_REPORT=/some/dir GPU_PY=/opt/torch/.venv/bin/python3     # both; the report folder
+    make gpu-rehearsal   # here (CI runs it): the whole pipeline above on the CPU, as the GPU machine runs it
 
-    python benchmarks/gpu_check.py wheels --out .gpu_wheels                          # what `make gpu-wheels` runs
-    python3 benchmarks/gpu_check.py check --wheels .gpu_wheels --report-dir runs/gpu_check
-    python benchmarks/gpu_check.py dry-run --image-python /tmp/img/bin/python          # prove the install step here
+    python benchmarks/gpu_check.py wheels --out .gpu_wheels
+    python3 benchmarks/gpu_check.py test --wheels .gpu_wheels --report-dir runs/gpu_check [--device cpu]
+    python benchmarks/gpu_check.py rehearsal --report-dir runs/gpu_rehearsal
 
 The GPU machine is assumed to hold CUDA torch, transformers, accelerate and the rest of the packages listed in
 tests/gpu/image_packages.txt (Python 3.12), but none of deepspeed, flask, jsonlines, markdownify, ... `wheels` takes
 the dependency closure of `ds-vicuna[dev]` from this checkout's .venv (the versions the CPU suite passed with), less
-the image's packages and selenium (browser tests need Chromium, absent there), and downloads each as a cp312
-manylinux x86_64 or pure-Python wheel; a package published only as a source archive is built into a pure wheel
-here; DeepSpeed comes as its sdist (its ops are compiled just in time on the GPU machine; DS_BUILD_OPS=0).
-`check` makes an overlay environment (.gpu_env/: its own site-packages first, then the machine's, so the
-machine's torch is used and never reinstalled), installs the bundle with `pip install --no-index --no-deps`, and
-runs `pytest -m gpu tests/` (every gpu test, the serving ones too), then the benchmarks, each within a time budget.
-Only the standard library is used by `check` until the overlay exists.
+the image's packages and selenium (browser tests need Chromium, absent there), and downloads them as cp312
+manylinux x86_64 or pure-Python wheels in one pip call; a package published only as a source archive is built into
+a pure wheel here; DeepSpeed comes as its sdist (its ops are compiled just in time on the GPU machine). No model
+weights travel: the GPU tests and benchmarks build random-weight models over the bundle's tokenizer
+(`ds_vicuna.model.random_weights`, $DS_VICUNA_TOKENIZER).
+
+`test` and `bench` make an overlay environment (.gpu_env/: its own site-packages first, then the machine's, so the
+machine's torch is used and never reinstalled) and install the bundle with `pip install --no-index --no-deps`
+(under `unshare -n` when root: no network at all), once per machine (a stamp keyed on the bundle's manifest); then
+`test` runs `pytest -m gpu tests/` and `bench` the benchmarks, each phase within its budget (printed with the time
+it took; SIGINT before the budget ends so pytest still writes its JUnit file, SIGKILL at it).
+
+Never success without evidence (`verdict`): the exit code is 0 only when every test that can run on the machine
+passed (skips whose reason opens with HARDWARE_SKIP, e.g. no flash-attn or one GPU, cannot), and it is non-zero when
+no test was collected, every test skipped, a phase exited non-zero or ran past its budget, a benchmark wrote
+nothing or an arm errored, the probe crashed (named as a probe crash) or no CUDA device is there (exit 3).
+Only the standard library is used by `test`/`bench` until the overlay exists.
 """
 from __future__ import annotations
 
@@ -413,6 +425,14 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+def gpu_test_files(root: Path = REPO / "tests") -> list[str]:
+    """The test modules that hold `gpu` tests (their text names `pytest.mark.gpu`), relative to the repo: what
+    the tests phase runs, so a module elsewhere that skips as a whole (an optional extra) is not in the count,
+    and one of these that does is."""
+    return sorted(str(path.relative_to(REPO)) for path in root.rglob("test_*.py") if "pytest.mark.gpu" in
+                  path.read_text())
+
+
 def phase_env(wheels: Path, report_dir: Path, device: str) -> dict:
     """The environment of the tests and benchmarks: the bundle's tokenizer, no hub, no embedded-model cache (the
     GPU machine has none), the device the `gpu` tests run on."""
@@ -474,9 +494,9 @@ def run_command(command: str, wheels: Path, report_dir: Path, base_python: str, 
         junit = report_dir / "junit.xml"
         junit.unlink(missing_ok=True)
         report["phases"].append(run_phase("tests", [
-            python, "-m", "pytest", "-m", "gpu", "-ra", "-p", "no:cacheprovider", f"--junitxml={junit}",
-            f"--timeout={int(budgets['tests'] - GRACE_S)}", "tests"], report_dir / "tests.log", env,
-            budgets["tests"]))
+            python, "-m", "pytest", "-m", "gpu", "-ra", "--durations=15", "-p", "no:cacheprovider",
+            f"--junitxml={junit}", f"--timeout={int(budgets['tests'] - GRACE_S)}", *gpu_test_files()],
+            report_dir / "tests.log", env, budgets["tests"]))
         report["tests"] = read_junit(junit) if junit.is_file() else []
     else:
         for key, path, bench in bench_commands(device, wheels, report_dir):

@@ -307,3 +307,10 @@ def test_serve_gpu_tests_and_bench_serve_need_no_embedded_model(tmp_path):
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "work" / "random-llama-tiny" / "ds_vicuna.json").is_file()
+
+
+def test_the_tests_phase_runs_the_modules_with_gpu_tests(gpu_check):
+    files = gpu_check.gpu_test_files()
+    assert {"tests/train/test_gpu.py", "tests/serve/test_gpu.py", "tests/train/test_packed_attention.py",
+            "tests/train/test_loss.py"} <= set(files)
+    assert "tests/eval/test_lm_eval.py" not in files and "tests/gpu/test_gpu_check.py" not in files
