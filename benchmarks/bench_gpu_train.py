@@ -25,6 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ARM_FAILED, NOTHING_MEASURED = 1, 3  # exit codes: an arm errored; no CUDA device and no --tiny
+# the opening is gpu_check.HARDWARE_SKIP: an arm this machine cannot run, which the GPU check does not count
+CPU_FLEX_SKIP = "not on this machine: flex_attention training needs CUDA (torch 2.13's FlexAttention has no " \
+    "backward on CPU)"
 ARMS = ("2048:zero3:sdpa", "4096:zero3:sdpa", "4096:zero3:flex_attention", "2048:zero3_offload:sdpa",
         "4096:zero3_offload:sdpa")
 SHAPE = "1b"  # ds_vicuna.model.random_weights.SHAPES: TinyLlama-1.1B's shape
@@ -169,12 +172,17 @@ def main(argv: list[str] | None = None) -> int:
         command = [sys.executable, __file__, "--arm", arm, "--work-dir", str(work),
                    *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                      ("steps", "offload_steps", "warmup", "tokens_per_step", "micro_tokens")]]
+        max_length, deepspeed, attn = arm.split(":")
+        if attn == "flex_attention" and not torch.cuda.is_available():
+            results.append({"arm": arm, "max_length": int(max_length), "deepspeed": deepspeed, "attn": attn,
+                            "skipped": CPU_FLEX_SKIP})
+            print(f"{arm}: {CPU_FLEX_SKIP}", flush=True)
+            continue
         proc = subprocess.run(command, capture_output=True, text=True)
         found = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
         if proc.returncode == 0 and found:
             result = json.loads(found[-1][len("BENCH_RESULT "):])
         else:
-            max_length, deepspeed, attn = arm.split(":")
             result = {"arm": arm, "max_length": int(max_length), "deepspeed": deepspeed, "attn": attn,
                       "error": f"exit {proc.returncode}: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
             print(proc.stderr[-4000:], file=sys.stderr)

@@ -557,11 +557,15 @@ def verdict(report: dict, device: str) -> list[str]:
             continue
         if result.get("skipped"):
             problems.append(f"{key}: measured nothing ({result['skipped']})")
-        if not result.get("arms"):
+        arms = result.get("arms") or []
+        if not [arm for arm in arms if not arm.get("skipped")]:
             problems.append(f"{key}: no arm ran")
-        for arm in result.get("arms") or []:
+        for arm in arms:
+            name = arm.get("arm", arm.get("loss", "?"))
             if arm.get("error"):
-                problems.append(f"{key} arm {arm.get('arm', arm.get('loss', '?'))}: {arm['error'][:200]}")
+                problems.append(f"{key} arm {name}: {arm['error'][:200]}")
+            elif arm.get("skipped") and not arm["skipped"].startswith(HARDWARE_SKIP):
+                problems.append(f"{key} arm {name} skipped: {arm['skipped'][:200]}")
     return problems
 
 
@@ -661,7 +665,7 @@ def render_markdown(report: dict) -> str:
             tok = f"{arm['tokens_per_s']:.0f}" if arm.get("tokens_per_s") else "-"
             mem = f"{arm['peak_gib']:.1f}" if arm.get("peak_gib") else "-"
             lines.append(f"| {arm['max_length']} | {arm['deepspeed']} | {arm['attn']} | {arm.get('steps_timed', 0)} "
-                         f"| {tok} | {mfu} | {mem} | {arm.get('error', '')[:120]} |")
+                         f"| {tok} | {mfu} | {mem} | {(arm.get('error') or arm.get('skipped') or '')[:120]} |")
         lines.append("")
     loss = report.get("loss_memory")
     if loss and loss.get("arms"):

@@ -175,6 +175,12 @@ def test_a_benchmark_arm_error_fails(gpu_check):
     report = {"environment": CUDA_ENV, "phases": [phase("bench_train", 0)], "bench_train": {"arms": arms}}
     assert gpu_check.verdict(report, "cuda") == [
         "bench_train arm 4096:zero3:flex_attention: exit 1: ConfigError: model.attn_implementation"]
+    cpu_flex = {"arm": "4096:zero3:flex_attention", "skipped": gpu_check.HARDWARE_SKIP + " needs CUDA"}
+    report = {"environment": CUDA_ENV, "phases": [phase("bench_train", 0)],
+              "bench_train": {"arms": [arms[0], cpu_flex]}}
+    assert gpu_check.verdict(report, "cpu") == []  # an arm only CUDA can run, skipped in the rehearsal
+    report["bench_train"]["arms"] = [cpu_flex]
+    assert gpu_check.verdict(report, "cpu") == ["bench_train: no arm ran"]
     report = {"environment": CUDA_ENV, "phases": [phase("bench_train", 0)], "bench_train": None}
     assert gpu_check.verdict(report, "cuda") == ["bench_train: no results written"]
     report["bench_train"] = {"skipped": "no CUDA device", "arms": []}
