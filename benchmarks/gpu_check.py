@@ -513,7 +513,8 @@ def finish(report: dict, report_dir: Path, started: float, device: str) -> int:
     report["seconds"] = round(time.monotonic() - started, 1)
     report["problems"] = verdict(report, device)
     write_report(report_dir, report)
-    print(f"[gpu-check] {report['command']}: {report['seconds']} s in all (limit {COMMAND_LIMIT_S} s); report "
+    limit = f"limit {COMMAND_LIMIT_S} s on the GPU" if device == "cuda" else "CPU rehearsal: no limit but its budgets"
+    print(f"[gpu-check] {report['command']}: {report['seconds']} s in all ({limit}); report "
           f"{report_dir / 'report.md'}", flush=True)
     for problem in report["problems"]:
         print(f"[gpu-check] FAILED: {problem}", file=sys.stderr, flush=True)
