@@ -307,7 +307,7 @@ def test_serve_gpu_tests_and_bench_serve_need_no_embedded_model(tmp_path):
     spec = iu.spec_from_file_location("bench_serve", REPO / "benchmarks" / "bench_serve.py")
     script = ("import sys, importlib.util as iu; import no_embedded; "
               f"spec = iu.spec_from_file_location('b', {str(spec.origin)!r}); b = iu.module_from_spec(spec); "
-              "spec.loader.exec_module(b); from pathlib import Path; "
+              "sys.modules['b'] = b; spec.loader.exec_module(b); from pathlib import Path; "
               f"print(b.random_model('tiny', Path({str(tmp_path / 'work')!r})))")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=env)
