@@ -5,14 +5,17 @@
 #   make lint      - ruff over the code (ruff.toml)
 #   make bench  - benchmark scripts; figures go to BENCHMARKS.md
 #   make gpu-wheels - (with the package index) .gpu_wheels/: what a GPU machine without network needs
-#   make gpu-check  - (on that GPU machine, no network) install .gpu_wheels/, gpu tests + GPU benchmarks, report
+#   make gpu-test   - (on that GPU machine, no network) install .gpu_wheels/ once, the gpu tests; < 5 min
+#   make gpu-bench  - (on that GPU machine) install once, the GPU benchmarks; < 5 min
+#   make gpu-check  - gpu-test, then gpu-bench; the report goes to $(GPU_REPORT)
+#   make gpu-rehearsal - (here, CPU, with the index) the whole GPU pipeline as the GPU machine runs it (CI runs it)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # One JIT build of DeepSpeed's CPU ops per checkout, shared by every test and launch.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: demo test test-fast lint bench env clean system-deps gpu-wheels gpu-check
+.PHONY: demo test test-fast lint bench env clean system-deps gpu-wheels gpu-test gpu-bench gpu-check gpu-rehearsal
 
 env: $(STAMP)
 
@@ -58,16 +61,30 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_serve.py
 	$(PY) benchmarks/bench_data.py --sizes 20000 2000
 
-# The GPU tier (benchmarks/gpu_check.py). gpu-check uses the GPU machine's own python (its CUDA torch), never $(VENV).
+# The GPU tier (benchmarks/gpu_check.py). gpu-test/gpu-bench use the GPU machine's own python (its CUDA torch), never
+# $(VENV); each fits one 5-minute device command, the install (once per machine: a stamp in .gpu_env) included.
+# A remote runner points GPU_REPORT at the folder it brings back.
 GPU_WHEELS ?= .gpu_wheels
 GPU_PY     ?= python3
 GPU_REPORT ?= runs/gpu_check
+GPU_CHECK  := benchmarks/gpu_check.py
 
 gpu-wheels: $(STAMP)
-	$(PY) benchmarks/gpu_check.py wheels --out $(GPU_WHEELS)
+	$(PY) $(GPU_CHECK) wheels --out $(GPU_WHEELS)
+
+gpu-test:
+	$(GPU_PY) $(GPU_CHECK) test --wheels $(GPU_WHEELS) --report-dir $(GPU_REPORT)
+
+gpu-bench:
+	$(GPU_PY) $(GPU_CHECK) bench --wheels $(GPU_WHEELS) --report-dir $(GPU_REPORT)
 
 gpu-check:
-	$(GPU_PY) benchmarks/gpu_check.py check --wheels $(GPU_WHEELS) --report-dir $(GPU_REPORT)
+	$(GPU_PY) $(GPU_CHECK) check --wheels $(GPU_WHEELS) --report-dir $(GPU_REPORT)
+
+# Bundle, an environment of the GPU image's packages only (CPU torch), an offline install, then gpu-test and
+# gpu-bench with the device set to CPU and tiny shapes. Fails on anything that would fail there for a non-CUDA reason.
+gpu-rehearsal: $(STAMP)
+	$(PY) $(GPU_CHECK) rehearsal --report-dir runs/gpu_rehearsal
 
 clean:
-	rm -rf $(VENV) .torch_extensions .pytest_cache .gpu_env
+	rm -rf $(VENV) .torch_extensions .pytest_cache .gpu_env .gpu_rehearsal

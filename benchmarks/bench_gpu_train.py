@@ -24,12 +24,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+ARM_FAILED, NOTHING_MEASURED = 1, 3  # exit codes: an arm errored; no CUDA device and no --tiny
+# the opening is gpu_check.HARDWARE_SKIP: an arm this machine cannot run, which the GPU check does not count
+CPU_FLEX_SKIP = "not on this machine: flex_attention training needs CUDA (torch 2.13's FlexAttention has no " \
+    "backward on CPU)"
 ARMS = ("2048:zero3:sdpa", "4096:zero3:sdpa", "4096:zero3:flex_attention", "2048:zero3_offload:sdpa",
         "4096:zero3_offload:sdpa")
-SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
-         "num_key_value_heads": 4}
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2}  # --tiny: the same plumbing on CPU in seconds (tests/gpu/test_gpu_check.py)
+SHAPE = "1b"  # ds_vicuna.model.random_weights.SHAPES: TinyLlama-1.1B's shape
+TINY = "tiny"  # --tiny: the same plumbing on CPU in seconds (tests/gpu/test_gpu_check.py, make gpu-rehearsal)
 WORDS = ("the model learns from conversations users shared and answers questions about code science history "
          "travel cooking music math language writing planning python function error install server data "
          "table chart memory speed explain example because however therefore first second finally").split()
@@ -54,24 +56,28 @@ def write_sharegpt_like(path: Path, n: int, max_words: int, seed: int = 0) -> Pa
     return path
 
 
-def write_random_model(folder: Path, tokenizer_dir: Path, shape: dict) -> Path:
-    """The ~1.2B Llama (bf16, random init on the GPU) + tokenizer, saved once; reused by every arm."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def build_model_in_child(folder: Path, tokenizer_dir: Path, tiny: bool) -> None:
+    """The random model, written once by a child process: the parent never touches the GPU, so no arm shares it
+    with memory the parent holds (a model built here kept ~7 GiB reserved through every arm).
 
-    if (folder / "config.json").is_file():
-        return folder
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **shape)
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    partial = folder.with_name(folder.name + ".partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(folder)
-    return folder
+    Raises:
+        RuntimeError: the child failed, with its last output.
+    """
+    command = [sys.executable, __file__, "--build-model", str(folder), "--tokenizer", str(tokenizer_dir)]
+    proc = subprocess.run(command + (["--tiny"] if tiny else []), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the model in {folder} failed:\n{proc.stderr[-3000:]}")
+
+
+def write_model(folder: Path, tokenizer_dir: Path, tiny: bool) -> Path:
+    """The ~1.2B Llama (bf16 on a GPU, random init there) or the tiny one (fp32 on CPU) over the tokenizer."""
+    import torch
+
+    from ds_vicuna.model.random_weights import write_random_llama
+
+    cuda = torch.cuda.is_available()
+    return write_random_llama(folder, tokenizer_dir, TINY if tiny else SHAPE, dtype="bf16" if cuda else "fp32",
+                              max_positions=8192)
 
 
 def run_arm(arm: str, model: Path, data: Path, work: Path, args) -> dict:
@@ -113,13 +119,15 @@ def run_arm(arm: str, model: Path, data: Path, work: Path, args) -> dict:
               "mfu": (sum(r["mfu"] * r["step_time_s"] for r in timed) / seconds) if seconds and "mfu" in timed[0]
               else None,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "losses": [round(r["loss"], 4) for r in records]}
     return result
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokenizer", default=None, help="SmolLM2 tokenizer folder (default: the embedded model's)")
+    parser.add_argument("--tokenizer", default=None, help="SmolLM2 tokenizer folder (default: $DS_VICUNA_TOKENIZER, "
+                        "else the embedded model's)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), help="MAX_LENGTH:DS_CONFIG:ATTENTION")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--offload-steps", type=int, default=6)
@@ -131,26 +139,31 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, allowed on CPU: checks the plumbing")
     parser.add_argument("--json", help="write the results here too")
     parser.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm in this process
-    args = parser.parse_args()
+    parser.add_argument("--build-model", help=argparse.SUPPRESS)  # internal: write the model in this process
+    args = parser.parse_args(argv)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    import torch
+    from ds_vicuna.model.random_weights import bundled_tokenizer_dir
 
+    tokenizer = Path(args.tokenizer) if args.tokenizer else bundled_tokenizer_dir()
+    if args.build_model:
+        write_model(Path(args.build_model), tokenizer, args.tiny)
+        return 0
     if args.arm:
         result = run_arm(args.arm, work / "model", work / "sharegpt_like.jsonl", work, args)
         print("BENCH_RESULT " + json.dumps(result), flush=True)
         return 0
+    bad = [arm for arm in args.arms if len(arm.split(":")) != 3 or not arm.split(":")[0].isdigit()]
+    if bad:
+        parser.error(f"--arms {' '.join(bad)}: each arm is MAX_LENGTH:DS_CONFIG:ATTENTION, e.g. 4096:zero3:sdpa")
+    import torch  # is_available asks the driver (NVML) and makes no CUDA context here
+
     if not torch.cuda.is_available() and not args.tiny:
-        print("bench_gpu_train: no CUDA device; nothing measured", file=sys.stderr)
+        print("bench_gpu_train: no CUDA device; nothing measured (--tiny runs the plumbing on CPU)", file=sys.stderr)
         if args.json:
             Path(args.json).write_text(json.dumps({"skipped": "no CUDA device", "arms": []}) + "\n")
-        return 0
-    tokenizer = Path(args.tokenizer) if args.tokenizer else None
-    if tokenizer is None:
-        from ds_vicuna.model.embedded import embedded_model_path
-
-        tokenizer = embedded_model_path()
-    write_random_model(work / "model", tokenizer, TINY if args.tiny else SHAPE)
+        return NOTHING_MEASURED
+    build_model_in_child(work / "model", tokenizer, args.tiny)
     shortest = min(int(arm.split(":")[0]) for arm in args.arms)
     write_sharegpt_like(work / "sharegpt_like.jsonl", args.conversations, max_words=min(1700, shortest // 2))
     results = []
@@ -159,12 +172,17 @@ def main() -> int:
         command = [sys.executable, __file__, "--arm", arm, "--work-dir", str(work),
                    *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                      ("steps", "offload_steps", "warmup", "tokens_per_step", "micro_tokens")]]
+        max_length, deepspeed, attn = arm.split(":")
+        if attn == "flex_attention" and not torch.cuda.is_available():
+            results.append({"arm": arm, "max_length": int(max_length), "deepspeed": deepspeed, "attn": attn,
+                            "skipped": CPU_FLEX_SKIP})
+            print(f"{arm}: {CPU_FLEX_SKIP}", flush=True)
+            continue
         proc = subprocess.run(command, capture_output=True, text=True)
         found = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
         if proc.returncode == 0 and found:
             result = json.loads(found[-1][len("BENCH_RESULT "):])
         else:
-            max_length, deepspeed, attn = arm.split(":")
             result = {"arm": arm, "max_length": int(max_length), "deepspeed": deepspeed, "attn": attn,
                       "error": f"exit {proc.returncode}: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
             print(proc.stderr[-4000:], file=sys.stderr)
@@ -173,7 +191,7 @@ def main() -> int:
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
         summary = {"model": "Llama ~1.2B (TinyLlama shape, SmolLM2 vocabulary), bf16, packing, 1 GPU"
                    if not args.tiny else "tiny Llama (plumbing check)",
-                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "arms": results}
+                   "device": next((r["device"] for r in results if r.get("device")), "?"), "arms": results}
         if args.json:  # after every arm: a run stopped by its time budget keeps what it measured
             Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n{'arm':<28}{'tok/s/GPU':>11}{'MFU':>8}{'peak GiB':>10}")
@@ -182,6 +200,10 @@ def main() -> int:
         tps = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
         print(f"{r['arm']:<28}{tps:>11}{mfu:>8}{peak:>10}  {r.get('error', '')}")
+    errors = [r["arm"] for r in results if r.get("error")]
+    if errors:
+        print(f"bench_gpu_train: {len(errors)} arm(s) failed: {' '.join(errors)}", file=sys.stderr)
+        return ARM_FAILED
     return 0
 
 

@@ -18,8 +18,9 @@ Chunked prefill (own stack only; --skip-prefill-gap to leave it out): one stream
 of the running stream from the moment the long prompt is sent until its answer arrives, side by side for the
 worker's default prefill chunk and for `--prefill-chunk 0` (the whole prompt in one piece).
 
---random-model 1b builds a ~1.1B Llama-shaped model (TinyLlama's shape over the embedded tokenizer, random
-weights: speed does not depend on them) in --workdir; `tiny` builds a 2-layer one to try the script on a CPU.
+--random-model 1b builds a ~1.1B Llama-shaped model (TinyLlama's shape over the bundled tokenizer,
+$DS_VICUNA_TOKENIZER or the embedded model's; random weights: speed does not depend on them) in --workdir, the
+default with --device cuda; `tiny` builds a 2-layer one to try the script on a CPU.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import requests
 
+from ds_vicuna.model.random_weights import SHAPES
 from ds_vicuna.train.launch_env import free_port
 
 TOPICS = ["the moon", "bread", "rivers", "chess", "volcanoes", "bicycles", "honey bees", "the ocean", "libraries",
@@ -48,12 +50,6 @@ TOPICS = ["the moon", "bread", "rivers", "chess", "volcanoes", "bicycles", "hone
 PROMPTS = [f"Write two sentences about {topic}." for topic in TOPICS]  # 32 fixed prompts
 COUNTING = ", ".join(str(i) for i in range(1, 21)) + ","  # a stream the model keeps going: "1, 2, ... 20,"
 LONG_PROMPT_TOKENS = 4000
-RANDOM_SHAPES = {  # TinyLlama-1.1B's shape; a 2-layer toy to try the script
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2),
-}
 
 
 @dataclass
@@ -284,27 +280,13 @@ def padded_batch_baseline(model_dir: str, device: str, max_tokens: int, batch_si
 
 
 def random_model(size: str, workdir: Path) -> Path:
-    """A random Llama-shaped model over the embedded tokenizer, saved once in `workdir` (bf16 safetensors)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from ds_vicuna.model.card import write_model_meta
-    from ds_vicuna.model.embedded import embedded_model_path
+    """A random Llama-shaped model over the bundled tokenizer ($DS_VICUNA_TOKENIZER, else the embedded model's),
+    saved once in `workdir` (bf16 safetensors): the GPU machine needs no embedded model's weights."""
+    from ds_vicuna.model.random_weights import bundled_tokenizer_dir, write_random_llama
 
     folder = workdir / f"random-llama-{size}"
-    if (folder / "config.json").is_file():
-        return folder
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **RANDOM_SHAPES[size])
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    write_model_meta(folder, "tokenizer", ["<|im_end|>"], base_model=f"random {size} (bench_serve.py)", dtype="bf16")
-    print(f"built {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B-parameter random model in {folder}",
-          flush=True)
+    write_random_llama(folder, bundled_tokenizer_dir(), size, dtype="bf16")
+    print(f"random {size} model in {folder}", flush=True)
     return folder
 
 
@@ -322,8 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base-url", help="an OpenAI-compatible /v1 URL (default: start our own stack)")
     parser.add_argument("--baseline-url", help="the same model served one request at a time")
-    parser.add_argument("--model", default="embedded", help="model to start, or the served name with --base-url")
-    parser.add_argument("--random-model", choices=sorted(RANDOM_SHAPES), help="serve a random Llama of this shape")
+    parser.add_argument("--model", default=None, help="model to start, or the served name with --base-url "
+                        "(default: embedded; with --device cuda, --random-model 1b: no weights travel to a GPU)")
+    parser.add_argument("--random-model", choices=sorted(SHAPES), help="serve a random Llama of this shape")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "ds-vicuna-bench"),
                         help="where --random-model is built")
     parser.add_argument("--device", default=None, help="worker --device (default: the worker's auto)")
@@ -340,13 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     top = max(args.concurrency)
-    model = str(random_model(args.random_model, Path(args.workdir))) if args.random_model else args.model
+    if args.model is None and args.random_model is None and (args.device or "").startswith("cuda"):
+        args.random_model = "1b"
+    model = str(random_model(args.random_model, Path(args.workdir))) if args.random_model else \
+        args.model or "embedded"
     baseline_kind = args.baseline
     device = ["--device", args.device] if args.device else []
     figures: dict = {"max_tokens": args.max_tokens, "model": model}
 
     stack = None if args.base_url else OwnStack(model, args.max_batch_size, device)
-    base, name = (args.base_url.rstrip("/"), args.model) if stack is None else (stack.base, stack.model)
+    base, name = (args.base_url.rstrip("/"), model) if stack is None else (stack.base, stack.model)
     try:
         if stack is not None:
             print(stack.loaded, flush=True)

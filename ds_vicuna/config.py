@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from ds_vicuna.model.loading import DTYPE_CHOICES
 
-ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
 ROPE_SCALING = ("linear", "dynamic")
 BATCHING = ("pack", "group", "max")
 MASKS = ("assistant", "last_turn", "all")
@@ -41,7 +41,9 @@ class ModelConfig:
     template: str = "vicuna_v1.1"
     """Chat template used to encode conversations (and written into the exported tokenizer)."""
     attn_implementation: str = "auto"
-    """auto = flash_attention_2 when installed on CUDA, else sdpa; eager only when asked."""
+    """auto = flash_attention_2 when installed on CUDA, else flex_attention on CUDA with packed rows (a
+    document-causal block mask, no [T, T] mask), else sdpa; flex_attention anywhere when asked; eager only when
+    asked."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (non-reentrant): much less memory for ~30% more compute."""
     rope_scaling: str | None = None

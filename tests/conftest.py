@@ -31,7 +31,12 @@ def smol_tokenizer():
 
 
 def _cuda_missing_reason() -> str | None:
-    """Why `gpu` tests cannot run here, or None when a CUDA device is present."""
+    """Why `gpu` tests cannot run here, or None when a CUDA device is present or this is the CPU rehearsal
+    (`make gpu-rehearsal`: $DS_VICUNA_GPU_TEST_DEVICE=cpu runs them on the CPU)."""
+    from tests.support.gpu_device import REHEARSAL
+
+    if REHEARSAL:
+        return None
     try:
         import torch
     except ImportError:
@@ -43,7 +48,8 @@ def _cuda_missing_reason() -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
-    """`@pytest.mark.gpu` tests skip on a machine without CUDA, with the reason printed by `pytest -ra`."""
+    """`@pytest.mark.gpu` tests skip on a machine without CUDA (not in the CPU rehearsal), with the reason printed by
+    `pytest -ra`."""
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return

@@ -64,10 +64,11 @@ def pick_attn_implementation(requested: str) -> str:
 
 
 def share_cpu_threads(environ: dict | None = None) -> int | None:
-    """On CPU, when the launcher left OMP_NUM_THREADS unset, share this host's cores among its ranks.
+    """When the launcher left OMP_NUM_THREADS unset, share this host's cores among its ranks.
 
-    torch starts one thread per core in every process, so 2 ranks on 2 cores would run 4 busy threads
-    (`deepspeed --num_gpus N` leaves it unset; torchrun sets 1; Accelerate does the same as this).
+    torch starts one thread per core in every process, so 2 ranks on 2 cores would run 4 busy threads, and 8 GPU
+    ranks each running CPU Adam on a 64-core host 512 (`deepspeed --num_gpus N` leaves it unset unless
+    `--bind_cores_to_rank`; torchrun sets 1; Accelerate does the same as this).
 
     Returns:
         The threads per rank set, or None when OMP_NUM_THREADS decides.
@@ -83,16 +84,44 @@ def share_cpu_threads(environ: dict | None = None) -> int | None:
     return threads
 
 
-def pick_training_attention(requested: str, batching: str, sequence_parallel_size: int) -> str:
-    """`pick_attn_implementation`, with SDPA on packed rows or under sequence parallelism replaced by
-    `PACKED_SDPA` (each conversation its own causal SDPA, read from position_ids; see packed_attention)."""
+def share_cpu_threads_if_needed(device_type: str, ds: dict, environ: dict | None = None) -> int | None:
+    """`share_cpu_threads` whenever the CPU does the heavy work: training on CPU, or the optimizer offloaded to
+    CPU (DeepSpeedCPUAdam runs on the host's threads, on any device). Returns what it set, or None."""
+    if device_type == "cpu" or offloads_optimizer(ds):
+        return share_cpu_threads(environ)
+    return None
+
+
+def pick_training_attention(requested: str, batching: str, sequence_parallel_size: int,
+                            device_type: str | None = None) -> str:
+    """`pick_attn_implementation`, then for SDPA on packed rows: on CUDA, flex_attention (transformers builds a
+    document-causal block mask from position_ids and runs GQA without repeating KV heads: no [B, 1, T, T] mask,
+    whose T^2 scores SDPA would compute in full); on CPU, or under sequence parallelism, `PACKED_SDPA` (each
+    conversation its own causal SDPA, read from position_ids; see packed_attention)."""
+    import torch
+
     from ds_vicuna.train.packed_attention import PACKED_SDPA, register_packed_sdpa
 
     attn = pick_attn_implementation(requested)
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if attn == "sdpa" and batching == "pack" and sequence_parallel_size == 1 and device_type == "cuda":
+        return "flex_attention"
     if attn == "sdpa" and (batching == "pack" or sequence_parallel_size > 1):
         register_packed_sdpa()
         return PACKED_SDPA
     return attn
+
+
+def enable_tf32(precision: str, device_type: str) -> bool:
+    """fp32 training on CUDA: matmuls in TF32 (`torch.set_float32_matmul_precision("high")`), the precision whose
+    peak `metrics.peak_flops("fp32")` divides by for MFU; without it fp32 MFU would be measured against a peak the
+    GPU was never asked to reach. Returns whether TF32 was enabled."""
+    import torch
+
+    if precision != "fp32" or device_type != "cuda":
+        return False
+    torch.set_float32_matmul_precision("high")
+    return True
 
 
 def bf16_supported(device_type: str) -> bool:

@@ -115,17 +115,21 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> Path | 
 
 
 def capture_rng_state() -> dict:
-    """Python, numpy and torch (CPU + CUDA) RNG states of this process."""
+    """Python, numpy and torch RNG states of this process: the CPU's and this rank's own GPU's (the current CUDA
+    device) only, so a resume on fewer GPUs (each rank seeing all of them, as under deepspeed or torchrun) never
+    indexes a GPU it lacks."""
     import numpy as np
     import torch
 
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
 def restore_rng_state(state: dict) -> None:
+    """Put back a `capture_rng_state` result; the CUDA state goes to this rank's current device (a checkpoint
+    written before states were per device holds a list: this device's entry, when it has one, is used)."""
     import numpy as np
     import torch
 
@@ -133,7 +137,12 @@ def restore_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        device = torch.cuda.current_device()
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # the old format: every visible GPU's state
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 def _write_atomic(path: Path, text: str) -> None:

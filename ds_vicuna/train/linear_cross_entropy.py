@@ -12,7 +12,8 @@ from ds_vicuna.chat.encoding import IGNORE_INDEX
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                             labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+                             labels: torch.Tensor, chunk_tokens: int, rows: torch.Tensor | None = None
+                             ) -> torch.Tensor:
     """sum over labelled t of cross_entropy(hidden[t] @ weight.T + bias, labels[t]), in chunks (fp32, 0-dim).
 
     Equal to the plain path (logits in the weight's dtype, then fp32 cross-entropy) within float rounding.
@@ -22,9 +23,12 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: t
         weight: [V, H] output layer weight; bias: [V] or None.
         labels: [B, T] target ids, IGNORE_INDEX where none.
         chunk_tokens: rows of logits computed at a time.
+        rows: [N] the flattened positions of `labels` that are not IGNORE_INDEX, when known (computed on the host
+            in collate: `loss.add_label_index`); else found here, a host sync since N sizes the chunks.
     """
     flat = labels.reshape(-1)  # [B*T]
-    rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)  # [N] labelled positions (a host sync: N sizes the chunks)
+    if rows is None:
+        rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)  # [N] labelled positions
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # [N, H]
     return _LinearCrossEntropySum.apply(picked, weight, bias, flat.index_select(0, rows), chunk_tokens,
                                         torch.is_grad_enabled())

@@ -30,14 +30,15 @@ from ds_vicuna.train.checkpoint import (TRAIN_CONFIG_FILE, TrainingProgress, che
                                         read_training_record, resolve_resume, save_checkpoint)
 from ds_vicuna.train.elastic import load_resume_checkpoint, micro_batch_seed, prepare_resume, with_universal_load
 from ds_vicuna.train.launch_env import LaunchEnv, detect_launch_env, init_distributed
-from ds_vicuna.train.loss import count_label_tokens, token_loss_sum
+from ds_vicuna.train.loss import add_label_index, count_label_tokens, token_loss_sum
 from ds_vicuna.train.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
 from ds_vicuna.train.sequence_parallel import check_sequence_parallel, register_ulysses, shard_batch
 from ds_vicuna.train.metrics import (LOSS_PLOT, MetricsLogger, describe_engine, matmul_params, peak_flops,
                                      peak_rss_bytes, plot_loss, progress_bar, step_flops, step_profile,
                                      write_memory_report)
 from ds_vicuna.train.build import (bf16_supported, build_engine, build_model, build_model_config, check_cpu_adam,
-                                   cpu_has_native_bf16, pick_training_attention, share_cpu_threads)
+                                   cpu_has_native_bf16, enable_tf32, pick_training_attention,
+                                   share_cpu_threads_if_needed)
 
 
 class TrainError(RuntimeError):
@@ -168,14 +169,14 @@ def setup(cfg: Config, ds_base: dict, launch: LaunchEnv) -> Run:
         total_steps = min(total_steps, cfg.train.max_steps)
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_type == "cpu":
-        share_cpu_threads()
+    share_cpu_threads_if_needed(device_type, ds_base)
     precision = resolve_precision(cfg.train.precision, device_type, bf16_supported(device_type))
+    enable_tf32(precision, device_type)  # what peak_flops("fp32") assumes
     if precision == "bf16" and device_type == "cpu" and not cpu_has_native_bf16() and launch.is_main:
         print("[ds-vicuna] bf16 on a CPU without avx512_bf16/AMX: matmuls are emulated (slower than fp32); "
               "parameters, gradients and activations take half the memory", flush=True)
     model_config = build_model_config(model_path, cfg)
-    attn = pick_training_attention(cfg.model.attn_implementation, cfg.data.batching, sp_size)
+    attn = pick_training_attention(cfg.model.attn_implementation, cfg.data.batching, sp_size, device_type)
     check_sequence_parallel(sp_size, launch.world_size, model_config, attn, ds_base)
     ds = fill_deepspeed_config(ds_base, micro_batch_size=cfg.train.micro_batch_size, grad_accum=grad_accum,
                                world_size=launch.world_size, hidden_size=model_config.hidden_size,
@@ -261,7 +262,10 @@ def step_batches(run: Run, epoch: int, position: int) -> list[list[int]]:
 
 def make_batch(run: Run, data, micro_batch: list) -> dict:
     """Collate one planned micro-batch into tensors on the engine's device (the loss uses `labels` itself);
-    under sequence parallelism, this rank's shard of it with pre-shifted `shift_labels`."""
+    under sequence parallelism, this rank's shard of it with pre-shifted `shift_labels`. The labelled positions
+    and their count are found here on the host (`add_label_index`): the step then never waits for the GPU."""
+    import torch
+
     from ds_vicuna.train.batching import collate, fetch_micro_batch
 
     strategy = run.cfg.data.batching
@@ -271,7 +275,8 @@ def make_batch(run: Run, data, micro_batch: list) -> dict:
     if run.sp_size > 1:
         rows = 1 if run.flatten_packs else run.cfg.train.micro_batch_size
         batch = shard_batch(batch, run.sp_rank, run.sp_size, run.tokenizer.pad_token_id, rows)
-    return {k: v.to(run.engine.device) for k, v in batch.items()}
+    batch = add_label_index(batch)
+    return {k: v.to(run.engine.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def loss_step(engine, batch: dict, scale: float, chunk_tokens: int | None = DEFAULT_LOSS_CHUNK_TOKENS):
@@ -289,9 +294,14 @@ def loss_step(engine, batch: dict, scale: float, chunk_tokens: int | None = DEFA
 
 
 def all_reduce_sum(values: list, device) -> list[float]:
-    """Sum a few numbers (floats or 0-dim tensors) over ranks in float64; one host sync for all of them."""
+    """Sum a few numbers (floats or 0-dim tensors) over ranks in float64; one host sync for all of them (none for
+    host numbers in a single process)."""
     import torch
     import torch.distributed as dist
+
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    if not distributed and all(isinstance(v, (int, float)) for v in values):
+        return [float(v) for v in values]
 
     tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])  # [len(values)]
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -3,6 +3,7 @@
     loss_sum = token_loss_sum(engine, batch)                      # chunked lm_head + cross-entropy (default)
     loss_sum = token_loss_sum(engine, batch, chunk_tokens=None)   # plain: the whole [B, T, V] logits in fp32
     n = count_label_tokens(batch)                                 # what the trainer divides the sums by
+    batch = add_label_index(batch)    # on the host, in collate's process: no GPU sync to learn positions/counts
 
 The trainer divides the sum by the optimizer step's global label-token count (see `train.optimizer_step`), so
 every assistant token weighs the same whatever the micro-batch size, accumulation or world size.
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # annotations only
 # torch is imported inside the functions: `python -m ds_vicuna.train` imports this module before its stop-signal
 # handler is installed, and a signal during a slow import would kill the rank.
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+LABEL_ROWS, LABEL_COUNT = "label_rows", "num_label_tokens"  # add_label_index's keys
 _HEAD_CHECKED = "_ds_vicuna_loss_head_checked"  # set on a model once its output layer passed the check below
 
 
@@ -52,8 +54,21 @@ def shifted_labels(batch: dict) -> torch.Tensor:
 
 
 def count_label_tokens(batch: dict) -> int:
-    """Tokens that carry a (shifted) label: what the loss is averaged over."""
+    """Tokens that carry a (shifted) label: what the loss is averaged over (`add_label_index`'s count when the
+    batch has one: read on the host, no wait for the GPU)."""
+    if isinstance(batch.get(LABEL_COUNT), int):
+        return batch[LABEL_COUNT]
     return int((shifted_labels(batch) != IGNORE_INDEX).sum())
+
+
+def add_label_index(batch: dict) -> dict:
+    """Adds `label_rows` ([N] int64: the flattened [B*T] positions that carry a shifted label) and
+    `num_label_tokens` (N, an int) to a batch still on the host, so the step on the GPU never waits to learn them
+    (a `nonzero` or a count read back from the GPU stops the host every micro-batch). Returns the batch."""
+    flat = shifted_labels(batch).reshape(-1)  # [B*T]
+    rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)  # [N], on the host
+    batch[LABEL_ROWS], batch[LABEL_COUNT] = rows, int(rows.numel())
+    return batch
 
 
 def token_loss_sum(engine, batch: dict, chunk_tokens: int | None = DEFAULT_LOSS_CHUNK_TOKENS) -> torch.Tensor:
@@ -61,7 +76,8 @@ def token_loss_sum(engine, batch: dict, chunk_tokens: int | None = DEFAULT_LOSS_
 
     Args:
         engine: the DeepSpeed engine or a plain Hugging Face causal LM.
-        batch: input_ids [B, T], labels or shift_labels [B, T], and position_ids/attention_mask if any.
+        batch: input_ids [B, T], labels or shift_labels [B, T], and position_ids/attention_mask if any;
+            `label_rows` (add_label_index) when present spares the chunked path a host sync.
         chunk_tokens: labelled tokens per lm_head + cross-entropy chunk; None = the plain full-logits path.
 
     Raises:
@@ -77,7 +93,7 @@ def token_loss_sum(engine, batch: dict, chunk_tokens: int | None = DEFAULT_LOSS_
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
     model = getattr(engine, "module", engine)  # the Hugging Face model inside the DeepSpeed engine
-    with _head_returns_loss(model.get_output_embeddings(), labels, chunk_tokens) as computed:
+    with _head_returns_loss(model.get_output_embeddings(), labels, chunk_tokens, batch.get(LABEL_ROWS)) as computed:
         loss = engine(**inputs).logits  # 0-dim: the loss, passed through ZeRO-3's output hooks
     if not getattr(model, _HEAD_CHECKED, False):  # once per model (a host sync): nothing transformed it
         if loss.shape != () or not torch.equal(loss.detach(), computed["loss"].detach()):
@@ -89,7 +105,7 @@ def token_loss_sum(engine, batch: dict, chunk_tokens: int | None = DEFAULT_LOSS_
 
 
 @contextlib.contextmanager
-def _head_returns_loss(head, labels: torch.Tensor, chunk_tokens: int):
+def _head_returns_loss(head, labels: torch.Tensor, chunk_tokens: int, rows: torch.Tensor | None = None):
     """For one forward, `head(hidden)` returns the summed cross-entropy of `labels` instead of logits."""
     from ds_vicuna.train.linear_cross_entropy import linear_cross_entropy_sum
 
@@ -100,7 +116,7 @@ def _head_returns_loss(head, labels: torch.Tensor, chunk_tokens: int):
         if hidden.shape[:2] != labels.shape:
             raise ValueError(f"lm_head got hidden states {tuple(hidden.shape)} for labels {tuple(labels.shape)}")
         computed["loss"] = linear_cross_entropy_sum(hidden, head.weight, getattr(head, "bias", None), labels,
-                                                    chunk_tokens)
+                                                    chunk_tokens, rows)
         return computed["loss"]
 
     head.forward = forward  # an instance attribute: module hooks (ZeRO-3's gathering) still run around it

@@ -10,10 +10,12 @@ A conversation starts wherever the position does not continue the previous one (
 Why not transformers' own "sdpa" with the block-diagonal [B, 1, T, T] mask it builds from `position_ids`: on CPU,
 SDPA computes every masked block anyway, so a 1024-token row of short conversations pays for 1024^2 scores per
 head. Here each conversation runs its own causal SDPA, computing only the sum of len^2 / 2 (2.6x faster
-fwd+bwd for a typical bf16 row; BENCHMARKS.md). On GPUs (no flash-attn), where splitting a row costs a host sync
-per layer and the fused kernels take a mask at full speed, the mask is built instead. Sequence parallelism uses
-it as its core attention on the gathered row (`ds_vicuna.train.sequence_parallel`), where transformers' mask, built
-for one shard, is dropped by DeepSpeed.
+fwd+bwd for a typical bf16 row; BENCHMARKS.md). On GPUs, packed rows do not come here: the trainer picks
+flex_attention (a document-causal block mask; `ds_vicuna.train.build.pick_training_attention`), since with a dense
+mask SDPA cannot use its flash kernel and computes all T^2 scores. Sequence parallelism uses this as its core
+attention on the gathered row (`ds_vicuna.train.sequence_parallel`), where transformers' mask, built for one
+shard, is dropped by DeepSpeed; on a GPU that path still builds the dense mask below (splitting a row would cost a
+host sync per layer).
 """
 from __future__ import annotations
 

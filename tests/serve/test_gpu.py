@@ -1,11 +1,15 @@
 """Serving on a CUDA GPU: the worker in bf16 answers greedy requests with `model.generate`'s text, batched and one
 at a time; tensors, generators and the dtype policy on the device; one model spread over two GPUs.
 
+The model is a random-weight Llama over the bundled SmolLM2 tokenizer (`ds_vicuna.model.random_weights`; the GPU
+machine gets tokenizer files only, never the embedded model's weights); weights drawn with std 0.2 so greedy
+decoding has clear winners. `make gpu-rehearsal` runs these on the CPU (tests/support/gpu_device.py).
+
 bf16 rounds differently in a padded batch than alone, so two greedy paths may part where the top two tokens are
 nearly tied: a reply may leave generate's only there (each side's token in the other's top 5, the rule vLLM's
 tests use), and most replies must be generate's text exactly.
 
-    make gpu-check            # or: .venv/bin/python -m pytest -m gpu -ra
+    make gpu-test             # or: .venv/bin/python -m pytest -m gpu -ra
 
 Skipped with the reason printed on a machine without CUDA (tests/conftest.py).
 """
@@ -15,6 +19,7 @@ import pytest
 import torch
 
 from ds_vicuna.serve.worker_events import DoneEvent, TextEvent
+from tests.support.gpu_device import DEVICE, needs_gpus
 
 pytestmark = pytest.mark.gpu
 
@@ -24,13 +29,23 @@ QUESTIONS = ["What is the capital of France?", "Name the largest planet in the s
              "How many legs does a spider have?"]
 MAX_TOKENS = 24
 TOP = 5
+SHAPE = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "num_key_value_heads": 2}  # small, and enough layers for device_map="balanced" to spread over two GPUs
 
 
 @pytest.fixture(scope="module")
-def chat():
+def model_dir(tmp_path_factory):
+    from ds_vicuna.model.random_weights import bundled_tokenizer_dir, write_random_llama
+
+    return write_random_llama(tmp_path_factory.mktemp("serve_gpu") / "model", bundled_tokenizer_dir(), SHAPE,
+                              dtype="fp32", device="cpu", init_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def chat(model_dir):
     from ds_vicuna.model.loading import load_chat_model
 
-    return load_chat_model("embedded", device="cuda", dtype="bf16")
+    return load_chat_model(model_dir, device=DEVICE, dtype="bf16")
 
 
 def reference(chat, question: str) -> tuple[str, list[str], list[list[str]]]:
@@ -75,12 +90,14 @@ def same_or_near_tie(got: tuple[str, list], want: tuple[str, list[str], list[lis
     return True
 
 
-def test_the_model_is_on_the_gpu_in_the_auto_dtype():
+def test_the_model_is_on_the_gpu_in_the_auto_dtype(model_dir):
     from ds_vicuna.model.loading import load_chat_model
 
-    chat = load_chat_model("embedded", device="cuda", dtype="auto")
-    bf16 = torch.cuda.get_device_capability(chat.device)[0] >= 8
-    assert chat.device.type == "cuda" and chat.dtype == (torch.bfloat16 if bf16 else torch.float16)
+    chat = load_chat_model(model_dir, device=DEVICE, dtype="auto")
+    if DEVICE == "cuda":
+        bf16 = torch.cuda.get_device_capability(chat.device)[0] >= 8
+        assert chat.dtype == (torch.bfloat16 if bf16 else torch.float16)
+    assert chat.device.type == DEVICE and chat.dtype in (torch.bfloat16, torch.float16, torch.float32)
     assert {p.device for p in chat.model.parameters()} == {chat.device}
     assert chat.model.config._attn_implementation == "sdpa"
 
@@ -109,7 +126,7 @@ def test_worker_in_bf16_matches_generate_batched_and_one_at_a_time(chat):
         for replies in (alone, together):
             same = [same_or_near_tie(got, want) for got, want in zip(replies, expected)]
             assert sum(same) >= len(QUESTIONS) // 2, same  # most replies are generate's text exactly
-        assert worker.engine.device.type == "cuda" and worker.healthy
+        assert worker.engine.device.type == DEVICE and worker.healthy
     finally:
         worker.stop()
 
@@ -131,16 +148,16 @@ def test_seeded_sampling_logprobs_and_chunked_prefill_on_the_gpu(chat):
         assert events[0][-1].prompt_logprobs and len(events[0][-1].prompt_logprobs) == len(prompt)
         texts.append(["".join(e.text for e in ev if isinstance(e, TextEvent)) for ev in events])
         assert texts[-1][0] == texts[-1][1]  # the same seed on the GPU generator: the same text
-        assert engine.rows == [] and engine.sample_device.type == "cuda"
+        assert engine.rows == [] and engine.sample_device.type == DEVICE
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_one_model_spread_over_two_gpus_answers_like_one_gpu():
+@needs_gpus(2)
+def test_one_model_spread_over_two_gpus_answers_like_one_gpu(model_dir):
     from ds_vicuna.model.loading import load_chat_model
     from ds_vicuna.serve.generate import generate_replies
 
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS[:3]]
-    single = load_chat_model("embedded", device="cuda:0", dtype="fp32")
-    spread = load_chat_model("embedded", device_map="balanced", dtype="fp32")
+    single = load_chat_model(model_dir, device="cuda:0", dtype="fp32")
+    spread = load_chat_model(model_dir, device_map="balanced", dtype="fp32")
     assert len(set(spread.model.hf_device_map.values())) >= 2
     assert generate_replies(spread, conversations, 16) == generate_replies(single, conversations, 16)

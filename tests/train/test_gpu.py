@@ -11,7 +11,8 @@
 - gradient checkpointing on/off and chunked/plain loss give the same ZeRO-3 gradients (bf16 <= 2e-2).
 
 The bodies are in device_checks.py; the `slow` CPU twins at the bottom run the trainer ones on CPU (fp32,
-tolerance 1e-6) and tests/train/test_loss.py the loss ones, so every line here has run before a GPU sees it.
+tolerance 1e-6) and tests/train/test_loss.py the loss ones, so every line here has run before a GPU sees it;
+`make gpu-rehearsal` runs the `gpu` tests themselves on the CPU (tests/support/gpu_device.py).
 """
 import importlib.util
 import sys
@@ -22,38 +23,41 @@ import torch
 from tests.support.device_checks import (check_export, check_repeated_batch_run, check_resume,
                                          chunked_loss_matches_plain, packed_rows_match_alone, relative_error,
                                          repeated_batch_config, train_run)
+from tests.support.gpu_device import DEVICE, hardware_skip_reason, needs_cuda
 from tests.support.tiny_llama import REPO, make_tiny_model, run_checked, write_conversations, write_train_config
 
 gpu = pytest.mark.gpu
 RESUME_REL = {"cuda": 1e-3, "cpu": 1e-6}
 
 
-def attention_kernels() -> list:
-    """sdpa always; flex_attention when this transformers has it; flash_attention_2 when flash-attn is installed."""
+def attention_cases() -> list:
+    """(attention, dtype, tolerance): sdpa in bf16 and fp32; flex_attention (when this transformers has it) and
+    flash_attention_2 (when flash-attn is installed; CUDA only) in bf16, the training precision (flash is 16-bit
+    only; flex compiles each shape: the time budget)."""
     from transformers.utils import is_torch_flex_attn_available
 
-    kernels = ["sdpa"]
-    kernels.append(pytest.param("flex_attention", marks=pytest.mark.skipif(
-        not is_torch_flex_attn_available(), reason="this torch/transformers has no flex_attention")))
-    kernels.append(pytest.param("flash_attention_2", marks=pytest.mark.skipif(
-        importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")))
-    return kernels
+    bf16, fp32 = (torch.bfloat16, 5e-3), (torch.float32, 1e-5)
+    no_flex = pytest.mark.skipif(not is_torch_flex_attn_available(),
+                                 reason=hardware_skip_reason("flex_attention (this torch lacks it)"))
+    no_flash = pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None,
+                                  reason=hardware_skip_reason("flash-attn (not installed)"))
+    return [pytest.param("sdpa", *bf16, id="sdpa-bf16"), pytest.param("sdpa", *fp32, id="sdpa-fp32"),
+            pytest.param("flex_attention", *bf16, id="flex_attention-bf16", marks=no_flex),
+            pytest.param("flash_attention_2", *bf16, id="flash_attention_2-bf16",
+                         marks=[needs_cuda("flash-attn"), no_flash])]
 
 
 @gpu
-@pytest.mark.parametrize("attn", attention_kernels())
-@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 5e-3), (torch.float32, 1e-5)], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("attn, dtype, tol", attention_cases())
 def test_packed_rows_match_conversations_alone_gpu(attn, dtype, tol):
-    if attn != "sdpa" and dtype == torch.float32:  # flash: 16-bit only; flex: each shape compiles (time budget)
-        pytest.skip(f"{attn} is checked in bf16, the training precision")
-    packed_rows_match_alone("cuda", dtype, attn, tol)
+    packed_rows_match_alone(DEVICE, dtype, attn, tol)
 
 
 @gpu
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-4)], ids=["bf16", "fp32"])
 def test_chunked_loss_equals_plain_gpu(tied, dtype, tol):
-    chunked_loss_matches_plain("cuda", dtype, tied=tied, tol=tol)
+    chunked_loss_matches_plain(DEVICE, dtype, tied=tied, tol=tol)
 
 
 @gpu
@@ -91,18 +95,19 @@ def test_bf16_zero3_loss_decreases_on_a_repeated_batch_gpu(gpu_run):
     from ds_vicuna.train.metrics import peak_flops
 
     _, _, deepspeed, run = gpu_run
-    check_repeated_batch_run(run, "bf16", offload=deepspeed == "zero3_offload", peak=peak_flops("bf16"))
+    peak = peak_flops("bf16") if DEVICE == "cuda" else None
+    check_repeated_batch_run(run, "bf16", offload=deepspeed == "zero3_offload", peak=peak)
 
 
 @gpu
 def test_resume_reproduces_the_losses_gpu(gpu_run):
     tmp, config, _, run = gpu_run
-    check_resume(tmp, config, run, "first", gpu=True, rel=RESUME_REL["cuda"])
+    check_resume(tmp, config, run, "first", gpu=True, rel=RESUME_REL["cuda"])  # bf16 either way
 
 
 @gpu
 def test_export_loads_in_transformers_and_equals_the_engine_gpu(gpu_run, tmp_path):
-    check_export(gpu_run[3], tmp_path, "cuda")
+    check_export(gpu_run[3], tmp_path, DEVICE)
 
 
 # -------------------------------------------------------------- CPU twins: the same bodies, fp32, one process

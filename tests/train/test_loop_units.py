@@ -9,7 +9,8 @@ from ds_vicuna.train.loop import samples_of, step_batches
 from ds_vicuna.train.cli import split_argv
 from ds_vicuna.train.metrics import (matmul_params, peak_flops, peak_rss_bytes, plot_loss, step_profile,
                                      write_memory_report)
-from ds_vicuna.train.build import build_model_config, param_groups, pick_attn_implementation, share_cpu_threads
+from ds_vicuna.train.build import (build_model_config, param_groups, pick_attn_implementation, pick_training_attention,
+                                   enable_tf32, share_cpu_threads, share_cpu_threads_if_needed)
 from tests.support.tiny_llama import make_tiny_model
 
 
@@ -63,6 +64,53 @@ def test_cpu_ranks_share_the_cores_unless_told():
         assert share_cpu_threads({"OMP_NUM_THREADS": "3", "LOCAL_SIZE": "2"}) is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_threads_are_shared_whenever_the_optimizer_is_offloaded():
+    """8 GPU ranks, each with CPU Adam: one thread per core in each would oversubscribe the host 8x."""
+    import os
+
+    import torch
+
+    offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    on_gpu = {"zero_optimization": {"stage": 3}}
+    before = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+        ranks = {"LOCAL_WORLD_SIZE": "8"}
+        assert share_cpu_threads_if_needed("cuda", offload, ranks) == max(1, cores // 8) == torch.get_num_threads()
+        assert share_cpu_threads_if_needed("cuda", on_gpu, ranks) is None  # GPU work only: torch's default
+        assert share_cpu_threads_if_needed("cpu", on_gpu, {"LOCAL_WORLD_SIZE": "2"}) == max(1, cores // 2)
+        assert share_cpu_threads_if_needed("cuda", offload, {**ranks, "OMP_NUM_THREADS": "4"}) is None
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_packed_rows_on_cuda_use_flex_attention_never_a_dense_mask():
+    from ds_vicuna.train.packed_attention import PACKED_SDPA
+
+    assert pick_training_attention("auto", "pack", 1, "cuda") == "flex_attention"
+    assert pick_training_attention("sdpa", "pack", 1, "cuda") == "flex_attention"
+    assert pick_training_attention("auto", "pack", 1, "cpu") == PACKED_SDPA  # one SDPA per conversation
+    assert pick_training_attention("auto", "group", 1, "cuda") == "sdpa"  # no packing: no mask to build
+    assert pick_training_attention("flex_attention", "pack", 1, "cpu") == "flex_attention"
+    assert pick_training_attention("auto", "pack", 2, "cuda") == PACKED_SDPA  # sequence parallel core attention
+
+
+def test_fp32_on_cuda_runs_in_tf32_the_precision_its_mfu_peak_counts():
+    import torch
+
+    from ds_vicuna.train.metrics import peak_flops
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert not enable_tf32("bf16", "cuda") and not enable_tf32("fp32", "cpu")
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert enable_tf32("fp32", "cuda") and torch.get_float32_matmul_precision() == "high"  # TF32
+        assert peak_flops("fp32", "NVIDIA H100 80GB HBM3") == peak_flops("bf16", "NVIDIA H100 80GB HBM3") / 2
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_split_argv_drops_launcher_flag():

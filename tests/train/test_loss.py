@@ -69,3 +69,51 @@ def test_a_model_that_transforms_its_logits_is_refused():
         token_loss_sum(model, batch, 4)
     assert "forward" not in model.get_output_embeddings().__dict__
     token_loss_sum(model, batch, None)  # the plain path still works
+
+
+def test_label_positions_from_the_host_spare_the_step_a_sync(monkeypatch):
+    """add_label_index (run where collate runs, on the host) gives the chunked loss its labelled positions and the
+    trainer its count: the step itself then calls no `nonzero` and reads no count back (host syncs on a GPU)."""
+    from ds_vicuna.train.loss import add_label_index
+
+    model, batch = tiny_llama("cpu", torch.float32), packed_batch("cpu")
+    expected = token_loss_sum(model, batch, 4)  # also passes the once-per-model output-layer check
+    indexed = add_label_index(dict(batch))
+    assert indexed["num_label_tokens"] == int((batch["labels"][:, 1:] != -100).sum())
+    assert indexed["label_rows"].tolist() == torch.nonzero(shifted_labels(batch).flatten() != -100).flatten().tolist()
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("nonzero inside the step: a host sync on a GPU")
+
+    monkeypatch.setattr(torch.Tensor, "nonzero", no_sync)
+    monkeypatch.setattr(torch, "nonzero", no_sync)
+    assert count_label_tokens(indexed) == indexed["num_label_tokens"]
+    loss = token_loss_sum(model, indexed, 4)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_the_loss_step_makes_no_host_sync_gpu():
+    """The chunked loss and the backward through it and the model, with the host's label index, under CUDA's sync
+    debug mode "error": a `nonzero`, `.item()` or count read back inside raises. (The model's once-per-model
+    output-layer check and the forward to the hidden states, where transformers builds its mask, run outside.)"""
+    from ds_vicuna.train.loss import add_label_index
+    from tests.support.gpu_device import DEVICE
+
+    if DEVICE != "cuda":
+        pytest.skip("not on this machine: needs CUDA (torch.cuda.set_sync_debug_mode; CPU rehearsal)")
+    model, batch = tiny_llama("cuda", torch.bfloat16), packed_batch("cpu")
+    indexed = {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in add_label_index(dict(batch)).items()}
+    token_loss_sum(model, indexed, 4)  # the once-per-model check syncs: outside the debug mode
+    hidden = model.model(input_ids=indexed["input_ids"], position_ids=indexed["position_ids"]).last_hidden_state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = linear_cross_entropy_sum(hidden, model.lm_head.weight, None, shifted_labels(indexed), 4,
+                                        indexed["label_rows"])
+        loss.backward()
+        assert count_label_tokens(indexed) > 0
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()

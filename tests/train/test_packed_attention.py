@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ds_vicuna.train.packed_attention import PACKED_SDPA, packed_sdpa_attention, register_packed_sdpa, segment_starts
+from tests.support.gpu_device import DEVICE, needs_cuda
 
 
 def test_segment_starts_follow_position_restarts():
@@ -66,4 +67,60 @@ def test_same_logits_and_gradients_as_transformers_packed_sdpa():
 
 @pytest.mark.gpu
 def test_same_logits_and_gradients_as_transformers_packed_sdpa_on_gpu():
-    _check_same_as_transformers_packed_sdpa("cuda")  # the one-kernel mask path
+    _check_same_as_transformers_packed_sdpa(DEVICE)  # the one-kernel mask path
+
+
+@pytest.mark.slow  # torch.compile of flex_attention: ~1 min on a loaded 2-core CPU
+def test_flex_attention_packed_rows_equal_each_conversation_alone_on_cpu(monkeypatch):
+    """The forward (loss) of what packed rows use on CUDA, on the CPU: torch 2.13's FlexAttention has no backward
+    on CPU ("FlexAttention does not support backward on CPU"), so the gradients are the `gpu` twin's."""
+    flex_packed_matches_alone("cpu", monkeypatch, backward=False)
+
+
+@pytest.mark.gpu
+@needs_cuda("flex_attention's backward (torch 2.13: FlexAttention does not support backward on CPU)")
+def test_flex_attention_packed_rows_equal_each_conversation_alone_loss_and_every_gradient_gpu(monkeypatch):
+    flex_packed_matches_alone(DEVICE, monkeypatch, backward=True)
+
+
+def flex_packed_matches_alone(device: str, monkeypatch, backward: bool) -> None:
+    """What packed rows use on CUDA (ds_vicuna.train.build.pick_training_attention): three conversations packed in
+    one padded row under flex_attention's document-causal block mask give the summed loss (and, with `backward`,
+    every parameter's gradient) of the three run one at a time (plain causal SDPA, the same weights), fp32, tight
+    tolerance; the KV heads are never repeated (GQA in the kernel) and no SDPA call (dense mask) is made."""
+    import contextlib
+
+    import transformers.integrations.flex_attention as flex_module
+
+    from ds_vicuna.train.batching import collate
+    from ds_vicuna.train.loss import token_loss_sum
+    from tests.support.device_checks import LENGTHS, conversations, tiny_llama
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dense path was taken")
+
+    def on_device(batch):
+        return {k: v.to(device) for k, v in batch.items() if k != "num_label_tokens"}
+
+    grad = contextlib.nullcontext() if backward else torch.no_grad()
+    convs = conversations()
+    alone = tiny_llama(device, torch.float32, attn="sdpa", init_range=0.1)
+    packed = tiny_llama(device, torch.float32, attn="flex_attention", init_range=0.1)  # same seed: same weights
+    with grad:
+        expected = sum(token_loss_sum(alone, on_device(collate([[conv]], "pack", len(conv["input_ids"]),
+                                                               pad_token_id=0)), None) for conv in convs)
+        batch = on_device(collate([convs], "pack", sum(LENGTHS) + 3, pad_token_id=0))  # 3 padding tokens
+        with monkeypatch.context() as patch:
+            patch.setattr(flex_module, "repeat_kv", refuse)
+            patch.setattr(torch.nn.functional, "scaled_dot_product_attention", refuse)
+            loss = token_loss_sum(packed, batch, None)
+            if backward:
+                loss.backward()
+    if backward:
+        expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-6, atol=0)
+    if backward:
+        grads = dict(packed.named_parameters())
+        for name, param in alone.named_parameters():
+            assert param.grad.abs().sum() > 0, name
+            torch.testing.assert_close(grads[name].grad, param.grad, rtol=1e-5, atol=1e-7, msg=name)
