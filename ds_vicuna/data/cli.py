@@ -45,7 +45,8 @@ def register(subparsers) -> None:
     split.add_argument("input")
     split.add_argument("output")
     split.add_argument("--model", required=True, help="local Hugging Face model folder, or 'embedded'")
-    split.add_argument("--template", default=DEFAULT_TEMPLATE, help=f"chat template (default {DEFAULT_TEMPLATE})")
+    split.add_argument("--template", default=DEFAULT_TEMPLATE,
+                       help=f"chat template, or auto: the tokenizer's own if it has one (default {DEFAULT_TEMPLATE})")
     split.add_argument("--max-length", type=int, required=True, help="most tokens per piece")
     split.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
     split.add_argument("--report", type=Path, help="write the counts as JSON here")
@@ -110,11 +111,15 @@ def run_clean(args: argparse.Namespace) -> int:
 def run_split(args: argparse.Namespace) -> int:
     from ds_vicuna.data.formats import FormatError
     from ds_vicuna.data.split import SplitError, split_file
-    from ds_vicuna.model.tokenizer import load_tokenizer
+    from ds_vicuna.model.tokenizer import check_max_length, load_tokenizer, resolve_template
 
     try:
-        tokenizer = load_tokenizer(args.model, args.template)
-        report = split_file(args.input, args.output, tokenizer, args.template, args.max_length,
+        check_max_length(args.model, args.max_length, name="--max-length")
+        template, why = resolve_template(args.template, args.model)
+        if template != args.template:
+            print(f"[split] {why}", file=sys.stderr)
+        tokenizer = load_tokenizer(args.model, template)
+        report = split_file(args.input, args.output, tokenizer, template, args.max_length,
                             progress=not args.no_progress, workers=args.workers)
     except (FormatError, SplitError, OSError, ValueError) as e:
         return _fail(e)

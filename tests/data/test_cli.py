@@ -167,3 +167,16 @@ def test_overlap_takes_every_bundled_set_and_names_them_for_an_unknown_one(tmp_p
     assert bad.returncode == 2
     assert "mt_bench_80: no such file, and not a bundled question set (bundled: mt_bench, mt_bench_mini, " \
            "vicuna_80, vicuna_bench)" in bad.stderr
+
+
+def test_split_refuses_a_max_length_beyond_the_models_positions(tmp_path):
+    from tests.support.tiny_llama import make_tiny_model, write_conversations
+
+    model = make_tiny_model(tmp_path / "tiny")
+    data = write_conversations(tmp_path / "in.jsonl", n=2)
+    result = cli("split", data, tmp_path / "out.jsonl", "--model", model, "--max-length", "1024", check=False)
+    assert result.returncode != 0
+    assert "--max-length 1024 is more than the 512 positions of model" in result.stderr
+    ok = cli("split", data, tmp_path / "out.jsonl", "--model", model, "--template", "auto", "--max-length", "512",
+             "--no-progress")
+    assert "template auto: the tokenizer has no chat template, so vicuna_v1.1" in ok.stderr
