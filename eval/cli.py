@@ -20,6 +20,8 @@ import logging
 import sys
 
 from ds_vicuna.model.loading import DTYPE_CHOICES
+from ds_vicuna.data.question_sets import BUNDLED_SETS
+from ds_vicuna.eval.answer import DEFAULT_ANSWER_TOKENS
 
 
 def register(subparsers) -> None:
@@ -47,12 +49,15 @@ def _add_client_flags(parser, model_flag: str, model_help: str) -> None:
 
 
 def _add_answer(p) -> None:
-    p.add_argument("--questions", default="vicuna_80", help="question file or bundled set (vicuna_80, mt_bench_mini)")
+    p.add_argument("--questions", default="vicuna_80",
+                   help=f"question file or bundled set ({', '.join(BUNDLED_SETS)})")
     p.add_argument("--out", required=True, help="answer JSONL (appended; answered questions are skipped)")
     p.add_argument("--model", help="local checkpoint folder or 'embedded'; omit to answer from --base-url")
     p.add_argument("--model-id", help="model_id written in the records (default: model name)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate call (local)")
-    p.add_argument("--max-tokens", type=int, default=512, help="new tokens per reply")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_ANSWER_TOKENS,
+                   help=f"new tokens per reply (default {DEFAULT_ANSWER_TOKENS}, FastChat's gen_model_answer for "
+                        "MT-bench and Vicuna-bench)")
     p.add_argument("--temperature", type=_temperature, default=0.0,
                    help="0 = greedy; 'fastchat' = FastChat's per-category MT-bench temperatures")
     p.add_argument("--device", default="auto", help="local model: auto | cuda | cuda:N | cpu")
@@ -75,7 +80,7 @@ def _temperature(value: str):
 
 def _add_question_flags(p) -> None:
     p.add_argument("--questions", default="vicuna_80",
-                   help="question file or bundled set (vicuna_80, mt_bench_mini, mt_bench, vicuna_bench)")
+                   help=f"question file or bundled set ({', '.join(BUNDLED_SETS)})")
     p.add_argument("--reference-answers", help="FastChat reference answer file (choices[0].turns per question), "
                                                 "e.g. reference_answer/gpt-4.jsonl; the bundled mt_bench and "
                                                 "vicuna_bench sets bring FastChat's")
@@ -164,7 +169,8 @@ def _add_run(p) -> None:
     _add_prompt_flag(p)
     p.add_argument("--api-key", help="for every endpoint (default: $OPENAI_API_KEY)")
     p.add_argument("--workers", type=int, default=4, help="requests in flight per stage")
-    p.add_argument("--max-tokens", type=int, default=1024, help="answer length (FastChat: 1024)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_ANSWER_TOKENS,
+                   help=f"answer length (FastChat: {DEFAULT_ANSWER_TOKENS})")
     p.add_argument("--temperature", type=_temperature, default="fastchat",
                    help="answer temperature, or 'fastchat' for MT-bench's per-category ones (default)")
     p.add_argument("--judge-max-tokens", type=int, default=2048)

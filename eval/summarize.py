@@ -374,7 +374,8 @@ def _pair_lines(s: dict) -> list[str]:
     if s["score_1"] is not None:
         rel = f"{s['relative_score']:.1f}%" if s["relative_score"] is not None else "n/a"
         head += (f"  total {s['score_1']:g} / {s['score_2']:g}  relative {rel}{_fmt_ci(ci, 'relative_score')}")
-    head += (f"  wins {s['wins_1']} / ties {s['ties']} / wins {s['wins_2']}  unparsed {s['unparsed']} "
+    head += (f"  {s['model_1']} wins {s['wins_1']} / ties {s['ties']} / {s['model_2']} wins {s['wins_2']}  "
+             f"unparsed {s['unparsed']} "
              f"(items excluded {s['excluded']}, inconsistent orders {s['inconsistent']})")
     lines = [head]
     if s["n"]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from ds_vicuna.data.question_sets import BUNDLED_SETS
 
 DEFAULT_TEMPLATE = "vicuna_v1.1"
+OVERLAP_EXIT = 3  # `data overlap --fail-on-overlap` found overlap (1 and 2 are errors)
 
 
 def register(subparsers) -> None:
@@ -72,6 +73,8 @@ def register(subparsers) -> None:
                               "with their reference answers) or a FastChat-style question or reference-answer "
                               "JSONL file; repeatable")
     overlap.add_argument("--ngram", type=int, default=None, help="words per n-gram (default 8)")
+    overlap.add_argument("--fail-on-overlap", action="store_true",
+                         help=f"exit {OVERLAP_EXIT} when any training conversation overlaps (a pipeline stops there)")
     overlap.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
     overlap.add_argument("--skip-bad", action="store_true", help="skip unreadable records instead of failing")
     overlap.add_argument("--report", type=Path, help="write every overlapping conversation as JSON here")
@@ -180,4 +183,8 @@ def run_overlap(args: argparse.Namespace) -> int:
         return _fail(e)
     print(report.table())
     _write_report(args.report, report.as_dict())
+    if args.fail_on_overlap and report.hits:
+        print(f"data overlap: {len(report.hits)} training conversation(s) overlap the eval sets "
+              f"(--fail-on-overlap): exit {OVERLAP_EXIT}", file=sys.stderr)
+        return OVERLAP_EXIT
     return 0

@@ -131,6 +131,9 @@ def test_overlap_command_names_the_leaked_conversation(tmp_path):
     assert "overlap: 1 of 1 training conversations" in result.stdout
     assert f"leak  ({data})  vicuna_80:{question['question_id']}:text" in result.stdout
     assert json.loads((tmp_path / "o.json").read_text())["hits"][0]["id"] == "leak"
+    failing = cli("overlap", data, "--questions", "vicuna_80", "--fail-on-overlap", "--no-progress", check=False)
+    assert failing.returncode == 3 and "1 training conversation(s) overlap the eval sets" in failing.stderr
+    assert cli("overlap", data, "--questions", "mt_bench_mini", "--fail-on-overlap", "--no-progress").returncode == 0
     result = cli("clean", data, tmp_path / "c.jsonl", "--drop-overlap", "vicuna_80", "--no-progress")
     assert any(line.split() == ["skipped:", "eval_overlap", "1"] for line in result.stdout.splitlines())
 
