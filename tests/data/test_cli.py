@@ -50,8 +50,10 @@ def test_clean_counts_every_bad_record_by_reason(cleaned):
                                  "no_reply": 1, "bad_role_order": 1, "duplicate": 1, "wrong_language": 3,
                                  "blocked_word": 2}
     # Every HTML turn of the sample (its generator writes 166) converted, every "1 / 1" counter (73) removed.
+    # and the one turn whose blank lines were trimmed is counted too
     assert report["fixes"] == {"html_converted": 166, "page_counter": 73, "merged_turn": 1,
-                               "dropped_leading_assistant": 1, "dropped_trailing_user": 1, "language_not_judged": 2}
+                               "dropped_leading_assistant": 1, "dropped_trailing_user": 1, "language_not_judged": 2,
+                               "whitespace": 1}
     assert report["kept"] + sum(report["skipped"].values()) == report["total"] == len(json.loads(SAMPLE.read_text()))
     table = runs[1].stdout
     for reason, count in report["skipped"].items():
