@@ -53,7 +53,7 @@ setup(
         # lm-evaluation-harness against our server (tests/eval/test_lm_eval.py); heavy, so not in dev
         "harness": ["lm-eval[api]>=0.4.5"],
         # AlpacaEval's own length-controlled win rate, compared with eval/summarize.py's (tests/eval); test-only
-        "alpaca": ["alpaca-eval>=0.6"],
+        "alpaca": ["alpaca-eval>=0.6", "scikit-learn"],
     },
     entry_points={"console_scripts": ["ds-vicuna=ds_vicuna.cli:main"]},
 )

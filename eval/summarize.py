@@ -178,9 +178,10 @@ def _length_controlled(combined: list[Combined], options: Options):
         return None, None
     preference = np.array([1.0 if c.verdict < 0 else 0.5 if c.verdict == 0 else 0.0 for c in known])
     diff = np.array([c.lengths[1] - c.lengths[0] for c in known], dtype=float)
-    value = float(length_controlled_preference(preference, diff)[0])
-    weights = cluster_weights([c.question_id for c in known], options.resamples, options.seed)
-    return round(value, 4), length_controlled_preference(preference, diff, weights)
+    questions = [c.question_id for c in known]
+    value = float(length_controlled_preference(preference, diff, groups=questions)[0])
+    weights = cluster_weights(questions, options.resamples, options.seed)
+    return round(value, 4), length_controlled_preference(preference, diff, weights, groups=questions)
 
 
 def _consistency(items: list[PairItem]) -> dict:
