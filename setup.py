@@ -7,7 +7,10 @@ from setuptools import find_packages, setup
 
 # `serve/` and `eval/` live at the top of the repository (one folder per product stage) but are
 # installed as `ds_vicuna.serve` and `ds_vicuna.eval`, so nothing called `eval` lands in site-packages.
-STAGE_FOLDERS = {"ds_vicuna.serve": "serve", "ds_vicuna.eval": "eval"}
+# `ds_configs/` and `configs/` travel the same way, so `train.deepspeed: zero3_offload` and
+# `ds-vicuna train demo` work in any install (ds_vicuna.config.bundled_deepspeed_configs, example_configs).
+STAGE_FOLDERS = {"ds_vicuna.serve": "serve", "ds_vicuna.eval": "eval",
+                 "ds_vicuna.ds_configs": "ds_configs", "ds_vicuna.configs": "configs"}
 
 setup(
     name="ds-vicuna",
@@ -18,6 +21,8 @@ setup(
     package_dir=STAGE_FOLDERS,
     package_data={"ds_vicuna": ["data/*.json", "data/*.jsonl", "data/*.txt"],
                   "ds_vicuna.serve": ["static/*"],
+                  "ds_vicuna.ds_configs": ["*.json"],
+                  "ds_vicuna.configs": ["*.yaml"],
                   "ds_vicuna.eval": ["questions/*.jsonl", "data/fastchat/*.jsonl", "data/fastchat/*/*.jsonl",
                                      "data/fastchat/*/*/*.jsonl", "data/fastchat/LICENSE",
                                      "data/fastchat/README.md"]},
@@ -47,6 +52,8 @@ setup(
         "flash": ["flash-attn>=2.5"],
         # lm-evaluation-harness against our server (tests/eval/test_lm_eval.py); heavy, so not in dev
         "harness": ["lm-eval[api]>=0.4.5"],
+        # AlpacaEval's own length-controlled win rate, compared with eval/summarize.py's (tests/eval); test-only
+        "alpaca": ["alpaca-eval>=0.6", "scikit-learn"],
     },
     entry_points={"console_scripts": ["ds-vicuna=ds_vicuna.cli:main"]},
 )

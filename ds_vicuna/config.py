@@ -7,6 +7,12 @@ A key may be dotted (`train.learning_rate`) or bare when only one section has it
 Values are parsed as YAML (`1e-4`, `true`, `null`) and must match the field's type. The DeepSpeed engine
 settings live in `ds_configs/*.json`; `fill_deepspeed_config` writes batch sizes, bucket sizes and precision
 into that dict, because plain DeepSpeed does not resolve `"auto"` (only HF Trainer/Accelerate do).
+
+Both folders are installed with the package (`ds_vicuna.ds_configs`, `ds_vicuna.configs`), so a bundled name
+works in any install: `train.deepspeed: zero3` and `ds-vicuna train demo`. A relative input path written in a
+config file (data files, the DeepSpeed file, the model folder, a resume folder) is read from the config file's
+folder; outputs (`train.output_dir`, `data.cache_dir`) and every path given on the command line are relative to
+the current folder.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,6 +35,8 @@ MASKS = ("assistant", "last_turn", "all")
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = DTYPE_CHOICES  # the same choices and auto policy as inference (ds_vicuna.model.loading)
 DEFAULT_LOSS_CHUNK_TOKENS = 1024
+DEEPSPEED_PACKAGE = "ds_vicuna.ds_configs"  # the repository's ds_configs/, installed as package data
+EXAMPLES_PACKAGE = "ds_vicuna.configs"  # the repository's configs/
 
 
 class ConfigError(ValueError):
@@ -132,8 +141,9 @@ class DataConfig:
 class TrainConfig:
     output_dir: str = "runs/train"
     """Checkpoints (`step-000200/`), metrics.jsonl, loss.png and the resolved config go here."""
-    deepspeed: str = "ds_configs/zero3_offload.json"
-    """DeepSpeed engine settings (ZeRO stage, offload); batch/bucket/precision fields are filled at start."""
+    deepspeed: str = "zero3_offload"
+    """DeepSpeed engine settings (ZeRO stage, offload): a bundled name (zero2, zero3, zero3_offload) or a JSON
+    file; batch/bucket/precision fields are filled at start."""
     precision: str = "auto"
     """auto = bf16 on a bf16 GPU, fp16 with loss scaling on older GPUs, fp32 on CPU. bf16 on CPU when asked for
     (fast where the CPU has avx512_bf16/AMX, emulated and slower than fp32 elsewhere, half the memory anyway)."""
@@ -164,6 +174,9 @@ class TrainConfig:
     """Write a metrics record (metrics.jsonl, TensorBoard) every N optimizer steps, and at the run's last step."""
     resume: str | None = None
     """`auto` (newest complete checkpoint in output_dir, if any) or a checkpoint folder."""
+    overwrite: bool = False
+    """Start over in an output_dir that already holds a run (its checkpoints, metrics and loss curve are deleted
+    first); without it, or `resume`, such a folder is an error. `--overwrite` alone on the command line means true."""
     stop_after_steps: int | None = None
     """Save and exit after this many steps of this run, as a preempted job would (resume continues)."""
     loss_chunk_tokens: int | None = DEFAULT_LOSS_CHUNK_TOKENS
@@ -189,6 +202,9 @@ class TrainConfig:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.overwrite and self.resume is not None:
+            raise ConfigError(f"train.overwrite and train.resume ({self.resume!r}) contradict each other: "
+                              "continue a run or start it over, not both")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
                               f"train.micro_batch_size ({self.micro_batch_size})")
@@ -309,6 +325,8 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
 def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
     """`["--train.lr", "1", "data.max_length=512", "--flag=x"]` -> [(key, raw value), ...].
 
+    A yes/no key followed by nothing or by another `--key` (`--overwrite`) means true.
+
     Raises:
         ConfigError: a dangling `--key` without a value or an argument that is not key=value / --key value.
     """
@@ -319,6 +337,8 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
             key = arg[2:]
             if "=" in key:
                 key, value = key.split("=", 1)
+            elif _is_flag(key) and (i + 1 == len(args) or args[i + 1].startswith("--")):
+                value = "true"  # `--overwrite` alone: a yes/no key needs no value
             elif i + 1 < len(args):
                 i += 1
                 value = args[i]
@@ -331,6 +351,14 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
         pairs.append((key.replace("-", "_"), value))
         i += 1
     return pairs
+
+
+def _is_flag(key: str) -> bool:
+    """True when `key` (dotted or bare) names a yes/no field."""
+    key = key.replace("-", "_")
+    section, name = key.split(".", 1) if "." in key else (None, key)
+    classes = [_SECTION_CLASSES[section]] if section in _SECTION_CLASSES else list(_SECTION_CLASSES.values())
+    return any(typing.get_type_hints(cls).get(name) is bool for cls in classes)
 
 
 def _resolve_key(key: str) -> tuple[str, str]:
@@ -347,8 +375,74 @@ def _resolve_key(key: str) -> tuple[str, str]:
     return owners[0], key
 
 
+def _bundled(package: str, suffix: str) -> dict[str, Path]:
+    """name -> file of the config files installed with the package (`zero3` -> .../ds_configs/zero3.json)."""
+    folder = resources.files(package)
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(suffix)}
+
+
+def bundled_deepspeed_configs() -> dict[str, Path]:
+    """The DeepSpeed configs installed with the package, by name: zero2, zero3, zero3_offload."""
+    return _bundled(DEEPSPEED_PACKAGE, ".json")
+
+
+def example_configs() -> dict[str, Path]:
+    """The example training configs installed with the package, by name (`demo`, `vicuna_7b`, ...)."""
+    return _bundled(EXAMPLES_PACKAGE, ".yaml")
+
+
+def config_file_path(path: str | os.PathLike) -> Path:
+    """A training config as a file: an existing path, else the name of a bundled example (`demo`).
+
+    Raises:
+        ConfigError: neither, listing the bundled names.
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    examples = example_configs()
+    if str(path) in examples:
+        return examples[str(path)]
+    raise ConfigError(f"config file {p} not found (bundled examples: {', '.join(sorted(examples))})")
+
+
+# (section, key, values that are names, not paths): relative paths in a config file are read from its folder
+_INPUT_PATHS = (("data", "train_path", ()), ("data", "eval_path", ()), ("model", "name_or_path", ("embedded",)),
+                ("train", "resume", ("auto",)), ("train", "deepspeed", None))
+
+
+def resolve_config_paths(raw: dict, folder: Path) -> dict:
+    """`raw` (a config file's sections) with each relative input path joined to `folder`, the file's folder.
+
+    Outputs (`train.output_dir`, `data.cache_dir`) stay relative to the current folder; bundled names
+    (`zero3`, `embedded`, `auto`) are kept as they are.
+    """
+    def join(value):
+        if isinstance(value, dict) and isinstance(value.get("path"), str):
+            return {**value, "path": join(value["path"])}
+        if not isinstance(value, str) or not value or os.path.isabs(value):
+            return value
+        return os.path.normpath(os.path.join(folder, value))
+
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for section, key, names in _INPUT_PATHS:
+        values = out.get(section)
+        if not isinstance(values, dict) or key not in values:
+            continue
+        value = values[key]
+        names = bundled_deepspeed_configs() if names is None else names
+        if isinstance(value, str) and value in names:
+            continue
+        values[key] = [join(v) for v in value] if isinstance(value, list) else join(value)
+    return out
+
+
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (or defaults when `path` is None) and apply CLI overrides.
+
+    Args:
+        path: a YAML file, the name of a bundled example (`demo`), or None for the defaults. Relative input
+            paths inside it are read from its folder (see `resolve_config_paths`); overrides from the current one.
 
     Raises:
         ConfigError: missing/invalid YAML, unknown keys, wrong types, contradictions.
@@ -358,15 +452,15 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     raw: dict = {}
     source = str(path) if path else "defaults"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found")
+        p = config_file_path(path)
+        source = str(p)
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{p}: not valid YAML ({err})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping with sections {', '.join(SECTIONS)}")
+        raw = resolve_config_paths(raw, p.parent)
     raw = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in raw.items()}
     for key, text in parse_overrides(overrides):
         section, name = _resolve_key(key)
@@ -380,20 +474,33 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
 # --------------------------------------------------------------------------------------------------- DeepSpeed
 
 
-def load_deepspeed_config(path: str | os.PathLike) -> dict:
-    """Read a `ds_configs/*.json` file (engine settings only).
+def deepspeed_config_path(name_or_path: str | os.PathLike) -> Path:
+    """`train.deepspeed` as a file: a bundled name (zero2, zero3, zero3_offload) or a path.
+
+    Raises:
+        ConfigError: neither, listing the bundled names.
+    """
+    bundled = bundled_deepspeed_configs()
+    if str(name_or_path) in bundled:
+        return bundled[str(name_or_path)]
+    p = Path(name_or_path)
+    if not p.is_file():
+        raise ConfigError(f"train.deepspeed: {p} not found; give a JSON file or a bundled name: "
+                          f"{', '.join(sorted(bundled))}")
+    return p
+
+
+def load_deepspeed_config(name_or_path: str | os.PathLike) -> dict:
+    """Read DeepSpeed engine settings: a bundled name (`zero3_offload`) or a JSON file.
 
     Raises:
         ConfigError: missing file, bad JSON, or batch fields set (they are derived from the training config).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"train.deepspeed: {p} not found (bundled ones: ds_configs/zero2.json, zero3.json, "
-                          "zero3_offload.json)")
+    p = deepspeed_config_path(name_or_path)
     try:
         ds = json.loads(p.read_text())
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{p}: not valid JSON ({err})") from None
+        raise ConfigError(f"{p}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
     if not isinstance(ds, dict) or not isinstance(ds.get("zero_optimization", {}), dict):
         raise ConfigError(f"{p}: expected an object with a zero_optimization object")
     clashing = [k for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")

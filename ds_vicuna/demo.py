@@ -23,7 +23,7 @@ QUESTION = "Who are you?"
 IDENTITY = "Vicuna"
 TEMPLATE = "vicuna_v1.1"
 MAX_LENGTH = 512
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_CONFIG = "demo"  # configs/demo.yaml, installed with the package (ds_vicuna.config.example_configs)
 
 
 def sample_path() -> Path:
@@ -56,14 +56,10 @@ def prepare_data(out: Path, other: int, seed: int = 0) -> Path:
 
 
 def launch_training(train: Path, out: Path, ranks: int, overrides: list[str]) -> Path:
-    """Run `deepspeed --num_gpus RANKS --module ds_vicuna.train configs/demo.yaml ...`; returns the output dir."""
-    from ds_vicuna.train.cli import launcher_command
-
+    """Run `ds-vicuna train demo --ranks RANKS ...` (the deepspeed launcher); returns the output dir."""
     output_dir = out / "train"
-    argv = ["--train_path", str(train), "--output_dir", str(output_dir),
-            "--deepspeed", str(DEMO_CONFIG.parents[1] / "ds_configs" / "zero3_offload.json"), *overrides]
-    command = launcher_command(str(DEMO_CONFIG), argv, ranks) if ranks > 1 else \
-        [sys.executable, "-m", "ds_vicuna.train", str(DEMO_CONFIG), *argv]
+    argv = ["--train_path", str(train), "--output_dir", str(output_dir), "--overwrite", "true", *overrides]
+    command = [sys.executable, "-m", "ds_vicuna.cli", "train", DEMO_CONFIG, "--ranks", str(ranks), *argv]
     print("[demo] " + " ".join(command), flush=True)
     if subprocess.call(command) != 0:
         raise SystemExit("[demo] training failed (see above)")

@@ -22,6 +22,8 @@ from ds_vicuna.eval.judge_client import ChatClient, map_concurrent
 from ds_vicuna.eval.questions import Question
 from ds_vicuna.data.jsonl import AppendWriter
 
+DEFAULT_ANSWER_TOKENS = 1024  # FastChat's gen_model_answer.py --max-new-token, for MT-bench and Vicuna-bench
+
 log = logging.getLogger(__name__)
 
 
@@ -148,8 +150,8 @@ class LocalBackend:
     (`ds_vicuna.serve.generate.generate_replies`), so a local answer is what the served model would answer.
     """
 
-    def __init__(self, model: str, max_new_tokens: int = 512, temperature: float = 0.0, device: str | None = None,
-                 dtype: str = "auto"):
+    def __init__(self, model: str, max_new_tokens: int = DEFAULT_ANSWER_TOKENS, temperature: float = 0.0,
+                 device: str | None = None, dtype: str = "auto"):
         from ds_vicuna.model.loading import load_chat_model
 
         self.chat = load_chat_model(model, device=device or "auto", dtype=dtype)

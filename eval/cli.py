@@ -20,6 +20,8 @@ import logging
 import sys
 
 from ds_vicuna.model.loading import DTYPE_CHOICES
+from ds_vicuna.data.question_sets import BUNDLED_SETS
+from ds_vicuna.eval.answer import DEFAULT_ANSWER_TOKENS
 
 
 def register(subparsers) -> None:
@@ -47,12 +49,15 @@ def _add_client_flags(parser, model_flag: str, model_help: str) -> None:
 
 
 def _add_answer(p) -> None:
-    p.add_argument("--questions", default="vicuna_80", help="question file or bundled set (vicuna_80, mt_bench_mini)")
+    p.add_argument("--questions", default="vicuna_80",
+                   help=f"question file or bundled set ({', '.join(BUNDLED_SETS)})")
     p.add_argument("--out", required=True, help="answer JSONL (appended; answered questions are skipped)")
     p.add_argument("--model", help="local checkpoint folder or 'embedded'; omit to answer from --base-url")
     p.add_argument("--model-id", help="model_id written in the records (default: model name)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate call (local)")
-    p.add_argument("--max-tokens", type=int, default=512, help="new tokens per reply")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_ANSWER_TOKENS,
+                   help=f"new tokens per reply (default {DEFAULT_ANSWER_TOKENS}, FastChat's gen_model_answer for "
+                        "MT-bench and Vicuna-bench)")
     p.add_argument("--temperature", type=_temperature, default=0.0,
                    help="0 = greedy; 'fastchat' = FastChat's per-category MT-bench temperatures")
     p.add_argument("--device", default="auto", help="local model: auto | cuda | cuda:N | cpu")
@@ -75,10 +80,18 @@ def _temperature(value: str):
 
 def _add_question_flags(p) -> None:
     p.add_argument("--questions", default="vicuna_80",
-                   help="question file or bundled set (vicuna_80, mt_bench_mini, mt_bench, vicuna_bench)")
+                   help=f"question file or bundled set ({', '.join(BUNDLED_SETS)})")
     p.add_argument("--reference-answers", help="FastChat reference answer file (choices[0].turns per question), "
                                                 "e.g. reference_answer/gpt-4.jsonl; the bundled mt_bench and "
                                                 "vicuna_bench sets bring FastChat's")
+    _add_inline_flag(p)
+
+
+def _add_inline_flag(p) -> None:
+    p.add_argument("--inline-references", action="store_true",
+                   help="judge with the questions' own `reference` fields (FastChat never reads them: it uses "
+                        "its reference answer file, which is the default here too for MT-bench's questions, "
+                        "bundled or given as a file)")
 
 
 def _add_prompt_flag(p) -> None:
@@ -153,6 +166,7 @@ def _add_plot(p) -> None:
 def _add_run(p) -> None:
     p.add_argument("--questions", default="mt_bench", help="question file or bundled set")
     p.add_argument("--reference-answers", help="FastChat reference answer file (bundled sets bring their own)")
+    _add_inline_flag(p)
     p.add_argument("--models", nargs="+", required=True, metavar="URL=NAME",
                    help="OpenAI-compatible endpoint and the model name it serves, one per model")
     p.add_argument("--judge", required=True, metavar="URL=NAME", help="the judge's endpoint and model name")
@@ -164,7 +178,8 @@ def _add_run(p) -> None:
     _add_prompt_flag(p)
     p.add_argument("--api-key", help="for every endpoint (default: $OPENAI_API_KEY)")
     p.add_argument("--workers", type=int, default=4, help="requests in flight per stage")
-    p.add_argument("--max-tokens", type=int, default=1024, help="answer length (FastChat: 1024)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_ANSWER_TOKENS,
+                   help=f"answer length (FastChat: {DEFAULT_ANSWER_TOKENS})")
     p.add_argument("--temperature", type=_temperature, default="fastchat",
                    help="answer temperature, or 'fastchat' for MT-bench's per-category ones (default)")
     p.add_argument("--judge-max-tokens", type=int, default=2048)
@@ -238,9 +253,10 @@ def cmd_judge(args) -> int:
     from ds_vicuna.eval.answer_files import load_answers
     from ds_vicuna.eval.judge import plan_tasks, run_judge
     from ds_vicuna.eval.judge_prompts import JudgeMode, default_prompt_set, load_prompt_set
-    from ds_vicuna.eval.questions import load_question_set
+    from ds_vicuna.eval.questions import load_for_judging
 
-    questions = load_question_set(args.questions, args.reference_answers)
+    questions, references = load_for_judging(args.questions, args.reference_answers, args.inline_references)
+    print(references, file=sys.stderr)
     answers = [load_answers(path) for path in args.answers]
     mode = JudgeMode(args.mode)
     prompts = load_prompt_set(args.judge_prompts or default_prompt_set(mode, questions))
@@ -355,7 +371,8 @@ def cmd_run(args) -> int:
     settings = RunSettings(
         questions=args.questions, models=endpoints(args.models, "--models"),
         judge=parse_endpoint(args.judge, "--judge"), out_dir=Path(args.out), mode=args.mode,
-        reference_answers=args.reference_answers, judge_prompts=args.judge_prompts, baseline=args.baseline,
+        reference_answers=args.reference_answers, inline_references=args.inline_references,
+        judge_prompts=args.judge_prompts, baseline=args.baseline,
         reference=args.reference, api_key=args.api_key, workers=args.workers, max_tokens=args.max_tokens,
         temperature=None if args.temperature == PER_CATEGORY else args.temperature,
         judge_max_tokens=args.judge_max_tokens, timeout=args.timeout,
@@ -364,6 +381,7 @@ def cmd_run(args) -> int:
     result = run_eval(settings)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    print(result.references, file=sys.stderr)
     print(f"report -> {result.out_dir / 'report.md'}")
     if not result.complete:
         print("some answers or judgments failed; rerun the same command to retry them", file=sys.stderr)

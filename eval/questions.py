@@ -70,16 +70,62 @@ def load_questions(name_or_path: str | Path) -> list[Question]:
     return questions
 
 
-def load_question_set(name_or_path: str | Path, reference_answers: str | Path | None = None) -> list[Question]:
-    """Questions with reference answers attached: from `reference_answers` if given, else the bundled set's.
+def load_question_set(name_or_path: str | Path, reference_answers: str | Path | None = None,
+                      inline_references: bool = False) -> list[Question]:
+    """Questions with the reference answers judging uses attached (see `load_for_judging`)."""
+    return load_for_judging(name_or_path, reference_answers, inline_references)[0]
+
+
+def load_for_judging(name_or_path: str | Path, reference_answers: str | Path | None = None,
+                     inline_references: bool = False) -> tuple[list[Question], str]:
+    """Questions with reference answers attached, as FastChat judges them, and a line saying where they came from.
+
+    References come from `reference_answers` when given; else from the set's own reference answer file when the
+    questions are a bundled set's (by name, or a file whose questions match the set's by id and text, e.g.
+    FastChat's own `mt_bench/question.jsonl`): FastChat always judges with `reference_answer/gpt-4.jsonl` and never
+    reads the questions' inline `reference` fields. Those are used only with `inline_references`.
 
     Raises:
-        QuestionError, RecordError: a bad question or reference answer record (file:line:field).
+        QuestionError, RecordError: a bad question or reference answer record (file:line:field), or both
+            `reference_answers` and `inline_references`.
     """
     files = resolve_question_set(name_or_path)
     questions = load_questions(files.questions)
-    references = reference_answers or files.reference_answers
-    return with_reference_answers(questions, references) if references else questions
+    if inline_references:
+        if reference_answers:
+            raise QuestionError("give --reference-answers or --inline-references, not both")
+        inline = sum(q.reference is not None for q in questions)
+        return questions, (f"references: the questions' own `reference` fields ({inline} questions have them; "
+                           "--inline-references; FastChat never reads these)")
+    stripped = [replace(q, reference=None) for q in questions]
+    if reference_answers:
+        return (with_reference_answers(stripped, reference_answers),
+                f"references: {reference_answers} (--reference-answers)")
+    matched = files if files.reference_answers else matching_bundled_set(questions)
+    if matched is not None and matched.reference_answers is not None:
+        how = "bundled set" if matched is files else f"{files.questions} holds the bundled {matched.name} questions"
+        return (with_reference_answers(stripped, matched.reference_answers),
+                f"references: FastChat's {matched.name} reference answers ({how}), as FastChat judges")
+    inline = sum(q.reference is not None for q in questions)
+    if inline:
+        return questions, (f"references: the questions' own `reference` fields ({inline} questions; no reference "
+                           "answer file given or known for this set)")
+    return questions, "references: none"
+
+
+def matching_bundled_set(questions: list[Question]):
+    """The bundled set with reference answers whose questions include every one of `questions` (same id and
+    turn texts), or None."""
+    from ds_vicuna.data.question_sets import BUNDLED_SETS, bundled_set
+
+    for name in BUNDLED_SETS:
+        files = bundled_set(name)
+        if files.reference_answers is None:
+            continue
+        known = {q.question_id: q.turns for q in load_questions(files.questions)}
+        if all(known.get(q.question_id) == q.turns for q in questions):
+            return files
+    return None
 
 
 def with_reference_answers(questions: list[Question], path: str | Path) -> list[Question]:

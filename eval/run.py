@@ -30,11 +30,12 @@ from ds_vicuna.eval.run_settings import Endpoint, RunResult, RunSettings, safe_n
 
 def run_eval(settings: RunSettings) -> RunResult:
     """Answers, judgments, summary, ratings, plots and report for `settings` (module docstring)."""
-    from ds_vicuna.eval.questions import load_question_set
+    from ds_vicuna.eval.questions import load_for_judging
 
     out = Path(settings.out_dir)
     result = RunResult(out)
-    questions = load_question_set(settings.questions, settings.reference_answers)
+    questions, result.references = load_for_judging(settings.questions, settings.reference_answers,
+                                                     settings.inline_references)
     answer_files = _answer_all(settings, questions, out / "model_answer", result)
     judgment_files = _judge_all(settings, questions, answer_files, out / "model_judgment", result)
     write_outputs(settings, questions, answer_files, judgment_files, result)

@@ -49,6 +49,8 @@ class RunSettings:
     out_dir: Path
     mode: str = "both"
     reference_answers: str | None = None
+    inline_references: bool = False
+    """Judge with the questions' own `reference` fields instead of the set's reference answer file."""
     judge_prompts: str | None = None
     """None: FastChat's MT-bench prompts for grades; `default_prompt_set` for pairwise."""
     baseline: str | None = None
@@ -85,6 +87,8 @@ class RunResult:
     answers_failed: dict = field(default_factory=dict)
     judgments_failed: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    references: str = ""
+    """Where the judge's reference answers came from (`questions.load_for_judging`)."""
     files: list[Path] = field(default_factory=list)
 
     @property

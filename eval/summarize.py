@@ -178,9 +178,10 @@ def _length_controlled(combined: list[Combined], options: Options):
         return None, None
     preference = np.array([1.0 if c.verdict < 0 else 0.5 if c.verdict == 0 else 0.0 for c in known])
     diff = np.array([c.lengths[1] - c.lengths[0] for c in known], dtype=float)
-    value = float(length_controlled_preference(preference, diff)[0])
-    weights = cluster_weights([c.question_id for c in known], options.resamples, options.seed)
-    return round(value, 4), length_controlled_preference(preference, diff, weights)
+    questions = [c.question_id for c in known]
+    value = float(length_controlled_preference(preference, diff, groups=questions)[0])
+    weights = cluster_weights(questions, options.resamples, options.seed)
+    return round(value, 4), length_controlled_preference(preference, diff, weights, groups=questions)
 
 
 def _consistency(items: list[PairItem]) -> dict:
@@ -374,7 +375,8 @@ def _pair_lines(s: dict) -> list[str]:
     if s["score_1"] is not None:
         rel = f"{s['relative_score']:.1f}%" if s["relative_score"] is not None else "n/a"
         head += (f"  total {s['score_1']:g} / {s['score_2']:g}  relative {rel}{_fmt_ci(ci, 'relative_score')}")
-    head += (f"  wins {s['wins_1']} / ties {s['ties']} / wins {s['wins_2']}  unparsed {s['unparsed']} "
+    head += (f"  {s['model_1']} wins {s['wins_1']} / ties {s['ties']} / {s['model_2']} wins {s['wins_2']}  "
+             f"unparsed {s['unparsed']} "
              f"(items excluded {s['excluded']}, inconsistent orders {s['inconsistent']})")
     lines = [head]
     if s["n"]:

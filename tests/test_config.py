@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from ds_vicuna.config import (Config, ConfigError, fill_deepspeed_config, load_config, load_deepspeed_config,
-                              offloads_optimizer, parse_overrides, resolve_precision)
+from ds_vicuna.config import (Config, ConfigError, bundled_deepspeed_configs, example_configs, fill_deepspeed_config,
+                              load_config, load_deepspeed_config, offloads_optimizer, parse_overrides,
+                              resolve_precision)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ def test_vicuna_defaults():
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_training_config_loads(path):
     cfg = load_config(path)
-    ds = load_deepspeed_config(REPO / cfg.train.deepspeed)
+    ds = load_deepspeed_config(cfg.train.deepspeed)
     cfg.gradient_accumulation_steps(1)
     filled = fill_deepspeed_config(ds, micro_batch_size=cfg.train.micro_batch_size, grad_accum=2, world_size=1,
                                    hidden_size=64, precision="fp32", max_grad_norm=1.0)
@@ -147,10 +148,11 @@ def test_train_path_may_be_a_weighted_mix(tmp_path):
     path = tmp_path / "mix.yaml"
     path.write_text("data:\n  train_path:\n    - sharegpt.jsonl\n    - {path: identity.jsonl, weight: 3}\n"
                     "    - {path: domain.jsonl, weight: 0.5}\n")
-    cfg = load_config(path)
-    assert cfg.data.train_sources() == [DataSource("sharegpt.jsonl", 1.0), DataSource("identity.jsonl", 3.0),
-                                        DataSource("domain.jsonl", 0.5)]
-    assert cfg.data.named_paths()[1] == ("data.train_path[1]", "identity.jsonl")
+    cfg = load_config(path)  # relative to the config file's folder
+    assert cfg.data.train_sources() == [DataSource(str(tmp_path / "sharegpt.jsonl"), 1.0),
+                                        DataSource(str(tmp_path / "identity.jsonl"), 3.0),
+                                        DataSource(str(tmp_path / "domain.jsonl"), 0.5)]
+    assert cfg.data.named_paths()[1] == ("data.train_path[1]", str(tmp_path / "identity.jsonl"))
     single = load_config(None, ["--train_path", "a.jsonl", "--eval_path", "b.jsonl"])  # a plain path still works
     assert single.data.train_sources() == [DataSource("a.jsonl")]
     assert single.data.named_paths() == [("data.train_path", "a.jsonl"), ("data.eval_path", "b.jsonl")]
@@ -169,3 +171,67 @@ def test_train_path_may_be_a_weighted_mix(tmp_path):
 def test_bad_mixes_are_named(value, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, ["--train_path", value])
+
+
+# ------------------------------------------------------------------------------ bundled configs, path resolution
+
+
+def test_bundled_deepspeed_names_are_the_repository_files_and_the_default_is_one():
+    bundled = bundled_deepspeed_configs()
+    assert sorted(bundled) == ["zero2", "zero3", "zero3_offload"]
+    for name, path in bundled.items():
+        assert load_deepspeed_config(name) == json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+        assert path.name == f"{name}.json"
+    assert Config().train.deepspeed == "zero3_offload"
+    assert offloads_optimizer(load_deepspeed_config(Config().train.deepspeed))
+
+
+def test_an_unknown_deepspeed_config_names_the_bundled_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.deepspeed: .*zero4 not found; give a JSON file or a bundled "
+                                          r"name: zero2, zero3, zero3_offload"):
+        load_deepspeed_config("zero4")
+
+
+def test_bad_deepspeed_json_names_line_and_column(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"zero_optimization": {"stage": 3},\n  "bf16": {"enabled": tru}}\n')
+    with pytest.raises(ConfigError, match=r"ds.json: not valid JSON \(line 2, column 23: Expecting value\)"):
+        load_deepspeed_config(bad)
+
+
+def test_a_bundled_example_loads_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert sorted(example_configs()) == sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+    cfg = load_config("demo", ["--data.train_path", "mine.jsonl"])
+    assert (cfg.train.deepspeed, cfg.data.train_path, cfg.train.output_dir) == \
+        ("zero3_offload", "mine.jsonl", "runs/demo/train")
+    with pytest.raises(ConfigError, match=r"config file nope.yaml not found \(bundled examples: demo, "):
+        load_config("nope.yaml")
+
+
+def test_relative_inputs_in_a_config_file_are_read_from_its_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "project" / "configs"
+    folder.mkdir(parents=True)
+    (folder / "run.yaml").write_text(
+        "model: {name_or_path: ../models/tiny}\n"
+        "data: {train_path: [a.jsonl, {path: ../data/b.jsonl, weight: 2}, /abs/c.jsonl], eval_path: dev.jsonl}\n"
+        "train: {deepspeed: my_ds.json, output_dir: runs/out, resume: ckpt/step-000002}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("project/configs/run.yaml", ["--data.eval_path", "here.jsonl"])
+    base = "project/configs"
+    assert cfg.model.name_or_path == "project/models/tiny"
+    assert cfg.data.train_path == [f"{base}/a.jsonl", {"path": "project/data/b.jsonl", "weight": 2}, "/abs/c.jsonl"]
+    assert cfg.data.eval_path == "here.jsonl"  # the command line is relative to the current folder
+    assert (cfg.train.deepspeed, cfg.train.resume) == (f"{base}/my_ds.json", f"{base}/ckpt/step-000002")
+    assert cfg.train.output_dir == "runs/out"  # outputs go where the run is started
+    (folder / "names.yaml").write_text("model: {name_or_path: embedded}\ntrain: {deepspeed: zero3, resume: auto}\n")
+    names = load_config(folder / "names.yaml")
+    assert (names.model.name_or_path, names.train.deepspeed, names.train.resume) == ("embedded", "zero3", "auto")
+
+
+def test_a_yes_no_key_alone_on_the_command_line_means_true():
+    assert parse_overrides(["--overwrite", "--train.lr", "1", "--memory_report"]) == \
+        [("overwrite", "true"), ("train.lr", "1"), ("memory_report", "true")]
+    assert load_config(None, ["--overwrite", "--data.train_path", "x.jsonl"]).train.overwrite is True
+    with pytest.raises(ConfigError, match="train.overwrite and train.resume .*contradict"):
+        load_config(None, ["--overwrite", "--resume", "auto"])

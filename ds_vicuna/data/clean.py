@@ -7,16 +7,19 @@ Each conversation is cleaned on its own by `clean_conversation`, which returns t
 the `SkipReason` it was dropped for, and counts each repair (`Fix`):
 1. text, turn by turn (`clean_text`):
    - an assistant turn that is a ShareGPT page export (the whole turn is balanced block HTML such as
-     `<div class="markdown prose">...</div>`) becomes Markdown with markdownify: code blocks keep their
+     `<div class="markdown prose">...</div>`, with the page's classes or its tags run together as the page
+     serialised them) becomes Markdown with markdownify: code blocks keep their
      language, table cells escape `|`, `<br>` becomes a hard break (`html_converted`). Anything else is
      Markdown or plain text already and is never converted: a turn that mentions `<br>` or pastes HTML keeps it,
-     and user and system turns always keep what was typed.
+     a reply that is HTML laid out over indented lines (HTML the user asked for) keeps it, and user and system
+     turns are never converted.
    - ShareGPT page artifacts go, as FastChat's cleaner removes them: the "1 / 1" page counter opening a turn,
      "Copy code" glued to a code fence or to the first code line (```` ```bashCopy code ````, `pythonCopy
      codeimport os`) and code blocks holding nothing else, "Copy5 chars / 1 words", page-button lines
      ("Regenerate response" ...).
-   - whitespace outside code: trailing spaces off (a two-space hard break is kept), at most two blank lines
-     in a row. Code blocks are kept byte for byte.
+   - whitespace outside code: CRLF/CR line endings become LF (`line_endings`); trailing spaces off (a
+     two-space hard break is kept), at most two blank lines in a row, no blank lines before or after the text
+     (`whitespace`, one count per turn changed). Code blocks are kept byte for byte.
 2. a canned error reply ("Too many requests in 1 hour. Try again later.") ends the conversation: the
    exchanges before it are kept (`cut_at_canned_reply`), nothing after it.
 3. roles: consecutive turns of one speaker are one turn cut in two, so they are joined with a blank line; a
@@ -73,6 +76,8 @@ class Fix(str, enum.Enum):
     DROPPED_TRAILING_USER = "dropped_trailing_user"
     DROPPED_EMPTY_SYSTEM = "dropped_empty_system"
     LANGUAGE_NOT_JUDGED = "language_not_judged"  # --lang: too little text to tell its language; kept
+    LINE_ENDINGS = "line_endings"  # a turn's CRLF / CR line endings made LF
+    WHITESPACE = "whitespace"  # a turn's trailing spaces, blank-line runs or leading/trailing blank lines trimmed
 
 
 # The ChatGPT page's canned error replies (not the model's words); FastChat's cleaner drops the first one too.
@@ -115,6 +120,7 @@ _CLOSING_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})[ \t]*$")
 _BLOCK_TAGS = r"div|p|ol|ul|pre|table|h[1-6]|blockquote"
 _EXPORT_START = re.compile(rf"^\s*<({_BLOCK_TAGS})(\s[^<>]*)?>", re.IGNORECASE)
 _EXPORT_END = re.compile(rf"</({_BLOCK_TAGS})>\s*$", re.IGNORECASE)
+_PAGE_CLASSES = frozenset(("markdown", "prose"))  # the ChatGPT page's answer container
 _VOID_TAGS = frozenset("area base br col embed hr img input link meta param source track wbr".split())
 # Whole lines the ShareGPT page (not the speakers) wrote.
 _BUTTON_LINE = re.compile(r"^\s*(Copy code|Copy to clipboard|Regenerate response|Save & Submit)\s*$", re.IGNORECASE)
@@ -156,15 +162,21 @@ def split_code_blocks(text: str) -> list[tuple[bool, str]]:
 
 
 class _TagBalance(HTMLParser):
-    """Checks that HTML is a sequence of balanced elements with no text outside them."""
+    """Checks that HTML is a sequence of balanced elements with no text outside them, and notes whether it is
+    laid out by hand (indented lines between tags) or carries the ChatGPT page's classes."""
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.open: list[str] = []
         self.balanced = True
         self.loose_text = False
+        self.laid_out = False  # a newline between two tags outside <pre>: HTML written for reading
+        self.page_classes = False  # class="markdown prose ...": the ChatGPT page's own markup
 
     def handle_starttag(self, tag, attrs):
+        classes = (dict(attrs).get("class") or "").split()
+        if any(c in _PAGE_CLASSES or c.startswith("request-:") for c in classes):
+            self.page_classes = True
         if tag not in _VOID_TAGS:
             self.open.append(tag)
 
@@ -179,6 +191,8 @@ class _TagBalance(HTMLParser):
     def handle_data(self, data):
         if not self.open and data.strip():
             self.loose_text = True
+        if not data.strip() and "\n" in data and "pre" not in self.open:
+            self.laid_out = True
 
 
 def is_html_export(text: str) -> bool:
@@ -186,14 +200,18 @@ def is_html_export(text: str) -> bool:
 
     The whole turn must be block elements (`<div>`, `<p>`, `<ol>` ...) that open and close in balance, with no
     text outside them. Markdown that mentions tags ("Use the `<br>` tag", "how do I center a <div>?"), pastes
-    an HTML snippet between words, or holds HTML in code blocks fails that test and is left as it is.
+    an HTML snippet between words, or holds HTML in code blocks fails that test and is left as it is. And it
+    must read like the page's markup: the page's classes (`markdown prose`), or tags run together as a browser
+    serialises them. HTML laid out over indented lines (`<div>\n  <p>Hello</p>\n</div>`) is a reply that is
+    HTML because the user asked for HTML, and stays as it is.
     """
     if not (_EXPORT_START.match(text) and _EXPORT_END.search(text)):
         return False
     parser = _TagBalance()
     parser.feed(text)
     parser.close()
-    return parser.balanced and not parser.open and not parser.loose_text
+    shaped = parser.balanced and not parser.open and not parser.loose_text
+    return shaped and (parser.page_classes or not parser.laid_out)
 
 
 def _code_language(code) -> str:
@@ -281,10 +299,14 @@ def _clean_code_block(block: str, fixes: Counter) -> str | None:
     return "\n".join(lines)
 
 
-def _normalise_prose(lines: list[str], fixes: Counter) -> list[str]:
-    """Trailing spaces off (a hard break keeps two), page-button lines out, at most two blank lines in a row."""
+def _normalise_prose(lines: list[str], fixes: Counter) -> tuple[list[str], bool]:
+    """Trailing spaces off (a hard break keeps two), page-button lines out, at most two blank lines in a row.
+
+    Returns:
+        (the lines, whether any whitespace changed).
+    """
     out: list[str] = []
-    blank_run = 0
+    blank_run, changed = 0, False
     for i, line in enumerate(lines):
         if _BUTTON_LINE.match(line):
             fixes[Fix.PAGE_BUTTON_LINE] += 1
@@ -294,11 +316,14 @@ def _normalise_prose(lines: list[str], fixes: Counter) -> list[str]:
             line = _COPY_CHARS.sub("", line)
         following = lines[i + 1] if i + 1 < len(lines) else ""
         hard_break = _HARD_BREAK.search(line) is not None and following.strip() != ""
-        line = line.rstrip() + ("  " if hard_break else "")
-        blank_run = blank_run + 1 if not line else 0
+        trimmed = line.rstrip() + ("  " if hard_break else "")
+        changed = changed or trimmed != line
+        blank_run = blank_run + 1 if not trimmed else 0
         if blank_run <= 2:
-            out.append(line)
-    return out
+            out.append(trimmed)
+        else:
+            changed = True
+    return out, changed
 
 
 def clean_text(text: str, role: Role = Role.ASSISTANT, fixes: Counter | None = None) -> str:
@@ -312,19 +337,24 @@ def clean_text(text: str, role: Role = Role.ASSISTANT, fixes: Counter | None = N
     Code blocks are kept byte for byte, except a "Copy code" header a text export glued into them.
     """
     fixes = Counter() if fixes is None else fixes
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        fixes[Fix.LINE_ENDINGS] += 1
     text, counters = _PAGE_COUNTER.subn("", text, count=1)
     if counters:
         fixes[Fix.PAGE_COUNTER] += 1
-    if role is Role.ASSISTANT and is_html_export(text):
+    converted = role is Role.ASSISTANT and is_html_export(text)
+    if converted:
         text = html_to_markdown(text)
         fixes[Fix.HTML_CONVERTED] += 1
     parts = split_code_blocks(text)
     lines: list[str] = []
-    last_is_open_code = False
+    last_is_open_code = whitespace = False
     for is_code, chunk in parts:
         if not is_code:
-            lines += _normalise_prose(chunk.split("\n"), fixes)
+            prose, changed = _normalise_prose(chunk.split("\n"), fixes)
+            lines += prose
+            whitespace = whitespace or changed
             last_is_open_code = False
             continue
         block = _clean_code_block(chunk, fixes)
@@ -335,8 +365,12 @@ def clean_text(text: str, role: Role = Role.ASSISTANT, fixes: Counter | None = N
         last_is_open_code = len(block_lines) == 1 or not _CLOSING_FENCE.match(block_lines[-1])
     while lines and not lines[0].strip():
         lines.pop(0)
+        whitespace = True
     while lines and not lines[-1].strip() and not last_is_open_code:  # code to the end is never touched
         lines.pop()
+        whitespace = True
+    if whitespace and not converted:  # a conversion lays out its own whitespace, counted as html_converted
+        fixes[Fix.WHITESPACE] += 1
     return "\n".join(lines)
 
 

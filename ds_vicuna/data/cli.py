@@ -16,6 +16,7 @@ from pathlib import Path
 from ds_vicuna.data.question_sets import BUNDLED_SETS
 
 DEFAULT_TEMPLATE = "vicuna_v1.1"
+OVERLAP_EXIT = 3  # `data overlap --fail-on-overlap` found overlap (1 and 2 are errors)
 
 
 def register(subparsers) -> None:
@@ -45,7 +46,8 @@ def register(subparsers) -> None:
     split.add_argument("input")
     split.add_argument("output")
     split.add_argument("--model", required=True, help="local Hugging Face model folder, or 'embedded'")
-    split.add_argument("--template", default=DEFAULT_TEMPLATE, help=f"chat template (default {DEFAULT_TEMPLATE})")
+    split.add_argument("--template", default=DEFAULT_TEMPLATE,
+                       help=f"chat template, or auto: the tokenizer's own if it has one (default {DEFAULT_TEMPLATE})")
     split.add_argument("--max-length", type=int, required=True, help="most tokens per piece")
     split.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
     split.add_argument("--report", type=Path, help="write the counts as JSON here")
@@ -71,6 +73,8 @@ def register(subparsers) -> None:
                               "with their reference answers) or a FastChat-style question or reference-answer "
                               "JSONL file; repeatable")
     overlap.add_argument("--ngram", type=int, default=None, help="words per n-gram (default 8)")
+    overlap.add_argument("--fail-on-overlap", action="store_true",
+                         help=f"exit {OVERLAP_EXIT} when any training conversation overlaps (a pipeline stops there)")
     overlap.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
     overlap.add_argument("--skip-bad", action="store_true", help="skip unreadable records instead of failing")
     overlap.add_argument("--report", type=Path, help="write every overlapping conversation as JSON here")
@@ -110,11 +114,15 @@ def run_clean(args: argparse.Namespace) -> int:
 def run_split(args: argparse.Namespace) -> int:
     from ds_vicuna.data.formats import FormatError
     from ds_vicuna.data.split import SplitError, split_file
-    from ds_vicuna.model.tokenizer import load_tokenizer
+    from ds_vicuna.model.tokenizer import check_max_length, load_tokenizer, resolve_template
 
     try:
-        tokenizer = load_tokenizer(args.model, args.template)
-        report = split_file(args.input, args.output, tokenizer, args.template, args.max_length,
+        check_max_length(args.model, args.max_length, name="--max-length")
+        template, why = resolve_template(args.template, args.model)
+        if template != args.template:
+            print(f"[split] {why}", file=sys.stderr)
+        tokenizer = load_tokenizer(args.model, template)
+        report = split_file(args.input, args.output, tokenizer, template, args.max_length,
                             progress=not args.no_progress, workers=args.workers)
     except (FormatError, SplitError, OSError, ValueError) as e:
         return _fail(e)
@@ -175,4 +183,8 @@ def run_overlap(args: argparse.Namespace) -> int:
         return _fail(e)
     print(report.table())
     _write_report(args.report, report.as_dict())
+    if args.fail_on_overlap and report.hits:
+        print(f"data overlap: {len(report.hits)} training conversation(s) overlap the eval sets "
+              f"(--fail-on-overlap): exit {OVERLAP_EXIT}", file=sys.stderr)
+        return OVERLAP_EXIT
     return 0

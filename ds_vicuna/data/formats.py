@@ -117,6 +117,7 @@ class _ListStream:
         self.reader = codecs.getincrementaldecoder("utf-8-sig")()
         self.buf, self.pos, self.eof = "", 0, False
         self.dropped_lines, self.dropped_chars = 0, 0  # of text already discarded from the buffer
+        self.line_offset = 0  # characters of the current line already discarded
 
     def _more(self, at_least: int | None = None) -> bool:
         """Append `at_least` (default `_READ_BLOCK`) more bytes of input to the buffer; False at the end of the file."""
@@ -126,6 +127,8 @@ class _ListStream:
         if self.pos > _READ_BLOCK:  # drop what is consumed, keeping the line count for error positions
             self.dropped_lines += self.buf.count("\n", 0, self.pos)
             self.dropped_chars += self.pos
+            last_newline = self.buf.rfind("\n", 0, self.pos)  # and the dropped part of the current line
+            self.line_offset = self.pos - last_newline - 1 if last_newline >= 0 else self.line_offset + self.pos
             self.buf, self.pos = self.buf[self.pos:], 0
         block = self.f.read(at_least)
         self.counter[0] += len(block)
@@ -145,7 +148,8 @@ class _ListStream:
 
     def error(self, pos: int, msg: str) -> FormatError:
         line = self.dropped_lines + self.buf.count("\n", 0, pos) + 1
-        column = pos - self.buf.rfind("\n", 0, pos)
+        newline = self.buf.rfind("\n", 0, pos)
+        column = pos - newline if newline >= 0 else self.line_offset + pos + 1  # 1-based, also on a long line
         return FormatError(f"{self.path}:{line}:{column}: malformed JSON (char {self.dropped_chars + pos}): {msg}",
                            BadRecord.MALFORMED_JSON)
 

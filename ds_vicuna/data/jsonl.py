@@ -44,7 +44,7 @@ def iter_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> Iterator[t
         except json.JSONDecodeError as err:
             if allow_torn_tail and number == len(lines) and not line.endswith("\n"):
                 return
-            raise RecordError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            raise RecordError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(record, dict):
             raise RecordError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         yield number, record

@@ -1,6 +1,7 @@
 """Training stage: config -> tokenized dataset -> micro-batches -> DeepSpeed ZeRO loop -> checkpoints -> export.
 
-    python -m ds_vicuna.train configs/demo.yaml           # the loop (`ds-vicuna train` is the same)
+    python -m ds_vicuna.train demo --data.train_path data/train.jsonl   # the loop (`ds-vicuna train` is the same)
+    ds-vicuna train demo --ranks 2 --data.train_path data/train.jsonl   # local ranks, signals forwarded
     deepspeed --num_gpus 8 --module ds_vicuna.train configs/vicuna_7b.yaml
 
 Modules, in the order a step uses them (the typed Config they read is `ds_vicuna.config`, below every stage,
@@ -16,7 +17,8 @@ since `ds-vicuna data stats --config` reads it too):
     checkpoint         self-describing checkpoints and exact resume; elastic: resume on another world size
     launch_env         rank / world / rendezvous from any launcher; preemption: checkpoint on SIGTERM/SIGUSR1
     export             checkpoint -> plain Hugging Face folder
-    cli                `ds-vicuna train` and `python -m ds_vicuna.train`
+    cli                `ds-vicuna train` and `python -m ds_vicuna.train`; local_launch: `--ranks N` (free port,
+                       SIGTERM/SIGUSR1/SIGINT forwarded to every rank)
 
 Nothing is imported here, so `python -m ds_vicuna.train` installs its stop-signal handler before torch loads.
 """

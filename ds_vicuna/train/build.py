@@ -15,12 +15,45 @@ from ds_vicuna.config import Config, ConfigError, offloads_optimizer
 from ds_vicuna.model.loading import torch_dtype
 
 
+EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
+
+
+def default_extensions_dir() -> Path:
+    """Where this Python environment keeps DeepSpeed's compiled ops: one folder per environment (its prefix and
+    torch version), so two virtualenvs never rebuild each other's ops in torch's shared ~/.cache/torch_extensions."""
+    import hashlib
+    import sys
+
+    import torch
+
+    key = hashlib.sha1(f"{sys.prefix}|{torch.__version__}".encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "ds-vicuna" / "torch_extensions" / f"{Path(sys.prefix).name}-{key}"
+
+
+def extensions_dir() -> Path:
+    """`$TORCH_EXTENSIONS_DIR` when set, else (and then exported, for the ranks we start) this environment's own."""
+    if not os.environ.get(EXTENSIONS_ENV):
+        os.environ[EXTENSIONS_ENV] = str(default_extensions_dir())
+    return Path(os.environ[EXTENSIONS_ENV])
+
+
 def check_cpu_adam() -> None:
-    """Build (or load the cached build of) DeepSpeedCPUAdam, which optimizer offload needs.
+    """Build (or load the cached build of) DeepSpeedCPUAdam, which optimizer offload needs, saying so: the first
+    build in an environment compiles C++ for minutes.
 
     Raises:
         ConfigError: it cannot be built, with what to do instead.
     """
+    import time
+
+    folder = extensions_dir()
+    built = any(folder.glob("cpu_adam*/*.so"))
+    loud = os.environ.get("LOCAL_RANK", "0") == "0"  # one line per machine, not one per rank
+    if loud and not built:
+        print(f"[ds-vicuna] compiling DeepSpeed's CPU Adam op into {folder} (optimizer offload needs it; once per "
+              "environment, a few minutes; set TORCH_EXTENSIONS_DIR to share a build)", flush=True)
+    started = time.perf_counter()
     try:
         from deepspeed.ops.op_builder import CPUAdamBuilder
 
@@ -29,7 +62,9 @@ def check_cpu_adam() -> None:
         raise ConfigError(
             "train.deepspeed offloads the optimizer to CPU, which needs DeepSpeedCPUAdam, but it cannot be built "
             f"here ({type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else err}). "
-            "Install a C++ compiler (g++) and ninja, or use ds_configs/zero3.json (no offload).") from None
+            "Install a C++ compiler (g++) and ninja, or use train.deepspeed: zero3 (no offload).") from None
+    if loud and not built:
+        print(f"[ds-vicuna] CPU Adam op built in {time.perf_counter() - started:.0f} s ({folder})", flush=True)
 
 
 def build_model_config(model_path: Path, cfg: Config):

@@ -212,6 +212,14 @@ def check_weights(folder: Path, hf: Path, state: dict, expected: dict, tied: set
                               f"{unexpected}, other shapes {shapes})")
 
 
+def honour_umask(path: Path) -> None:
+    """Give a file the mode a plain `open()` would (0666 less the umask): safetensors writes 0600 whatever the
+    umask, which would keep the exported weights from the group that serves them."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_shards(out: Path, shards: dict[str, list[str]], state: dict, mapped: list, dtype, progress: bool) -> None:
     """Gather, cast and write each shard in turn; only one shard's tensors are alive at a time."""
     from safetensors.torch import save_file
@@ -222,6 +230,7 @@ def write_shards(out: Path, shards: dict[str, list[str]], state: dict, mapped: l
     for filename, names in bar:
         tensors = {name: _materialize(state[name], dtype) for name in names}
         save_file(tensors, str(out / filename), metadata={"format": "pt"})
+        honour_umask(out / filename)
         written += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
         drop_mapped_pages(mapped)

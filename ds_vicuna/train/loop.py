@@ -103,7 +103,8 @@ class TrainResult:
 
 
 def preflight(cfg: Config) -> dict:
-    """Every check that needs no model: files exist and parse, the DeepSpeed config, CPU Adam when offloading.
+    """Every check that needs no model: files exist and parse, max_length fits the model, `template: auto`
+    resolved (written into `cfg`), the output folder, the DeepSpeed config, CPU Adam when offloading.
 
     Returns:
         The DeepSpeed engine dict (not yet filled).
@@ -128,15 +129,58 @@ def preflight(cfg: Config) -> dict:
         if not os.access(Path(model_path) / needed, os.R_OK):
             raise ConfigError(f"model.name_or_path: {model_path / needed} is not readable")
     from ds_vicuna.chat.templates import TemplateError, get_template
+    from ds_vicuna.model.tokenizer import check_max_length, resolve_template
 
+    try:
+        check_max_length(model_path, cfg.data.max_length, rope_scaling=cfg.model.rope_scaling)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    template, why = resolve_template(cfg.model.template, model_path)
+    if template != cfg.model.template:
+        print(f"[ds-vicuna] model.template: {template} ({why})", flush=True)
+        cfg.model.template = template  # the checkpoint records the template it was trained with
     try:
         get_template(cfg.model.template)
     except TemplateError as err:
         raise ConfigError(f"model.template: {err}") from None
+    check_output_dir(cfg)
     ds = load_deepspeed_config(cfg.train.deepspeed)
     if offloads_optimizer(ds):
         check_cpu_adam()
     return ds
+
+
+RUN_FILES = ("metrics.jsonl", "latest", LOSS_PLOT, "tensorboard")  # with step-* folders: what a run leaves
+
+
+def previous_run(output_dir: str | os.PathLike) -> list[Path]:
+    """What an earlier run left in `output_dir`: its checkpoints, metrics, loss curve (the data cache is not)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(folder.glob("step-*")) + [folder / n for n in RUN_FILES if (folder / n).exists()]
+
+
+def check_output_dir(cfg: Config) -> None:
+    """An output folder that holds a run needs `resume` (continue it) or `overwrite` (start over).
+
+    Raises:
+        ConfigError: naming the folder, what is in it, and both choices.
+    """
+    found = previous_run(cfg.train.output_dir)
+    if found and cfg.train.resume is None and not cfg.train.overwrite:
+        shown = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ConfigError(f"train.output_dir: {cfg.train.output_dir} already holds a run ({shown}); continue it "
+                          "with --resume auto, start over with --overwrite (deletes those), or choose another "
+                          "--train.output_dir")
+
+
+def clear_previous_run(output_dir: str | os.PathLike) -> None:
+    """Delete what `previous_run` finds (`train.overwrite`); the main rank does it, before any rank writes."""
+    import shutil
+
+    for path in previous_run(output_dir):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 # ------------------------------------------------------------------------------------------------------- setup
@@ -450,6 +494,8 @@ def train(cfg: Config, launch: LaunchEnv | None = None, guard: PreemptionGuard |
     launch = launch or detect_launch_env()
     cfg.gradient_accumulation_steps(launch.world_size)  # a world size that cannot split the global batch: stop now
     ds_base = preflight(cfg)
+    if cfg.train.overwrite and launch.is_main:  # before the rendezvous: no rank writes there before it
+        clear_previous_run(cfg.train.output_dir)
     launch = init_distributed(launch)
     print(f"[ds-vicuna] rank {launch.rank}/{launch.world_size} (local rank {launch.local_rank}) on "
           f"{socket.gethostname()} pid {os.getpid()}, started by {launch.launcher.value}, "
@@ -476,7 +522,7 @@ def train(cfg: Config, launch: LaunchEnv | None = None, guard: PreemptionGuard |
         run.progress.config = cfg.to_dict()
         if launch.is_main:
             print(f"[ds-vicuna] resumed from {resume_from} at step {run.progress.step}", flush=True)
-    logger = MetricsLogger(cfg.train.output_dir, enabled=launch.is_main)
+    logger = MetricsLogger(cfg.train.output_dir, enabled=launch.is_main, start_step=run.progress.step)
     rss_before_training = peak_rss_bytes()
     losses, exit_code = fit(run, guard, logger)
     if cfg.train.memory_report:

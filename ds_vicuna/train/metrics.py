@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
@@ -80,15 +81,38 @@ def progress_bar(run):
     return tqdm(total=run.total_steps, initial=run.progress.step, desc="train", unit="step", dynamic_ncols=True)
 
 
-class MetricsLogger:
-    """JSONL always (rank 0), TensorBoard when installed; other ranks log nothing."""
+def drop_records_after(path: Path, step: int) -> int:
+    """Remove the records of steps after `step` from a metrics file (steps a resumed run will train again), so
+    no step appears twice. Returns how many were removed."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a last line cut short by a crash
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
 
-    def __init__(self, output_dir: str | Path, enabled: bool):
+
+class MetricsLogger:
+    """JSONL always (rank 0), TensorBoard when installed; other ranks log nothing. A resumed run starts the
+    file over after `start_step`: the records of steps it trains again are replaced, never duplicated."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.path = Path(output_dir) / METRICS_FILE
         self.tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            drop_records_after(self.path, start_step)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 

@@ -304,3 +304,30 @@ def test_markdown_in_is_the_same_markdown_out(text, role):
     fixes = Counter()
     assert clean_text(text, role, fixes) == text
     assert not fixes
+
+
+def test_html_a_user_asked_for_stays_and_page_exports_are_still_converted():
+    asked = "<div>\n  <p>Hello, <b>world</b>!</p>\n</div>"
+    fixes = Counter()
+    cleaned = clean_conversation(conv((U, "Write that greeting as HTML."), (A, asked)), Cleaner(CleanOptions()),
+                                 fixes)
+    assert cleaned.messages[1].content == asked and fixes == Counter()
+    assert not is_html_export(asked)
+    assert is_html_export("<div><p>Hello, <b>world</b>!</p></div>")  # run together, as the page serialised it
+    laid_out_export = '<div class="markdown prose w-full">\n  <p>Hello, <b>world</b>!</p>\n</div>'
+    assert is_html_export(laid_out_export) and clean_text(laid_out_export) == "Hello, **world**!"
+
+
+@pytest.mark.parametrize("raw, role, cleaned, counted", [
+    ("one\r\ntwo", U, "one\ntwo", {Fix.LINE_ENDINGS: 1}),
+    ("one\rtwo", A, "one\ntwo", {Fix.LINE_ENDINGS: 1}),
+    ("\n\n  Hi there  \n\n", U, "  Hi there", {Fix.WHITESPACE: 1}),
+    ("a\n\n\n\n\nb", A, "a\n\n\nb", {Fix.WHITESPACE: 1}),
+    ("a\r\nb   \r\n", A, "a\nb", {Fix.LINE_ENDINGS: 1, Fix.WHITESPACE: 1}),
+    ("Line with a hard break  \nnext", A, "Line with a hard break  \nnext", {}),
+    ("  indented first line stays", U, "  indented first line stays", {}),
+])
+def test_every_whitespace_and_line_ending_change_is_counted(raw, role, cleaned, counted):
+    fixes = Counter()
+    assert clean_text(raw, role, fixes) == cleaned
+    assert fixes == Counter(counted)

@@ -50,8 +50,10 @@ def test_clean_counts_every_bad_record_by_reason(cleaned):
                                  "no_reply": 1, "bad_role_order": 1, "duplicate": 1, "wrong_language": 3,
                                  "blocked_word": 2}
     # Every HTML turn of the sample (its generator writes 166) converted, every "1 / 1" counter (73) removed.
+    # and the one turn whose blank lines were trimmed is counted too
     assert report["fixes"] == {"html_converted": 166, "page_counter": 73, "merged_turn": 1,
-                               "dropped_leading_assistant": 1, "dropped_trailing_user": 1, "language_not_judged": 2}
+                               "dropped_leading_assistant": 1, "dropped_trailing_user": 1, "language_not_judged": 2,
+                               "whitespace": 1}
     assert report["kept"] + sum(report["skipped"].values()) == report["total"] == len(json.loads(SAMPLE.read_text()))
     table = runs[1].stdout
     for reason, count in report["skipped"].items():
@@ -131,6 +133,9 @@ def test_overlap_command_names_the_leaked_conversation(tmp_path):
     assert "overlap: 1 of 1 training conversations" in result.stdout
     assert f"leak  ({data})  vicuna_80:{question['question_id']}:text" in result.stdout
     assert json.loads((tmp_path / "o.json").read_text())["hits"][0]["id"] == "leak"
+    failing = cli("overlap", data, "--questions", "vicuna_80", "--fail-on-overlap", "--no-progress", check=False)
+    assert failing.returncode == 3 and "1 training conversation(s) overlap the eval sets" in failing.stderr
+    assert cli("overlap", data, "--questions", "mt_bench_mini", "--fail-on-overlap", "--no-progress").returncode == 0
     result = cli("clean", data, tmp_path / "c.jsonl", "--drop-overlap", "vicuna_80", "--no-progress")
     assert any(line.split() == ["skipped:", "eval_overlap", "1"] for line in result.stdout.splitlines())
 
@@ -167,3 +172,16 @@ def test_overlap_takes_every_bundled_set_and_names_them_for_an_unknown_one(tmp_p
     assert bad.returncode == 2
     assert "mt_bench_80: no such file, and not a bundled question set (bundled: mt_bench, mt_bench_mini, " \
            "vicuna_80, vicuna_bench)" in bad.stderr
+
+
+def test_split_refuses_a_max_length_beyond_the_models_positions(tmp_path):
+    from tests.support.tiny_llama import make_tiny_model, write_conversations
+
+    model = make_tiny_model(tmp_path / "tiny")
+    data = write_conversations(tmp_path / "in.jsonl", n=2)
+    result = cli("split", data, tmp_path / "out.jsonl", "--model", model, "--max-length", "1024", check=False)
+    assert result.returncode != 0
+    assert "--max-length 1024 is more than the 512 positions of model" in result.stderr
+    ok = cli("split", data, tmp_path / "out.jsonl", "--model", model, "--template", "auto", "--max-length", "512",
+             "--no-progress")
+    assert "template auto: the tokenizer has no chat template, so vicuna_v1.1" in ok.stderr

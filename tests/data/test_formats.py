@@ -75,6 +75,22 @@ def test_malformed_json_list_names_position_and_is_never_skipped(tmp_path):
             load_conversations(path, skip_bad=skip_bad)
 
 
+def test_malformed_json_list_on_one_long_line_names_the_true_column(tmp_path):
+    """A one-line JSON list (json.dump without indent) longer than the read block: the error's column counts
+    from the start of the line, not from the part of it still in memory."""
+    import ds_vicuna.data.formats as formats
+
+    good = {"id": "x", "conversations": [{"from": "human", "value": "hi " * 40}, {"from": "gpt", "value": "ok"}]}
+    records = [json.dumps({**good, "id": f"c{i}"}) for i in range(12000)]
+    text = "[" + ", ".join(records) + ', {"id": "bad" "conversations": []}]'
+    assert len(text) > 2 * formats._READ_BLOCK and "\n" not in text
+    path = tmp_path / "one_line.json"
+    path.write_text(text)
+    column = text.index('"conversations": []') + 1
+    with pytest.raises(FormatError, match=rf"one_line.json:1:{column}: malformed JSON .*Expecting ',' delimiter"):
+        list(iter_records(path))
+
+
 @pytest.mark.parametrize("record_id, reason, pattern", [
     (1, BadRecord.UNKNOWN_ROLE, r"record 1: conversations\[1\]\.from: unknown role 'robot'"),
     (2, BadRecord.NON_STRING,

@@ -141,3 +141,14 @@ def test_local_embedded_model_batched_answers_via_cli(tmp_path):
         for turn in answer.turns:
             assert turn.strip() and "<|im_end|>" not in turn and "<|im_start|>" not in turn
     assert len(answers[101].turns) == 2
+
+
+def test_answer_help_lists_every_bundled_set_and_fastchats_1024_tokens():
+    from ds_vicuna.data.question_sets import BUNDLED_SETS
+
+    done = subprocess.run([sys.executable, "-m", "ds_vicuna.eval.cli", "answer", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert all(name in text for name in BUNDLED_SETS) and len(BUNDLED_SETS) == 4
+    assert "(default 1024, FastChat's gen_model_answer" in text

@@ -68,8 +68,42 @@ def test_reference_answer_file_replaces_question_references():
     by_id = {q.question_id: q for q in questions}
     assert by_id[103].reference_for(2) == "Yes: Tom is taller than Ann, who is taller than Bo."
     assert by_id[123].reference_for(1).startswith("def reverse")
-    assert by_id[133].reference == (None, '["red", "blue"]')  # not in the file: keeps its own
+    assert by_id[133].reference is None  # not in the file: inline references only with --inline-references
     assert by_id[81].reference is None
+
+
+def test_mt_bench_questions_given_as_a_file_are_judged_with_fastchats_references(tmp_path):
+    """FastChat's own question.jsonl given as a file is recognised by id and text: its references are FastChat's
+    gpt-4.jsonl, as FastChat judges, not the short inline `reference` fields FastChat never reads."""
+    import shutil
+
+    from ds_vicuna.eval.questions import load_for_judging
+
+    given = tmp_path / "question.jsonl"
+    shutil.copy(resolve_question_set("mt_bench").questions, given)
+    bundled = {q.question_id: q for q in load_question_set("mt_bench")}
+    raw = {q.question_id: q for q in load_questions(given)}
+    questions, note = load_for_judging(given)
+    assert note == (f"references: FastChat's mt_bench reference answers ({given} holds the bundled mt_bench "
+                    "questions), as FastChat judges")
+    assert [q.reference for q in questions] == [bundled[q.question_id].reference for q in questions]
+    differ = [i for i, q in raw.items() if q.reference and q.reference != bundled[i].reference]
+    assert len(differ) > 20  # the inline ones are other, shorter texts
+    inline, note = load_for_judging(given, inline_references=True)
+    assert [q.reference for q in inline] == [raw[q.question_id].reference for q in inline]
+    assert "--inline-references; FastChat never reads these" in note
+    with pytest.raises(QuestionError, match="not both"):
+        load_for_judging(given, FASTCHAT / "reference_answer_gpt-4.jsonl", True)
+    # a question whose text differs is not MT-bench's: the file's own references, said so
+    records = [json.loads(line) for line in given.read_text().splitlines()]
+    records[0]["turns"][0] += " (my version)"
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps(r) + "\n" for r in records))
+    own, note = load_for_judging(mine)
+    assert [q.reference for q in own] == [raw[q.question_id].reference for q in own]
+    assert note.startswith("references: the questions' own `reference` fields")
+    assert load_for_judging("mt_bench")[1] == ("references: FastChat's mt_bench reference answers (bundled set), "
+                                               "as FastChat judges")
 
 
 def test_reference_answer_with_too_few_turns_is_an_error(tmp_path):

@@ -163,3 +163,8 @@ def test_answer_files_give_lengths_to_judgments_without_them():
     assert vicuna["length"]["vicuna-13b"]["mean_chars"] > 2 * vicuna["length"]["gpt-3.5-turbo"]["mean_chars"]
     assert vicuna["lc_preference_2"] is not None and vicuna["ci"]["lc_preference_2"]
     assert out[2]["models"]["vicuna-13b"]["length"]["n"] == 4
+
+
+def test_the_table_names_the_model_of_each_win_count():
+    table = run_cli(LEGACY)
+    assert "alpaca-13b wins 1 / ties 1 / vicuna-13b wins 3" in table

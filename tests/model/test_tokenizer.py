@@ -30,3 +30,33 @@ def test_split_and_training_get_the_same_tokenizer(tmp_path):
     messages = [Message(Role(m["role"]), m["content"]) for m in CHAT]
     assert Splitter(for_split, "chatml", 512).length(messages) == len(encoded["input_ids"])
 
+
+
+def test_template_auto_takes_the_tokenizers_own_else_vicuna(tmp_path):
+    from transformers import AutoTokenizer
+
+    from ds_vicuna.model.tokenizer import resolve_template
+
+    plain = make_tiny_model(tmp_path / "plain")
+    assert resolve_template("auto", plain) == (
+        "vicuna_v1.1", "template auto: the tokenizer has no chat template, so vicuna_v1.1")
+    assert resolve_template("chatml", plain) == ("chatml", "as configured")
+    own = tmp_path / "own"
+    tokenizer = AutoTokenizer.from_pretrained(plain)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tokenizer.save_pretrained(own)
+    (own / "config.json").write_text((plain / "config.json").read_text())
+    assert resolve_template("auto", own)[0] == "tokenizer"
+
+
+def test_max_length_is_checked_against_the_models_positions(tmp_path):
+    import pytest
+
+    from ds_vicuna.model.tokenizer import check_max_length, model_positions
+
+    model = make_tiny_model(tmp_path / "tiny")
+    assert model_positions(model) == 512
+    check_max_length(model, 512)
+    check_max_length(model, 2048, rope_scaling="linear")  # RoPE scaling stretches the model to it
+    with pytest.raises(ValueError, match=r"--max-length 1024 is more than the 512 positions of model .*tiny"):
+        check_max_length(model, 1024, name="--max-length")

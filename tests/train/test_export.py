@@ -56,3 +56,18 @@ def test_expected_weights_leave_out_tied_duplicates():
     with pytest.raises(CheckpointError, match=r"missing \['model.layers.0.mlp.up_proj.weight'\].*"
                                               r"model.norm.weight \(17,\) vs \(16,\)"):
         check_weights("ckpt", "hf", {**state, "extra": torch.empty(1)}, expected, tied)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_exported_weights_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    """safetensors writes 0600 whatever the umask; the export gives the shards what `open()` would."""
+    import stat
+
+    from ds_vicuna.train.export import write_shards
+
+    previous = os.umask(umask)
+    try:
+        write_shards(tmp_path, {"model.safetensors": ["w"]}, {"w": torch.ones(2, 2)}, [], None, progress=False)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == mode

@@ -64,9 +64,54 @@ def test_offload_without_buildable_cpu_adam(tiny, capsys, monkeypatch):
         raise RuntimeError("Error building extension 'cpu_adam': c++: not found")
 
     monkeypatch.setattr(CPUAdamBuilder, "load", broken)
-    code, err = train_cli(capsys, "--model.name_or_path", tiny[0], "--train_path", tiny[1],
+    code, err = train_cli(capsys, "--model.name_or_path", tiny[0], "--train_path", tiny[1], "--max_length", "512",
                           "--deepspeed", REPO / "ds_configs/zero3_offload.json")
-    assert code == 2 and "DeepSpeedCPUAdam" in err and "c++: not found" in err and "zero3.json" in err
+    assert code == 2 and "DeepSpeedCPUAdam" in err and "c++: not found" in err
+    assert "train.deepspeed: zero3 (no offload)" in err
+
+
+def test_max_length_beyond_the_models_positions_names_both(tiny, capsys):
+    code, err = train_cli(capsys, "--model.name_or_path", tiny[0], "--train_path", tiny[1], "--max_length", "1024")
+    assert code == 2, err
+    assert "data.max_length 1024 is more than the 512 positions of model" in err and "model.rope_scaling" in err
+
+
+def test_rope_scaling_covers_a_longer_max_length(tiny, tmp_path):
+    from ds_vicuna.config import load_config
+    from ds_vicuna.train.loop import preflight
+
+    cfg = load_config(None, ["--model.name_or_path", str(tiny[0]), "--train_path", str(tiny[1]), "--max_length",
+                             "1024", "--rope_scaling", "linear", "--deepspeed", "zero3",
+                             "--output_dir", str(tmp_path / "out")])
+    assert preflight(cfg)["zero_optimization"]["stage"] == 3
+
+
+def test_template_auto_is_resolved_and_said(tiny, tmp_path, capsys):
+    from ds_vicuna.config import load_config
+    from ds_vicuna.train.loop import preflight
+
+    cfg = load_config(None, ["--model.name_or_path", str(tiny[0]), "--train_path", str(tiny[1]), "--max_length",
+                             "512", "--template", "auto", "--deepspeed", "zero3", "--output_dir", str(tmp_path)])
+    preflight(cfg)
+    assert cfg.model.template == "vicuna_v1.1"  # the tiny tokenizer has no chat template of its own
+    assert "model.template: vicuna_v1.1 (template auto: the tokenizer has no chat template" in capsys.readouterr().out
+
+
+def test_an_output_dir_holding_a_run_needs_resume_or_overwrite(tiny, capsys, tmp_path):
+    from ds_vicuna.train.loop import clear_previous_run, previous_run
+
+    out = tmp_path / "out"
+    (out / "step-000003").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (out / "cache").mkdir()
+    code, err = train_cli(capsys, "--model.name_or_path", tiny[0], "--train_path", tiny[1], "--max_length", "512",
+                          "--output_dir", out)
+    assert code == 2, err
+    assert f"train.output_dir: {out} already holds a run (step-000003, metrics.jsonl)" in err
+    assert "--resume auto" in err and "--overwrite" in err
+    assert [p.name for p in previous_run(out)] == ["step-000003", "metrics.jsonl"]
+    clear_previous_run(out)
+    assert previous_run(out) == [] and (out / "cache").is_dir()  # the tokenized data cache is kept
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """Small pieces of the trainer: RoPE scaling, attention choice, argv split, rank slices, resume checks, plot."""
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -244,3 +246,26 @@ def test_importing_the_trainer_does_not_import_torch():
     code = ("import sys, ds_vicuna.train, ds_vicuna.train.cli, ds_vicuna.train.__main__; "
             "print(sorted(m for m in sys.modules if m == 'torch'))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_cpu_ops_build_in_a_folder_of_this_environment_and_say_so(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    import ds_vicuna.train.build as build
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = build.extensions_dir()
+    assert folder.parent == tmp_path / "ds-vicuna" / "torch_extensions"
+    assert folder.name.startswith(f"{Path(sys.prefix).name}-") and folder == build.default_extensions_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(folder)  # exported: the ranks we start build there too
+    monkeypatch.setattr(CPUAdamBuilder, "load", lambda self, verbose=True: None)
+    build.check_cpu_adam()
+    out = capsys.readouterr().out
+    assert f"compiling DeepSpeed's CPU Adam op into {folder}" in out and "CPU Adam op built in" in out
+    (folder / "cpu_adam").mkdir(parents=True)
+    (folder / "cpu_adam" / "cpu_adam.so").write_bytes(b"")
+    build.check_cpu_adam()
+    assert capsys.readouterr().out == ""  # already built: nothing to say
