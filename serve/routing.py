@@ -195,7 +195,7 @@ class Upstream:
             except APIError as err:
                 raise (last if last is not None and err.code is ErrorCode.NO_WORKER else err) from None
             try:
-                events = self._start(address, payload)
+                events = self._start(address, {**payload, "model": model})  # a worker may serve several
                 first = next(events)
             except APIError as err:
                 if err.code not in RETRYABLE:

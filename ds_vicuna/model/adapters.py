@@ -69,7 +69,7 @@ def load_adapter(name: str, path: str | Path, base_model) -> Adapter:
         AdapterError: a missing file, an unreadable config, a rank or shape mismatch, a module the base lacks, or
             a feature that cannot be served per row; naming the file and the mismatch.
     """
-    from safetensors import SafeOpenError, safe_open
+    from safetensors import SafetensorError, safe_open
 
     folder = Path(path)
     config_file, weights_file = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
@@ -87,7 +87,7 @@ def load_adapter(name: str, path: str | Path, base_model) -> Adapter:
             for key in fh.keys():
                 module, part = _split_key(key, weights_file)
                 pairs.setdefault(module, {})[part] = fh.get_tensor(key)
-    except SafeOpenError as err:
+    except (SafetensorError, OSError) as err:
         raise AdapterError(f"{weights_file}: not a readable safetensors file ({err})") from None
     if not pairs:
         raise AdapterError(f"{weights_file}: holds no lora_A/lora_B tensors")
