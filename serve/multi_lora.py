@@ -113,11 +113,7 @@ def load_adapter_models(base, specs: Sequence[tuple[str, str]]) -> tuple[list, A
     Raises:
         AdapterError: a folder that cannot run on this base, or a name used twice / equal to the base's.
     """
-    from transformers import AutoTokenizer
-
-    from ds_vicuna.model.adapters import AdapterError, load_adapter
-    from ds_vicuna.model.card import read_model_card
-    from ds_vicuna.model.loading import ChatModel
+    from ds_vicuna.model.adapters import AdapterError, adapter_chat_model, load_adapter
 
     if not specs:
         return [], None
@@ -126,17 +122,5 @@ def load_adapter_models(base, specs: Sequence[tuple[str, str]]) -> tuple[list, A
     if clash:
         raise AdapterError(f"--adapter: the name {clash[0]!r} is used twice (the base is served as {base.name!r})")
     adapters = [load_adapter(name, path, base.model) for name, path in specs]
-    chats = []
-    for adapter in adapters:
-        has_tokenizer = (adapter.path / "tokenizer_config.json").is_file()
-        tokenizer = AutoTokenizer.from_pretrained(adapter.path) if has_tokenizer else base.tokenizer
-        if len(tokenizer) != len(base.tokenizer):
-            raise AdapterError(f"{adapter.path / 'tokenizer_config.json'}: the adapter's tokenizer has "
-                               f"{len(tokenizer)} tokens, the base's {len(base.tokenizer)} (another base?)")
-        try:
-            card = read_model_card(adapter.path)
-        except ValueError as err:
-            raise AdapterError(str(err)) from None
-        template = None if adapter.card else base.template  # a folder without a card speaks the base's template
-        chats.append(ChatModel.build(base.model, tokenizer, template, adapter.name, card))
+    chats = [adapter_chat_model(base, adapter) for adapter in adapters]
     return chats, install_adapters(base.model, adapters)

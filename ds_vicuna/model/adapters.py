@@ -157,6 +157,31 @@ def _check_pair(module: str, parts: dict, target, r: int, weights_file: Path, co
     return a, b
 
 
+def adapter_chat_model(base, adapter: Adapter):
+    """A `ChatModel` for `adapter` sharing `base`'s weights (a ChatModel), with the tokenizer, template and stop
+    strings of the adapter's folder (its `ds_vicuna.json`; the base's template when it has none).
+
+    Raises:
+        AdapterError: the adapter's tokenizer has another vocabulary size than the base's, or a bad card.
+    """
+    from transformers import AutoTokenizer
+
+    from ds_vicuna.model.card import read_model_card
+    from ds_vicuna.model.loading import ChatModel
+
+    has_tokenizer = (adapter.path / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(adapter.path) if has_tokenizer else base.tokenizer
+    if len(tokenizer) != len(base.tokenizer):
+        raise AdapterError(f"{adapter.path / 'tokenizer_config.json'}: the adapter's tokenizer has {len(tokenizer)} "
+                           f"tokens, the base's {len(base.tokenizer)} (another base?)")
+    try:
+        card = read_model_card(adapter.path)
+    except ValueError as err:
+        raise AdapterError(str(err)) from None
+    template = None if adapter.card else base.template  # a folder without a card speaks the base's template
+    return ChatModel.build(base.model, tokenizer, template, adapter.name, card)
+
+
 def merge_into(model, adapter: Adapter) -> None:
     """Add scaling * B @ A to each adapted Linear of `model` in place (one adapter, e.g. for `eval answer`)."""
     import torch

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from tests.support.serve_helpers import collect
-from tests.support.tiny_llama import make_tiny_model
+from tests.support.tiny_llama import make_adapter, make_tiny_model
 
 from ds_vicuna.model.adapters import AdapterError, load_adapter, merge_into, parse_adapter_arg
 from ds_vicuna.model.loading import load_chat_model
@@ -20,22 +20,6 @@ from ds_vicuna.serve.multi_lora import install_adapters, load_adapter_models
 from ds_vicuna.serve.sampling import SamplingParams
 
 ADAPTERS = {"all": (4, "all-linear"), "qv": (8, ["q_proj", "v_proj"]), "mlp": (2, ["down_proj"])}
-
-
-def make_adapter(model_dir, out, r, targets, seed):
-    """A peft LoRA adapter with random A and B (peft's default B = 0 would change nothing), saved by peft."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    torch.manual_seed(seed)
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(0.2)  # a visible but moderate change of the logits
-    model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
