@@ -16,6 +16,12 @@ training template's Jinja (so `tokenizer.apply_chat_template` reproduces the tra
 `generation_config.json` whose `eos_token_id` lists the template's stop tokens, and `ds_vicuna.json` (template,
 stops, max_length, base model). ZeRO-1/2 checkpoints are gathered whole by DeepSpeed (its zero_to_fp32 concatenates
 their flat partitions), so only ZeRO-3 (the default) and stage-0 checkpoints export in bounded memory.
+
+A LoRA run (`model.lora`) exports as a peft adapter folder that `PeftModel.from_pretrained(base, OUT)` loads, or
+with `--merge` as one plain model, base + adapter, merged by peft (`export_lora`):
+
+    ds-vicuna export runs/lora OUT             # adapter_config.json + adapter_model.safetensors + tokenizer + card
+    ds-vicuna export --merge runs/lora OUT     # config.json + model.safetensors: logits of base + adapter
 """
 from __future__ import annotations
 
