@@ -4,12 +4,12 @@
     routing = install_adapters(model, adapters)    # the base's targeted Linears become MultiLoraLinear
     routing.set_rows([0, 2, 1, 0])                 # before each forward: row i uses adapter index [i] (0: none)
 
-Each targeted `nn.Linear` keeps its base weight and gains two stacks for all adapters: A [N+1, R, in] and
-B [N+1, out, R] (slot 0 is zeros, the base; R the largest rank, smaller ranks zero-padded; B already multiplied by
-the adapter's alpha/r). A forward gathers each row's A and B by its index and adds x A_row^T B_row^T with two
-batched matmuls, so requests for different adapters and for the base run in one batch. A batch whose rows all
-use one adapter (or none) takes plain matmuls. Greedy output equals the merged model's (`merge_into`) up to
-float rounding: the merged weight is W + s B A, here W x + s B (A x).
+Each targeted `nn.Linear` keeps its base weight and gains two stacks for all adapters, stored transposed for
+the matmuls: A^T [N+1, in, R] and B^T [N+1, R, out] (slot 0 is zeros, the base; R the largest rank, smaller ranks
+zero-padded; B already multiplied by the adapter's alpha/r). A forward gathers each row's A^T and B^T by its index
+and adds (x A_row^T) B_row^T with two batched matmuls, so requests for different adapters and for the base run in
+one batch. A batch whose rows all use one adapter (or none) takes plain matmuls. Greedy output equals the merged
+model's (`merge_into`) up to float rounding: the merged weight is W + s B A, here W x + s B (A x).
 """
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ class MultiLoraLinear(nn.Module):
     def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, routing: AdapterRouting):
         super().__init__()
         self.base = base
-        self.register_buffer("lora_a", a, persistent=False)  # [N+1, R, in]
-        self.register_buffer("lora_b", b, persistent=False)  # [N+1, out, R], alpha/r folded in
+        self.register_buffer("lora_a", a, persistent=False)  # [N+1, in, R]: A transposed
+        self.register_buffer("lora_b", b, persistent=False)  # [N+1, R, out]: B transposed, alpha/r folded in
         self.routing = routing
 
     @property
@@ -66,11 +66,11 @@ class MultiLoraLinear(nn.Module):
         if single == 0:
             return y
         if single is not None:
-            return y + (x @ self.lora_a[single].t()) @ self.lora_b[single].t()
+            return y + (x @ self.lora_a[single]) @ self.lora_b[single]
         rows = self.routing.rows  # [B]
-        a = self.lora_a.index_select(0, rows)  # [B, R, in]
-        b = self.lora_b.index_select(0, rows)  # [B, out, R]
-        return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+        a = self.lora_a.index_select(0, rows)  # [B, in, R]
+        b = self.lora_b.index_select(0, rows)  # [B, R, out]
+        return y + torch.bmm(torch.bmm(x, a), b)  # [B, T, out]
 
 
 def install_adapters(model, adapters: Sequence[Adapter]) -> AdapterRouting:
@@ -89,13 +89,13 @@ def install_adapters(model, adapters: Sequence[Adapter]) -> AdapterRouting:
     for name in targets:
         base = modules[name]
         dtype, where = base.weight.dtype, base.weight.device
-        a = torch.zeros(len(adapters) + 1, rank, base.in_features, dtype=dtype, device=where)  # [N+1, R, in]
-        b = torch.zeros(len(adapters) + 1, base.out_features, rank, dtype=dtype, device=where)  # [N+1, out, R]
+        a = torch.zeros(len(adapters) + 1, base.in_features, rank, dtype=dtype, device=where)  # [N+1, in, R]
+        b = torch.zeros(len(adapters) + 1, rank, base.out_features, dtype=dtype, device=where)  # [N+1, R, out]
         for i, adapter in enumerate(adapters, start=1):
             if name in adapter.weights:
-                lora_a, lora_b = adapter.weights[name]
-                a[i, :adapter.r] = lora_a.to(dtype)
-                b[i, :, :adapter.r] = (lora_b.float() * adapter.scaling).to(dtype)
+                lora_a, lora_b = adapter.weights[name]  # [r, in], [out, r]
+                a[i, :, :adapter.r] = lora_a.t().to(dtype)
+                b[i, :adapter.r] = (lora_b.float() * adapter.scaling).t().to(dtype)
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, MultiLoraLinear(base, a, b, routing))
     return routing
