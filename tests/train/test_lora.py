@@ -30,11 +30,11 @@ def run_a(tmp_path_factory):
                              warmup_ratio=0.2, epochs=2, global_batch_size=4, micro_batch_size=1, save_every=2,
                              keep_last=5, weight_decay=0.1)
     cfg.write_text(cfg.read_text().replace("model:\n", f"model:\n  lora: {json.dumps(LORA)}\n", 1))
-    proc = run_checked(deepspeed_command(2, DUMP, tmp / "a.pt", cfg, "--output_dir", tmp / "A"), timeout=600)
+    proc = run_checked(deepspeed_command(2, DUMP, tmp / "a.pt", cfg, "--output_dir", tmp / "A"), timeout=900)
     return tmp, cfg, torch.load(tmp / "a.pt"), proc.stdout + proc.stderr
 
 
-def run_ranks(ranks: int, dump, cfg, *args, timeout: int = 600) -> str:
+def run_ranks(ranks: int, dump, cfg, *args, timeout: int = 900) -> str:
     proc = subprocess.run(deepspeed_command(ranks, DUMP, dump, cfg, *args), capture_output=True, text=True,
                           timeout=timeout, env=subprocess_env())
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
