@@ -46,6 +46,7 @@ setup(
         "numpy",
         "waitress",
         "prometheus_client",
+        "peft>=0.13",  # LoRA adapters: training (model.lora), export, serving many adapters over one base
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "hypothesis", "openai", "selenium", "ruff"],

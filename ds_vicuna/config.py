@@ -37,10 +37,75 @@ PRECISIONS = DTYPE_CHOICES  # the same choices and auto policy as inference (ds_
 DEFAULT_LOSS_CHUNK_TOKENS = 1024
 DEEPSPEED_PACKAGE = "ds_vicuna.ds_configs"  # the repository's ds_configs/, installed as package data
 EXAMPLES_PACKAGE = "ds_vicuna.configs"  # the repository's configs/
+# Every linear projection of attention and MLP (peft's "all-linear": each nn.Linear but the output layer).
+DEFAULT_LORA_TARGETS = "all-linear"
+QUANT_TYPES = ("nf4", "fp4")
+QUANT_COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run: the message names the field or file and what to change."""
+
+
+@dataclass
+class LoraConfig:
+    """`model.lora`: train low-rank adapters (peft's LoRA) on a frozen base instead of every weight."""
+
+    r: int = 16
+    """Rank of each adapter: A is [r, in_features], B is [out_features, r]."""
+    alpha: float = 32.0
+    """Scale: the adapter adds (alpha / r) * B @ A to the frozen weight."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input (training only)."""
+    target_modules: str | list = DEFAULT_LORA_TARGETS
+    """Module names that get adapters (e.g. [q_proj, v_proj]); `all-linear` = every linear projection of
+    attention and MLP (not the output layer: put lm_head in modules_to_save to train it)."""
+    modules_to_save: list | None = None
+    """Modules trained whole beside the adapters and saved with them (e.g. [lm_head]). When template tokens are
+    added to the vocabulary, embed_tokens and lm_head are added here by the trainer (it says so in the log)."""
+
+    def __post_init__(self):
+        _check_positive("model.lora.r", self.r)
+        if not self.alpha > 0:
+            raise ConfigError(f"model.lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        targets = [self.target_modules] if isinstance(self.target_modules, str) else self.target_modules
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ConfigError(f"model.lora.target_modules: expected `{DEFAULT_LORA_TARGETS}` or a non-empty list of "
+                              f"module names, got {self.target_modules!r}")
+        saved = self.modules_to_save or []
+        if not all(isinstance(m, str) and m for m in saved):
+            raise ConfigError(f"model.lora.modules_to_save: expected a list of module names, got "
+                              f"{self.modules_to_save!r}")
+        both = sorted(set(targets) & set(saved))
+        if both:
+            raise ConfigError(f"model.lora: {', '.join(both)} is in both target_modules and modules_to_save; a module "
+                              "gets an adapter or trains whole, not both")
+        if "lm_head" in targets:  # the chunked loss multiplies by lm_head.weight itself
+            raise ConfigError("model.lora.target_modules: lm_head cannot take an adapter; train it whole with "
+                              "model.lora.modules_to_save: [lm_head]")
+
+
+@dataclass
+class QuantizationConfig:
+    """`model.quantization` (QLoRA): the frozen base is stored in 4 bits by bitsandbytes; adapters train on top."""
+
+    bits: int = 4
+    """Bits per frozen weight: 4 (bitsandbytes' Linear4bit)."""
+    type: str = "nf4"
+    """nf4 (normal-float, QLoRA's) or fp4."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (about 0.4 bits per weight saved)."""
+    compute_dtype: str = "bf16"
+    """Precision of the matmuls on dequantized weights (bf16, fp16, fp32); the packed 4-bit weights are stored in
+    this dtype too, so ZeRO-3 can partition them like any parameter (the FSDP/DeepSpeed QLoRA recipe)."""
+
+    def __post_init__(self):
+        if self.bits != 4:
+            raise ConfigError(f"model.quantization.bits: only 4 is supported, got {self.bits}")
+        _check_choice("model.quantization.type", self.type, QUANT_TYPES)
+        _check_choice("model.quantization.compute_dtype", self.compute_dtype, QUANT_COMPUTE_DTYPES)
 
 
 @dataclass
@@ -57,11 +122,18 @@ class ModelConfig:
     """Recompute activations in backward (non-reentrant): much less memory for ~30% more compute."""
     rope_scaling: str | None = None
     """`linear` or `dynamic`: stretch RoPE so max_length fits a model trained on shorter contexts."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters on the frozen model (`{}` for the defaults); null = full fine-tuning."""
+    quantization: QuantizationConfig | None = None
+    """QLoRA: store the frozen base in 4 bits (bitsandbytes, CUDA); needs `lora`."""
 
     def __post_init__(self):
         _check_choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         if self.rope_scaling is not None:
             _check_choice("model.rope_scaling", self.rope_scaling, ROPE_SCALING)
+        if self.quantization is not None and self.lora is None:
+            raise ConfigError("model.quantization freezes the base in 4 bits, so only adapters can train: set "
+                              "model.lora too (`model.lora: {}` for the defaults)")
 
 
 class DataSource(typing.NamedTuple):
@@ -270,7 +342,17 @@ def _check_positive(name: str, value: int) -> None:
 
 
 def _coerce(where: str, value: Any, annotation: Any) -> Any:
-    """Check `value` against a field annotation (int, float, bool, str, X | None); ints widen to float."""
+    """Check `value` against a field annotation (int, float, bool, str, X | None, a nested section such as
+    `model.lora`); ints widen to float."""
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            keys = ", ".join(f.name for f in dataclasses.fields(annotation))
+            raise ConfigError(f"{where}: expected a mapping of {keys} (or {{}} for the defaults), got "
+                              f"{type(value).__name__} {value!r}")
+        source, name = where.split(": ", 1)
+        return _build_fields(annotation, value, source, name)
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
@@ -294,7 +376,11 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
 
 
 def _build_section(name: str, values: dict, source: str) -> Any:
-    cls = _SECTION_CLASSES[name]
+    return _build_fields(_SECTION_CLASSES[name], values, source, name)
+
+
+def _build_fields(cls, values: dict, source: str, name: str) -> Any:
+    """`cls(**values)` with each value checked against its field; `name` is the dotted section (`model.lora`)."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -467,7 +553,15 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{source}: section {section} must be a mapping")
-        raw[section][name] = yaml.safe_load(text) if text != "" else ""
+        *parents, leaf = name.split(".")  # model.lora.r: a key of a nested section
+        node = raw[section]
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child if child is not None else {}, dict):
+                raise ConfigError(f"override {key}: {section}.{part} is {child!r}, not a mapping")
+            node[part] = dict(child or {})
+            node = node[part]
+        node[leaf] = yaml.safe_load(text) if text != "" else ""
     return config_from_dict(raw, source if not overrides else f"{source} + overrides")
 
 

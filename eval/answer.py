@@ -151,10 +151,20 @@ class LocalBackend:
     """
 
     def __init__(self, model: str, max_new_tokens: int = DEFAULT_ANSWER_TOKENS, temperature: float = 0.0,
-                 device: str | None = None, dtype: str = "auto"):
+                 device: str | None = None, dtype: str = "auto", adapter: str | None = None):
+        """`adapter`: a LoRA adapter folder merged into `model` (its template and tokenizer are used).
+
+        Raises:
+            FileNotFoundError, ValueError (AdapterError), TemplateError: from the loader, naming the file.
+        """
+        from ds_vicuna.model.adapters import adapter_chat_model, load_adapter, merge_into
         from ds_vicuna.model.loading import load_chat_model
 
         self.chat = load_chat_model(model, device=device or "auto", dtype=dtype)
+        if adapter is not None:
+            loaded = load_adapter(Path(adapter).name, adapter, self.chat.model)
+            merge_into(self.chat.model, loaded)
+            self.chat = adapter_chat_model(self.chat, loaded)
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
 
     def generate(self, conversations: Sequence[list[dict]]) -> list[str | None]:

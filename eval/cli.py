@@ -53,7 +53,11 @@ def _add_answer(p) -> None:
                    help=f"question file or bundled set ({', '.join(BUNDLED_SETS)})")
     p.add_argument("--out", required=True, help="answer JSONL (appended; answered questions are skipped)")
     p.add_argument("--model", help="local checkpoint folder or 'embedded'; omit to answer from --base-url")
-    p.add_argument("--model-id", help="model_id written in the records (default: model name)")
+    p.add_argument("--adapter", metavar="PATH",
+                   help="local model: a LoRA adapter folder (peft's, e.g. `ds-vicuna export` of a LoRA run) applied "
+                        "to --model, its base; its template and tokenizer are used")
+    p.add_argument("--model-id", help="model_id written in the records (default: model name, or the adapter's "
+                                      "folder name)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate call (local)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_ANSWER_TOKENS,
                    help=f"new tokens per reply (default {DEFAULT_ANSWER_TOKENS}, FastChat's gen_model_answer for "
@@ -213,6 +217,8 @@ def _client(args):
 
 
 def cmd_answer(args) -> int:
+    from pathlib import Path
+
     from ds_vicuna.eval.answer import PER_CATEGORY, ApiBackend, LocalBackend, fastchat_temperature, run_answers
     from ds_vicuna.eval.questions import load_questions
 
@@ -222,11 +228,12 @@ def cmd_answer(args) -> int:
     if args.model:
         try:
             backend = LocalBackend(args.model, max_new_tokens=args.max_tokens, temperature=temperature,
-                                   device=args.device, dtype=args.dtype)
+                                   device=args.device, dtype=args.dtype, adapter=args.adapter)
         except (FileNotFoundError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        model_id, chunk = args.model_id or _local_model_id(args.model), args.batch_size
+        model_id = args.model_id or (Path(args.adapter).name if args.adapter else _local_model_id(args.model))
+        chunk = args.batch_size
     else:
         if not args.api_model:
             print("error: give --model (a local checkpoint or 'embedded') or --api-model with --base-url",

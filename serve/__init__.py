@@ -11,6 +11,7 @@ Modules, bottom up (each imports only the ones above it):
     detokenizer      IncrementalText: token ids -> final text pieces, stop strings across tokens
     kv_cache         cutting rows out of a batch's KV cache and stacking two batches
     jobs             GenerationJob (prompt ids, SamplingParams, event queue) and chat_job
+    multi_lora       many LoRA adapters over one base, each row of a batch with its own (AdapterRouting)
     engine           BatchEngine: continuous batching with chunked prefill on one causal LM
     generate         generate_replies: offline replies with the engine (eval answer, the demo)
     http_util        what every Flask app shares: error handlers, the worker secret, JSON bodies, waitress

@@ -1,6 +1,7 @@
 """`ds-vicuna serve ...` and `ds-vicuna chat`: start the serving stack, or talk to it from a terminal.
 
     ds-vicuna serve all --model embedded --port 8000                  # controller + worker + API, one process
+    ds-vicuna serve all --model BASE --adapter support=out/support-lora --adapter sql=out/sql-lora   # LoRA adapters
     ds-vicuna serve controller --host 0.0.0.0 --port 21001 --worker-secret S
     ds-vicuna serve worker --model out/export --controller http://10.0.0.1:21001 --host 0.0.0.0 \
         --worker-address http://10.0.0.2:21002 --port 21002 --worker-secret S
@@ -103,6 +104,9 @@ def _worker_args(p) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens prefilled between two decode steps, so long prompts do not stall running "
                    "streams (default: 256 on CPU, 2048 on GPU; 0 = whole prompts at once)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a LoRA adapter folder (peft's, e.g. `ds-vicuna export` of a LoRA run) over the base "
+                   "as model NAME; repeat for several: one copy of the base, adapters mixed in each batch")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="jobs (a request brings prompts x n) waiting or "
                    "running before a 429; also the most one request may bring")
@@ -186,7 +190,9 @@ def _build_api(args, controller_url: str, secret: str | None):
 
 
 def _build_worker(args, controller_url: str | None, server_url: str, secret: str | None):
+    from ds_vicuna.model.adapters import parse_adapter_arg
     from ds_vicuna.model.loading import load_chat_model
+    from ds_vicuna.serve.multi_lora import load_adapter_models
     from ds_vicuna.serve.routing import pooled_session
     from ds_vicuna.serve.worker import Worker
     from ds_vicuna.chat.templates import TemplateError
@@ -198,13 +204,16 @@ def _build_worker(args, controller_url: str | None, server_url: str, secret: str
     try:
         loaded = load_chat_model(args.model, args.template, args.model_name, device=args.device, dtype=args.dtype,
                                  device_map=args.device_map)
-    except (FileNotFoundError, ValueError, TemplateError) as err:
+        adapters, routing = load_adapter_models(loaded, [parse_adapter_arg(a) for a in args.adapter])
+    except (FileNotFoundError, ValueError, TemplateError) as err:  # AdapterError is a ValueError
         raise SystemExit(f"ds-vicuna serve: error: {err}") from None
     placement = getattr(loaded.model, "hf_device_map", None) and "several devices (--device-map)" or loaded.device
     print(f"loaded {loaded.name} on {placement} as {str(loaded.dtype).removeprefix('torch.')}, template "
           f"{loaded.template}, context {loaded.context_length} tokens", flush=True)
+    for chat in adapters:
+        print(f"adapter {chat.name} (template {chat.template}) over {loaded.name}", flush=True)
     return Worker(loaded, server_url, controller_url, pooled_session(2), args.max_batch_size, args.max_queue, secret,
-                  args.heartbeat_interval, prefill_chunk=args.prefill_chunk)
+                  args.heartbeat_interval, prefill_chunk=args.prefill_chunk, adapters=adapters, routing=routing)
 
 
 class Servers:
@@ -358,7 +367,8 @@ def run_all(args) -> int:
         worker.stop()
         return 1
     public_controller = f"http://{_reachable_name(args.controller_host)}:{controller.effective_port}"
-    print(f"controller at {controller_url}; worker {worker.address} serving {worker.loaded.name!r}", flush=True)
+    names = ", ".join(map(repr, worker.models))
+    print(f"controller at {controller_url}; worker {worker.address} serving {names}", flush=True)
     print(_join_instructions(args, public_controller, secret_given), flush=True)
     print(f"ds-vicuna API ready at http://{args.host}:{api.effective_port}/v1 "
           f"(chat page: http://{args.host}:{api.effective_port}/)", flush=True)
@@ -401,7 +411,8 @@ def run_worker(args) -> int:
     servers.start()
     if not _start_worker(worker, servers):
         return 1
-    print(f"ds-vicuna worker ready at {address} serving {worker.loaded.name!r} (pid {os.getpid()})", flush=True)
+    names = ", ".join(map(repr, worker.models))
+    print(f"ds-vicuna worker ready at {address} serving {names} (pid {os.getpid()})", flush=True)
     servers.wait(until=worker.stopped)
     worker.stop()
     if worker.refused:

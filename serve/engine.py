@@ -68,6 +68,7 @@ class _Row:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     recomputes: int = 0
     finished: bool = False
+    adapter: int = 0  # index in the engine's AdapterRouting (0: the base)
 
     @property
     def context(self) -> list[int]:
@@ -105,11 +106,14 @@ class BatchEngine:
         max_batch_size: rows decoded together (running plus being prefilled).
         prefill_chunk: prompt tokens prefilled per step; None picks by device (CPU 256, CUDA 2048); 0 prefills
             each prompt batch in one piece.
+        routing: the `serve.multi_lora.AdapterRouting` of a model serving LoRA adapters: each row's adapter
+            (`GenerationJob.adapter`) is set before every forward, so rows of different adapters share batches.
     """
 
     def __init__(self, model, tokenizer, stop_token_ids: Sequence[int], max_batch_size: int = 8,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, routing=None):
         self.model = model
+        self.routing = routing
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset(int(i) for i in stop_token_ids)
         self.max_batch_size = max_batch_size
@@ -188,9 +192,15 @@ class BatchEngine:
             raise ValueError("'max_tokens' must be set before a job reaches the engine")
         if not job.prompt_ids:
             raise ValueError("the prompt is empty")
+        adapter = 0
+        if job.adapter:
+            if self.routing is None or job.adapter not in self.routing.names:
+                raise ValueError(f"this worker serves no adapter named {job.adapter!r}")
+            adapter = self.routing.index(job.adapter)
         generator = torch.Generator(device=self.sample_device)
         generator.manual_seed(job.params.seed if job.params.seed is not None else secrets.randbits(63))
-        row = _Row(job, IncrementalText(self.tokenizer, job.params.stop, job.prompt_ids, job.reply_lead), generator)
+        row = _Row(job, IncrementalText(self.tokenizer, job.params.stop, job.prompt_ids, job.reply_lead), generator,
+                   adapter=adapter)
         if job.params.wants_prompt_logprobs:
             row.prompt_logprobs.append(TokenLogprob(self._token_text(job.prompt_ids[0]), None))
         return row
@@ -272,6 +282,7 @@ class BatchEngine:
         """Prefill the next `columns` positions of a group; its last logits [b, V] once the group is done."""
         start, end = group.done, group.done + columns
         scoring = [i for i, row in enumerate(group.rows) if row.scores_prompt]
+        self._route(group.rows)
         out = self.model(input_ids=group.input_ids[:, start:end], attention_mask=group.mask[:, :end],
                          position_ids=group.positions[:, start:end], use_cache=True,
                          logits_to_keep=0 if scoring else 1, **{self._cache_arg: group.cache})
@@ -350,6 +361,7 @@ class BatchEngine:
     def _decode_step(self) -> None:
         mask = append_ones(self._mask)  # [B, T+1]
         positions = mask.sum(-1, keepdim=True) - 1  # [B, 1] each row's own position
+        self._route(self.rows)
         out = self.model(input_ids=self._next, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1, **{self._cache_arg: self._cache})
         keep, next_ids = self._advance_all(self.rows, out.logits[:, -1, :])
@@ -360,6 +372,11 @@ class BatchEngine:
             self._cache, mask, next_ids = select_rows(self._cache, mask, next_ids, keep)
             self.rows = [self.rows[i] for i in keep]
         self._mask, self._next = mask, next_ids
+
+    def _route(self, rows: list[_Row]) -> None:
+        """Tell the LoRA layers which adapter each row of the next forward uses (rows in batch order)."""
+        if self.routing is not None:
+            self.routing.set_rows([row.adapter for row in rows])
 
     def _recompute(self, rows: list[_Row], err: Exception) -> None:
         """The running cache is lost: prefill the unfinished rows again from prompt + generated tokens."""

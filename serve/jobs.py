@@ -33,12 +33,15 @@ class GenerationJob:
     events: Any = field(default_factory=queue.Queue)  # queue.Queue[Event], or a JobSink
     cancelled: threading.Event = field(default_factory=threading.Event)
     reply_lead: str = ""
+    adapter: str | None = None
+    """The LoRA adapter (its model name) this job runs with; None = the base model (`serve.multi_lora`)."""
 
 
-def chat_job(chat, prompt_ids: list[int], params: SamplingParams) -> GenerationJob:
+def chat_job(chat, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> GenerationJob:
     """A job answering a chat turn of `chat` (a ChatModel): the template's stop strings end it, its lead is dropped."""
     stop = tuple(dict.fromkeys(s for s in (*params.stop, *chat.stop_strings) if s))
-    return GenerationJob(list(prompt_ids), dataclasses.replace(params, stop=stop), reply_lead=chat.reply_lead)
+    return GenerationJob(list(prompt_ids), dataclasses.replace(params, stop=stop), reply_lead=chat.reply_lead,
+                         adapter=adapter)
 
 
 class JobSink:

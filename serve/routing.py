@@ -219,7 +219,8 @@ class Upstream:
             except APIError as err:
                 raise (last if last is not None and err.code is ErrorCode.NO_WORKER else err) from None
             try:
-                events = self._start(address, payloads)
+                # each job names its model: a worker may serve several (a base and its LoRA adapters)
+                events = self._start(address, [{**payload, "model": model} for payload in payloads])
                 first = next(events)
             except APIError as err:
                 if err.code not in RETRYABLE:

@@ -1,7 +1,12 @@
 """Model worker: loads one checkpoint, batches concurrent requests, streams tokens back.
 
     ds-vicuna serve worker --model PATH|embedded --controller http://127.0.0.1:21001 --port 21002 \
-        --worker-secret S [--device cuda:0] [--dtype auto] [--template T] [--max-batch-size 8] [--max-queue 64]
+        --worker-secret S [--device cuda:0] [--dtype auto] [--template T] [--max-batch-size 8] [--max-queue 64] \
+        [--adapter NAME=PATH ...]
+
+With `--adapter` the base is loaded once and each LoRA adapter is one more model name of this worker: requests
+name it in `model`, and rows of different adapters and of the base decode in the same batches, each row with its
+own adapter (`serve.multi_lora`).
 
 The model is loaded by `ds_vicuna.model.loading.load_chat_model`, the one loader `eval answer` and the demo use:
 device, dtype, template, stop tokens and context length come from there (the template and stops from the
@@ -64,20 +69,24 @@ class Worker:
         secret: the controller's worker-registration secret.
         heartbeat_interval: seconds between heartbeats.
         prefill_chunk: prompt tokens prefilled per scheduler step (None: by device; 0: whole prompts).
+        adapters: LoRA adapters served over `loaded`'s weights, each its own model name
+            (`serve.multi_lora.load_adapter_models`), with `routing` their per-row switch.
     """
 
     def __init__(self, loaded: ChatModel, address: str, controller: str | None, http, max_batch_size: int = 8,
                  max_queue: int = 64, secret: str | None = None, heartbeat_interval: float = 2.0,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, adapters: list[ChatModel] | tuple = (), routing=None):
         self.loaded = loaded
+        self.models = {loaded.name: loaded, **{chat.name: chat for chat in adapters}}
         self.address = address
         self.controller = controller.rstrip("/") if controller else None
         self.http = http
         self.max_queue = max_queue
         self.secret = secret
         self.heartbeat_interval = heartbeat_interval
-        self.engine = BatchEngine(loaded.model, loaded.tokenizer, loaded.stop_token_ids, max_batch_size,
-                                  prefill_chunk)
+        stop_ids = sorted({i for chat in self.models.values() for i in chat.stop_token_ids})
+        self.engine = BatchEngine(loaded.model, loaded.tokenizer, stop_ids, max_batch_size, prefill_chunk,
+                                  routing=routing)
         self._waiting: list[GenerationJob] = []
         self._running = 0
         self._lock = threading.Condition()
@@ -99,6 +108,20 @@ class Worker:
         return scheduler is None or scheduler.ident is None or scheduler.is_alive() or self._stopping.is_set()
 
     # ---- intake ---------------------------------------------------------------------------------------
+    def chat_model(self, body: dict) -> ChatModel:
+        """The model a request names (`model`: the base or one of its adapters); the base when it names none.
+
+        Raises:
+            APIError: MODEL_NOT_FOUND for a name this worker does not serve.
+        """
+        name = body.get("model")
+        if name is None:
+            return self.loaded
+        if name not in self.models:
+            raise APIError(ErrorCode.MODEL_NOT_FOUND, f"this worker serves {', '.join(sorted(self.models))}, not "
+                           f"{name!r}", "model")
+        return self.models[name]
+
     def prompt_ids(self, body: dict) -> list[int]:
         """Token ids for a request: chat `messages` through the template, or a raw `prompt` string."""
         if "messages" in body:
@@ -106,7 +129,7 @@ class Worker:
                 messages = validate_messages(body["messages"], require_final_user=True)
             except MessageError as err:
                 raise APIError(ErrorCode.INVALID_MESSAGES, str(err), "messages") from None
-            return self.loaded.encoder.encode_prompt(messages)
+            return self.chat_model(body).encoder.encode_prompt(messages)
         if "prompt_ids" in body:  # token ids, used as given (no BOS added), e.g. lm-evaluation-harness's
             ids = body["prompt_ids"]
             vocab = len(self.loaded.tokenizer)
@@ -128,11 +151,13 @@ class Worker:
         Raises:
             APIError: bad fields (naming the parameter), or prompt + max_tokens beyond the context length.
         """
+        chat = self.chat_model(body)
         ids = self.prompt_ids(body)
         params = self._sampling_params(body.get("params") or {}, len(ids))
+        adapter = chat.name if chat is not self.loaded else None
         if "messages" in body:
-            return chat_job(self.loaded, ids, params)
-        return GenerationJob(ids, params)
+            return chat_job(chat, ids, params, adapter=adapter)
+        return GenerationJob(ids, params, adapter=adapter)
 
     def _sampling_params(self, raw: dict, prompt_tokens: int) -> SamplingParams:
         """The job's settings from the body's "params" (checked again here although the API checked them: the
@@ -329,7 +354,7 @@ class Worker:
         Raises:
             RegistrationRefused: the controller refused the secret.
         """
-        self._post("/register_worker", {"worker_address": self.address, "models": [self.loaded.name],
+        self._post("/register_worker", {"worker_address": self.address, "models": list(self.models),
                                         "queue_length": self.queue_length(), "max_queue": self.max_queue}, 10)
         log.info("registered %s with %s", self.address, self.controller)
 
@@ -421,8 +446,9 @@ def create_app(worker: Worker, max_content_length: int = 4 * 1024 * 1024):
 
     @app.get("/worker_status")
     def worker_status():
-        return jsonify({"model": worker.loaded.name, "queue_length": worker.queue_length(),
-                        "queue_depth": worker.queue_depth(), "running_jobs": worker.running_jobs(),
+        return jsonify({"model": worker.loaded.name, "models": list(worker.models),
+                        "queue_length": worker.queue_length(), "queue_depth": worker.queue_depth(),
+                        "running_jobs": worker.running_jobs(),
                         "max_queue": worker.max_queue, "max_batch_size": worker.engine.max_batch_size,
                         "context_length": worker.loaded.context_length, "healthy": worker.healthy})
 

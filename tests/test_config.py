@@ -235,3 +235,46 @@ def test_a_yes_no_key_alone_on_the_command_line_means_true():
     assert load_config(None, ["--overwrite", "--data.train_path", "x.jsonl"]).train.overwrite is True
     with pytest.raises(ConfigError, match="train.overwrite and train.resume .*contradict"):
         load_config(None, ["--overwrite", "--resume", "auto"])
+
+
+def test_lora_section_is_typed_and_checked(tmp_path):
+    """model.lora from YAML and from dotted overrides; contradictions named by field."""
+    from ds_vicuna.config import ConfigError, LoraConfig, load_config
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model:\n  lora: {r: 8, target_modules: [q_proj, v_proj], modules_to_save: [lm_head]}\n")
+    cfg = load_config(path)
+    assert cfg.model.lora == LoraConfig(r=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    assert cfg.to_dict()["model"]["lora"]["alpha"] == 32.0
+    assert load_config(None, ["--model.lora", "{}"]).model.lora == LoraConfig()
+    assert load_config(None, ["model.lora.r=4", "--model.lora.alpha", "8"]).model.lora == LoraConfig(r=4, alpha=8.0)
+    assert load_config(None).model.lora is None  # full fine-tuning unless asked
+    bad = {("--model.lora.r", "0"): "model.lora.r must be > 0",
+           ("--model.lora.dropout", "1.5"): r"model.lora.dropout must be in \[0, 1\)",
+           ("--model.lora.rank", "4"): "unknown key model.lora.rank; known: alpha, dropout",
+           ("--model.lora", "16"): "model.lora: expected a mapping of r, alpha",
+           ("--model.lora.target_modules", "[lm_head]"): "lm_head cannot take an adapter",
+           ("--model.lora.target_modules", "[]"): "model.lora.target_modules: expected",
+           ("--model.quantization", "{}"): "model.quantization freezes the base in 4 bits",
+           ("--model.lora.target_modules", "[q_proj]", "--model.lora.modules_to_save", "[q_proj]"):
+               "q_proj is in both target_modules and modules_to_save"}
+    for override, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, list(override))
+    with pytest.raises(ConfigError, match="model.quantization.type must be one of nf4, fp4"):
+        load_config(None, ["--model.lora", "{}", "--model.quantization.type", "int8"])
+    quant = load_config(None, ["--model.lora", "{}", "--model.quantization", "{}"]).model.quantization
+    assert (quant.bits, quant.type, quant.double_quant, quant.compute_dtype) == (4, "nf4", True, "bf16")
+
+
+def test_qlora_without_cuda_stops_before_loading():
+    """bitsandbytes' 4-bit training needs CUDA: on a CPU box the trainer says so instead of failing inside it."""
+    import torch
+
+    from ds_vicuna.config import QuantizationConfig
+    from ds_vicuna.train.lora import quantization_config
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the 4-bit path runs in tests/train/test_gpu.py")
+    with pytest.raises(ValueError, match="needs"):
+        quantization_config(QuantizationConfig())

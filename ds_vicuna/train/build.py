@@ -176,24 +176,45 @@ def cpu_has_native_bf16() -> bool:
 
 
 def build_model(model_path: Path, model_config, tokenizer, cfg: Config, ds: dict, precision: str,
-                attn_implementation: str | None = None):
+                attn_implementation: str | None = None, log=print):
     """Load the weights; under ZeRO-3 straight into partitions (HfDeepSpeedConfig must outlive from_pretrained).
+    With `model.lora`, adapters are injected and the rest frozen (`ds_vicuna.train.lora`); with
+    `model.quantization`, the frozen base is loaded in 4 bits first.
 
     Args:
         attn_implementation: overrides `pick_attn_implementation(cfg.model.attn_implementation)`.
+        log: where LoRA's notices go (rank 0 prints; other ranks pass a no-op).
+
+    Raises:
+        ConfigError: a LoRA target or module to save that the model lacks, or QLoRA where it cannot run.
     """
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
+    from ds_vicuna.train.lora import apply_lora, quantization_config
+
     dtype = torch_dtype(precision)
     keep_alive = HfDeepSpeedConfig(ds) if ds["zero_optimization"].get("stage") == 3 else None  # noqa: F841
-    model = AutoModelForCausalLM.from_pretrained(model_path, config=model_config, dtype=dtype,
+    extra = {}
+    if cfg.model.quantization is not None:
+        try:
+            extra["quantization_config"] = quantization_config(cfg.model.quantization)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        extra["dtype"] = torch_dtype(cfg.model.quantization.compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_path, config=model_config, **{"dtype": dtype, **extra},
                                                  attn_implementation=attn_implementation or pick_attn_implementation(
                                                      cfg.model.attn_implementation))
     embeddings = model.get_input_embeddings().weight
     rows = embeddings.ds_shape[0] if hasattr(embeddings, "ds_shape") else embeddings.shape[0]  # ZeRO-3: partitioned
-    if len(tokenizer) > rows:  # template tokens were added
+    vocab_grew = len(tokenizer) > rows
+    if vocab_grew:  # template tokens were added
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    if cfg.model.lora is not None:
+        try:
+            apply_lora(model, cfg.model.lora, vocab_grew=vocab_grew, log=log)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if cfg.model.gradient_checkpointing:  # non-reentrant: works with ZeRO-3 partitioned params and frozen inputs
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -156,11 +156,12 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def save_checkpoint(engine, output_dir: str | os.PathLike, progress: TrainingProgress, *, rank: int,
                     keep_last: int, model_config=None, tokenizer=None,
-                    hf_files: dict[str, str] | None = None) -> Path:
+                    hf_files: dict[str, str] | None = None, trainable_only: bool = False) -> Path:
     """Save engine state + progress + RNG on every rank; rank 0 marks it complete and moves `latest`.
 
     Collective: every rank must call it. Rank 0 also writes `hf/` (model config, tokenizer, and `hf_files`:
-    name -> text) so export needs nothing but the folder.
+    name -> text) so export needs nothing but the folder. `trainable_only` (LoRA) leaves the frozen weights out
+    (DeepSpeed's `exclude_frozen_parameters`): the checkpoint holds the adapters and their optimizer state.
 
     Returns:
         The checkpoint folder.
@@ -171,7 +172,8 @@ def save_checkpoint(engine, output_dir: str | os.PathLike, progress: TrainingPro
     root = Path(output_dir)
     tag = checkpoint_name(progress.step)
     folder = root / tag
-    engine.save_checkpoint(str(root), tag=tag, client_state={PROGRESS_KEY: asdict(progress)}, save_latest=False)
+    engine.save_checkpoint(str(root), tag=tag, client_state={PROGRESS_KEY: asdict(progress)}, save_latest=False,
+                           exclude_frozen_parameters=trainable_only)
     torch.save(capture_rng_state(), folder / RNG_FILE.format(rank=rank))
     if rank == 0 and model_config is not None:
         model_config.save_pretrained(folder / HF_SUBDIR)
@@ -224,8 +226,10 @@ def load_checkpoint(engine, folder: str | os.PathLike, *, rank: int,
     if not is_complete(folder):
         raise CheckpointError(f"{folder}: incomplete checkpoint (no {COMPLETE_MARKER})")
     source = Path(universal) if universal is not None else folder
+    # a LoRA checkpoint holds the trainable weights only: the frozen ones are the freshly loaded base's
+    frozen = any(not p.requires_grad for p in engine.module.parameters())
     path, client_state = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+                                                load_lr_scheduler_states=True, load_module_strict=not frozen)
     if path is None or PROGRESS_KEY not in (client_state or {}):
         raise CheckpointError(f"{folder}: DeepSpeed could not load it (wrong ZeRO stage or world size?)")
     saved_ranks = len(list(folder.glob(RNG_FILE.format(rank="*"))))
@@ -249,7 +253,8 @@ def read_training_record(folder: str | os.PathLike) -> dict:
 
 SHAPE_KEYS = (("data", "train_path"), ("data", "max_length"), ("data", "mask"), ("data", "batching"),
               ("data", "max_samples"), ("train", "global_batch_size"), ("train", "micro_batch_size"),
-              ("train", "seed"), ("train", "epochs"), ("model", "template"))
+              ("train", "seed"), ("train", "epochs"), ("model", "template"), ("model", "lora"),
+              ("model", "quantization"))
 
 
 def check_resume_compatible(saved: dict, cfg) -> None:

@@ -16,9 +16,16 @@ training template's Jinja (so `tokenizer.apply_chat_template` reproduces the tra
 `generation_config.json` whose `eos_token_id` lists the template's stop tokens, and `ds_vicuna.json` (template,
 stops, max_length, base model). ZeRO-1/2 checkpoints are gathered whole by DeepSpeed (its zero_to_fp32 concatenates
 their flat partitions), so only ZeRO-3 (the default) and stage-0 checkpoints export in bounded memory.
+
+A LoRA run (`model.lora`) exports as a peft adapter folder that `PeftModel.from_pretrained(base, OUT)` loads, or
+with `--merge` as one plain model, base + adapter, merged by peft (`export_lora`):
+
+    ds-vicuna export runs/lora OUT             # adapter_config.json + adapter_model.safetensors + tokenizer + card
+    ds-vicuna export --merge runs/lora OUT     # config.json + model.safetensors: logits of base + adapter
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 import os
@@ -29,6 +36,7 @@ from pathlib import Path
 from ds_vicuna.model.loading import DTYPE_CHOICES, torch_dtype
 from ds_vicuna.train.checkpoint import (HF_SUBDIR, TRAIN_CONFIG_FILE, CheckpointError, find_resume_path, is_complete,
                                   read_training_record)
+from ds_vicuna.train.lora import is_lora_run
 
 __all__ = ["TRAIN_CONFIG_FILE", "resolve_checkpoint", "lazy_state_dict", "consolidated_state_dict",
            "read_training_record", "export_checkpoint"]
@@ -135,8 +143,10 @@ def expected_weights(config) -> tuple[dict, set]:
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = "auto",
-                      max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, progress: bool = True) -> Path:
-    """Write a consolidated Hugging Face model folder, one safetensors shard in memory at a time.
+                      max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, progress: bool = True,
+                      merge: bool = False) -> Path:
+    """Write a consolidated Hugging Face model folder, one safetensors shard in memory at a time; for a LoRA run
+    a peft adapter folder, or with `merge` the base with the adapters merged in (`export_lora`).
 
     Args:
         checkpoint: a `step-*` folder or a training output dir (its newest complete checkpoint).
@@ -144,6 +154,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, dty
         dtype: auto (the training precision: bf16/fp16 on GPU runs, fp32 on CPU runs), bf16, fp16 or fp32.
         max_shard_size: largest shard ("5GB", "500MB" or bytes); also bounds the export's memory.
         progress: show a progress bar over the shards.
+        merge: (LoRA runs) write base + adapters as one plain model instead of the adapter folder.
 
     Returns:
         The output folder.
@@ -154,15 +165,17 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, dty
     """
     import torch
     from huggingface_hub import split_torch_state_dict_into_shards
-    from transformers import AutoConfig, AutoTokenizer
-
-    from ds_vicuna.model.card import write_model_meta
-    from ds_vicuna.chat.templates import get_template
+    from transformers import AutoConfig
 
     folder = resolve_checkpoint(checkpoint)
     record = read_training_record(folder)
     precision = record.get("precision", "fp32") if dtype == "auto" else dtype
     weights_dtype = torch_dtype(precision)
+    if is_lora_run(record["config"]):
+        return export_lora(folder, record, out, precision, merge=merge, max_shard_size=max_shard_size)
+    if merge:
+        raise CheckpointError(f"{folder}: --merge is for LoRA runs (model.lora); this run trained every weight, "
+                              "export it without --merge")
     hf = folder / HF_SUBDIR
     config = AutoConfig.from_pretrained(hf)
     config.use_cache = True  # training turned the KV cache off; generation wants it
@@ -185,16 +198,137 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, dty
 
     config.dtype = weights_dtype
     config.save_pretrained(out)
+    write_tokenizer_and_card(out, hf, record, precision, config)
+    return out
+
+
+def write_tokenizer_and_card(out: Path, hf: Path, record: dict, precision: str, config=None, **card) -> list[str]:
+    """The tokenizer (chat_template = the training template's Jinja), generation_config.json (when `config` is
+    given: a model folder) and the model card `ds_vicuna.json`. Returns the template's stop strings."""
+    from transformers import AutoTokenizer
+
+    from ds_vicuna.chat.templates import get_template
+    from ds_vicuna.model.card import write_model_meta
+
     template = get_template(record["config"]["model"]["template"])
     tokenizer = AutoTokenizer.from_pretrained(hf)
     tokenizer.chat_template = template.jinja(tokenizer)
     tokenizer.save_pretrained(out)
     stops = template.stop_strings(tokenizer)
-    write_generation_config(out, config, tokenizer, stops)
+    if config is not None:
+        write_generation_config(out, config, tokenizer, stops)
     write_model_meta(out, template.name, stops, max_length=record["config"]["data"]["max_length"],
                      base_model=record["config"]["model"]["name_or_path"], step=record.get("step"),
-                     dtype=precision)
+                     dtype=precision, **card)
+    return stops
+
+
+def export_lora(folder: Path, record: dict, out: str | os.PathLike, precision: str, merge: bool = False,
+                max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """A LoRA run's checkpoint -> a peft adapter folder, or (`merge`) a plain model with the adapters merged in.
+
+    The adapter folder holds what `PeftModel.from_pretrained(base, OUT)` reads (`adapter_config.json`,
+    `adapter_model.safetensors` under peft's key names), the tokenizer, `ds_vicuna.json` (template, stops,
+    `base_model`, `adapter: true`) and a README naming the base. When template tokens were added in training, the
+    embedding and output rows are in it (modules_to_save): resize the base's embeddings to
+    `adapter_vocab_size` (the card says it) before loading. The merged model is built by peft itself:
+    `PeftModel.from_pretrained(base, adapter).merge_and_unload()`, in fp32, then cast to `precision`.
+
+    Raises:
+        CheckpointError: the checkpoint holds no adapter tensors, or the base model is missing.
+    """
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ds_vicuna.config import LoraConfig
+    from ds_vicuna.model.embedded import resolve_model_path
+    from ds_vicuna.train.lora import peft_key, peft_lora_config
+
+    out = Path(out)
+    hf = folder / HF_SUBDIR
+    state = consolidated_state_dict(folder)  # the adapters (and modules_to_save): small, all in memory
+    lora_names = [n for n in state if ".lora_A." in n or ".lora_B." in n]
+    if not lora_names:
+        raise CheckpointError(f"{folder}: the run's config has model.lora but the checkpoint holds no lora_A/lora_B "
+                              f"tensors (it has {sorted(state)[:5]}...)")
+    saved_modules = sorted({_module_of(n) for n in state if n not in lora_names})
+    try:
+        base = resolve_model_path(record["config"]["model"]["name_or_path"])
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{folder}: the base model of this LoRA run is missing: {err}") from None
+    lora = LoraConfig(**record["config"]["model"]["lora"])
+    # the modules the adapters sit on, by name (what `all-linear` resolved to on this base)
+    targets = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora_names})
+    config = peft_lora_config(dataclasses.replace(lora, target_modules=targets), saved_modules, base_model=str(base))
+    dtype = torch_dtype(precision)
+    tensors = {peft_key(n, saved_modules): t.to(dtype if not merge else torch.float32).contiguous()
+               for n, t in state.items()}
+    vocab = int(tensors[next(k for k in tensors if k.endswith("embed_tokens.weight"))].shape[0]) \
+        if "embed_tokens" in saved_modules else None
+    card = {"adapter": True, "adapter_vocab_size": vocab} if vocab else {"adapter": True}
+    if not merge:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(out)
+        save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        write_tokenizer_and_card(out, hf, record, precision, **card)
+        (out / "README.md").write_text(_adapter_readme(record, base, lora, saved_modules, vocab))
+        return out
+    with tempfile.TemporaryDirectory(prefix="ds-vicuna-adapter-") as tmp:
+        config.save_pretrained(tmp)
+        save_file(tensors, str(Path(tmp) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        merged = merge_adapter(base, tmp, vocab)
+    merged = merged.to(dtype)
+    merged.config.use_cache = True
+    merged.config.dtype = dtype
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    merged.save_pretrained(out, max_shard_size=max_shard_size)
+    write_tokenizer_and_card(out, hf, record, precision, merged.config)
     return out
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, vocab_size: int | None = None):
+    """`PeftModel.from_pretrained(base, adapter).merge_and_unload()` in fp32: base + (alpha/r) B @ A per layer.
+
+    Args:
+        vocab_size: resize the base's embeddings to this first (an adapter that trained added template tokens).
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if vocab_size is not None and vocab_size != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocab_size)
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+
+
+def _module_of(name: str) -> str:
+    """`model.embed_tokens.weight` -> `embed_tokens` (the module a parameter trained whole belongs to)."""
+    return name.rsplit(".", 2)[-2]
+
+
+def _adapter_readme(record: dict, base: Path, lora, saved_modules: list[str], vocab: int | None) -> str:
+    name = record["config"]["model"]["name_or_path"]
+    resize = (f"base.resize_token_embeddings({vocab})  # template tokens were added in training\n"
+              if vocab else "")
+    return (f"---\nbase_model: {name}\nlibrary_name: peft\n---\n\n# LoRA adapter (ds-vicuna)\n\n"
+            f"Trained by ds-vicuna on top of `{name}` (loaded from `{base}`) for {record.get('step')} steps: "
+            f"rank {lora.r}, alpha {lora.alpha}, targets `{lora.target_modules}`"
+            + (f", trained whole: {', '.join(saved_modules)}" if saved_modules else "") + f", chat template "
+            f"`{record['config']['model']['template']}`.\n\n```python\nfrom peft import PeftModel\n"
+            f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"base = AutoModelForCausalLM.from_pretrained(\"{base}\")\n{resize}"
+            f"model = PeftModel.from_pretrained(base, \"THIS_FOLDER\")\n"
+            f"tokenizer = AutoTokenizer.from_pretrained(\"THIS_FOLDER\")\n```\n\n"
+            "Serve it beside other adapters over one base: `ds-vicuna serve all --model BASE --adapter "
+            "NAME=THIS_FOLDER`; or merge it: `ds-vicuna export --merge CHECKPOINT OUT`.\n")
 
 
 def check_weights(folder: Path, hf: Path, state: dict, expected: dict, tied: set) -> None:
@@ -253,7 +387,7 @@ def write_generation_config(out: Path, config, tokenizer, stops: list[str]) -> N
 
 
 def register(subparsers) -> None:
-    """`ds-vicuna export CKPT OUT [--dtype ...] [--max-shard-size ...]`."""
+    """`ds-vicuna export CKPT OUT [--dtype ...] [--max-shard-size ...] [--merge]`."""
     parser = subparsers.add_parser("export", help="checkpoint -> Hugging Face model folder (sharded safetensors)",
                                    description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a step-* folder or a training output dir (uses its newest checkpoint)")
@@ -263,6 +397,9 @@ def register(subparsers) -> None:
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                         help=f"largest safetensors shard, e.g. 2GB or 500MB (default {DEFAULT_MAX_SHARD_SIZE}); "
                              "export holds about one shard in memory")
+    parser.add_argument("--merge", action="store_true",
+                        help="LoRA runs: write base + adapters merged into one plain model (default: the peft "
+                             "adapter folder)")
     parser.set_defaults(func=_run_export)
 
 
@@ -275,7 +412,7 @@ def _run_export(args) -> int:
         print(f"ds-vicuna export: error: --max-shard-size: {err}", file=sys.stderr)
         return 2
     try:
-        out = export_checkpoint(args.checkpoint, args.out, args.dtype, max_shard_size)
+        out = export_checkpoint(args.checkpoint, args.out, args.dtype, max_shard_size, merge=args.merge)
     except CheckpointError as err:
         print(f"ds-vicuna export: error: {err}", file=sys.stderr)
         return 2

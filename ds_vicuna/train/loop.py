@@ -30,6 +30,7 @@ from ds_vicuna.train.checkpoint import (TRAIN_CONFIG_FILE, TrainingProgress, che
                                         read_training_record, resolve_resume, save_checkpoint)
 from ds_vicuna.train.elastic import load_resume_checkpoint, micro_batch_seed, prepare_resume, with_universal_load
 from ds_vicuna.train.launch_env import LaunchEnv, detect_launch_env, init_distributed
+from ds_vicuna.train.lora import count_parameters
 from ds_vicuna.train.loss import add_label_index, count_label_tokens, token_loss_sum
 from ds_vicuna.train.preemption import REQUEUE_EXIT_CODE, PreemptionGuard
 from ds_vicuna.train.sequence_parallel import check_sequence_parallel, register_ulysses, shard_batch
@@ -63,6 +64,7 @@ class Run:
     steps_per_epoch: list[int]
     total_steps: int
     num_params: int
+    trainable_params: int  # all of num_params in full fine-tuning; the adapters (+ modules_to_save) with LoRA
     matmul_params: int  # what MFU counts (train_metrics.matmul_params)
     peak_flops: float | None
     flatten_packs: bool
@@ -226,17 +228,19 @@ def setup(cfg: Config, ds_base: dict, launch: LaunchEnv) -> Run:
                                world_size=launch.world_size, hidden_size=model_config.hidden_size,
                                precision=precision, max_grad_norm=cfg.train.max_grad_norm,
                                sequence_parallel_size=sp_size)
-    model = build_model(model_path, model_config, tokenizer, cfg, ds, precision, attn_implementation=attn)
+    model = build_model(model_path, model_config, tokenizer, cfg, ds, precision, attn_implementation=attn,
+                        log=print if launch.is_main else lambda _: None)
     model_config = model.config  # after any embedding resize
     flatten = configure_model_for_packing(model) if cfg.data.batching == "pack" else False
     mpu = register_ulysses(model, sp_size, rows=1 if flatten else cfg.train.micro_batch_size) if sp_size > 1 else None
     engine = build_engine(model, ds, cfg, total_steps, mpu=mpu)
-    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    trainable_params, num_params = count_parameters(engine.module)
     peak = peak_flops(precision) if device_type == "cuda" else None
     return Run(cfg=cfg, launch=launch, engine=engine, tokenizer=tokenizer, model_config=model_config,
                train_data=train_data, train_indices=train_indices, eval_data=eval_data, eval_indices=eval_indices,
                plans=plans, grad_accum=grad_accum, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               num_params=num_params, matmul_params=matmul_params(engine.module), peak_flops=peak,
+               num_params=num_params, trainable_params=trainable_params, matmul_params=matmul_params(engine.module),
+               peak_flops=peak,
                flatten_packs=flatten, precision=precision, sp_size=sp_size,
                progress=TrainingProgress(seed=cfg.train.seed, config=cfg.to_dict()))
 
@@ -472,7 +476,8 @@ def save(run: Run) -> Path:
     record = {"config": run.cfg.to_dict(), "precision": run.precision, "step": run.progress.step}
     return save_checkpoint(run.engine, run.cfg.train.output_dir, run.progress, rank=run.launch.rank,
                            keep_last=run.cfg.train.keep_last, model_config=run.model_config,
-                           tokenizer=run.tokenizer, hf_files={TRAIN_CONFIG_FILE: json.dumps(record, indent=2) + "\n"})
+                           tokenizer=run.tokenizer, hf_files={TRAIN_CONFIG_FILE: json.dumps(record, indent=2) + "\n"},
+                           trainable_only=run.cfg.model.lora is not None)
 
 
 # -------------------------------------------------------------------------------------------------------- main

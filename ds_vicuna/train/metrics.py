@@ -69,7 +69,15 @@ def describe_engine(run) -> str:
             f"{run.precision}, {run.launch.world_size} rank(s)"
             + (f" (sequence parallel over {run.sp_size})" if run.sp_size > 1 else "")
             + f" x micro-batch {run.cfg.train.micro_batch_size} x "
-            f"accumulation {run.grad_accum}, {run.num_params / 1e6:.1f}M parameters, {run.total_steps} steps")
+            f"accumulation {run.grad_accum}, {_parameters(run)}, {run.total_steps} steps")
+
+
+def _parameters(run) -> str:
+    """"135.0M parameters", or with LoRA "1.8M trainable of 136.9M parameters (1.35%)"."""
+    if run.trainable_params == run.num_params:
+        return f"{run.num_params / 1e6:.1f}M parameters"
+    return (f"{run.trainable_params / 1e6:.2f}M trainable of {run.num_params / 1e6:.1f}M parameters "
+            f"({100 * run.trainable_params / max(run.num_params, 1):.2f}%)")
 
 
 def progress_bar(run):

@@ -152,3 +152,33 @@ def test_answer_help_lists_every_bundled_set_and_fastchats_1024_tokens():
     text = " ".join(done.stdout.split())
     assert all(name in text for name in BUNDLED_SETS) and len(BUNDLED_SETS) == 4
     assert "(default 1024, FastChat's gen_model_answer" in text
+
+
+def test_local_answers_with_an_adapter_equal_the_merged_model(tmp_path):
+    """`eval answer --model BASE --adapter PATH` answers as the merged model does (peft's merge, saved plainly)."""
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ds_vicuna.chat.templates import get_template
+    from ds_vicuna.eval.answer import LocalBackend
+    from tests.support.tiny_llama import make_adapter, make_tiny_model
+
+    base = make_tiny_model(tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = get_template("vicuna_v1.1").jinja(tokenizer)  # a base that speaks a chat template
+    tokenizer.save_pretrained(base)
+    adapter = make_adapter(base, tmp_path / "adapter", 4, "all-linear", seed=3)
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                       adapter).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (base / name).is_file():
+            shutil.copy(base / name, tmp_path / "merged" / name)
+    conversations = [[{"role": "user", "content": "alpha beta gamma"}], [{"role": "user", "content": "river"}]]
+    with_adapter = LocalBackend(str(base), max_new_tokens=8, device="cpu", adapter=str(adapter)).generate(conversations)
+    expected = LocalBackend(str(tmp_path / "merged"), max_new_tokens=8, device="cpu").generate(conversations)
+    plain = LocalBackend(str(base), max_new_tokens=8, device="cpu").generate(conversations)
+    assert with_adapter == expected != plain

@@ -64,6 +64,24 @@ def make_tiny_model(folder: Path, seed: int = 0, hidden: int = 64, layers: int =
     return folder
 
 
+def make_adapter(model_dir: Path, out: Path, r: int, targets, seed: int) -> Path:
+    """A peft LoRA adapter folder for `model_dir` with random A and B (peft's default B = 0 would change nothing),
+    saved by peft itself."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.2)  # a visible but moderate change of the logits
+    model.save_pretrained(out)
+    return Path(out)
+
+
 def write_conversations(path: Path, n: int = 32, seed: int = 0, max_words: int = 30) -> Path:
     """ShareGPT JSONL conversations of skewed lengths (one or two turns)."""
     rng = random.Random(seed)

@@ -131,3 +131,36 @@ def test_repeated_batch_resume_and_export_cpu(cpu_run, tmp_path):
     check_repeated_batch_run(run, "fp32", offload=False, peak=None)
     check_resume(tmp, config, run, "first", gpu=False, rel=RESUME_REL["cpu"])
     check_export(run, tmp_path, "cpu")
+
+
+# ------------------------------------------------------------------------------------------------- QLoRA (4-bit)
+
+
+@gpu
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                    reason="QLoRA needs bitsandbytes (pip install bitsandbytes); it is not installed")
+def test_qlora_trains_adapters_on_a_4bit_base_under_zero3_gpu(tmp_path):
+    """model.quantization (nf4, double quant, bf16 storage) under ZeRO-3 on one GPU: the base is 4-bit, only the
+    adapters train, the loss falls, and the export is a peft adapter."""
+    import json
+
+    model = make_tiny_model(tmp_path / "model", hidden=128)
+    data = write_conversations(tmp_path / "train.jsonl", n=16, seed=1)
+    cfg = write_train_config(tmp_path / "cfg.yaml", model, data, deepspeed="zero3", data_opts={"batching": "pack"},
+                             learning_rate=5e-3, global_batch_size=2, micro_batch_size=1, max_steps=6,
+                             save_every=6, precision="bf16")
+    qlora = "model:\n  lora: {r: 8, alpha: 16}\n  quantization: {bits: 4, type: nf4, compute_dtype: bf16}\n"
+    cfg.write_text(cfg.read_text().replace("model:\n", qlora, 1))
+    dump = tmp_path / "q.pt"
+    proc = run_checked([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1",
+                        REPO / "tests/support/scripts/train_and_dump.py", dump, cfg, "--output_dir", tmp_path / "Q"],
+                       timeout=600, gpu=True)
+    assert "trainable of" in proc.stdout
+    result = torch.load(dump)
+    assert result["trainable"] and all(".lora_" in n for n in result["trainable"])
+    losses = [result["losses"][s] for s in sorted(result["losses"])]
+    assert losses[-1] < losses[0]
+    from ds_vicuna.cli import main as cli_main
+
+    assert cli_main(["export", str(tmp_path / "Q"), str(tmp_path / "adapter")]) == 0
+    assert json.loads((tmp_path / "adapter/adapter_config.json").read_text())["r"] == 8

@@ -1,6 +1,6 @@
 """Run the trainer like `deepspeed --module ds_vicuna.train CONFIG [--key value]`, then dump on rank 0 what tests
 compare: this run's losses, the engine's parameters gathered from the ZeRO-3 partitions (as float32; bf16 on a
-bf16 run) and the optimizer's fp32 master copy of them.
+bf16 run), the optimizer's fp32 master copy of the trainable ones and their names.
 
     deepspeed --num_gpus 2 tests/support/scripts/train_and_dump.py DUMP.pt CONFIG [--key value ...]
 """
@@ -25,9 +25,12 @@ def main() -> int:
     for name, param in module.named_parameters():
         with deepspeed.zero.GatheredParameters([param]):  # collective: every rank gathers the full tensor
             params[name] = param.detach().float().cpu()
-        master[name] = safe_get_full_fp32_param(param).detach().clone().cpu()  # collective too
+        if param.requires_grad:  # frozen weights (LoRA's base) have no optimizer master copy
+            master[name] = safe_get_full_fp32_param(param).detach().clone().cpu()  # collective too
     if torch.distributed.get_rank() == 0:
-        torch.save({"losses": result.losses, "params": params, "master": master, "step": result.progress.step,
+        trainable = sorted(n for n, p in module.named_parameters() if p.requires_grad)
+        torch.save({"losses": result.losses, "params": params, "master": master, "trainable": trainable,
+                    "step": result.progress.step,
                     "checkpoint": str(result.checkpoint), "exit_code": result.exit_code}, dump)
     return result.exit_code
 
