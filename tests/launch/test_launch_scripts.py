@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ds_vicuna.train.local_launch import training_ranks as rank_pids  # the rule `--ranks N` signals by
 from tests.support.cluster import NetnsPair, SlurmCluster, free_port, netns_skip_reason, slurm_skip_reason
 from tests.support.tiny_llama import (ELASTIC_LOSS_RTOL, ELASTIC_WEIGHT_ATOL, REPO, make_tiny_model, subprocess_env,
                         write_conversations, write_train_config)
@@ -111,18 +112,6 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, log: Path, timeo
             pytest.fail(f"exited {proc.returncode} before step {step}:\n{read(log)[-3000:]}")
         time.sleep(0.1)
     pytest.fail(f"no step {step} after {timeout} s:\n{read(log)[-3000:]}")
-
-
-def rank_pids(root_pid: int) -> list[int]:
-    """Training ranks below a launch: processes started with LOCAL_RANK whose parent was not."""
-    ranks = []
-    for proc in psutil.Process(root_pid).children(recursive=True):
-        try:
-            if "LOCAL_RANK" in proc.environ() and "LOCAL_RANK" not in proc.parent().environ():
-                ranks.append(proc.pid)
-        except psutil.Error:
-            continue
-    return ranks
 
 
 def final_weights(out: Path) -> dict:
