@@ -132,8 +132,8 @@ REPEATED_STEPS = 6
 def repeated_batch_config(tmp: Path, deepspeed: str, precision: str) -> Path:
     """Four short conversations (~600 tokens) packed into one 1024-token row = the whole global batch: every step
     trains on the same batch (re-shuffled inside the row each epoch), 6 epochs of 1 step, a checkpoint every 2.
-    (Positions restart per conversation, so the row fits the tiny model's 512 positions.)"""
-    model = make_tiny_model(tmp / "model")
+    The model has 1024 positions, so the row's length passes the trainer's max_length check."""
+    model = make_tiny_model(tmp / "model", max_positions=1024)
     data = write_conversations(tmp / "train.jsonl", n=4, seed=5, max_words=12)
     return write_train_config(tmp / f"{deepspeed}.yaml", model, data, deepspeed=deepspeed,
                               data_opts={"batching": "pack", "max_length": 1024}, precision=precision,

@@ -34,11 +34,12 @@ def _corpus(path: Path) -> None:
 
 
 def make_tiny_model(folder: Path, seed: int = 0, hidden: int = 64, layers: int = 2, dropout: float = 0.0,
-                    vocab_size: int | None = None) -> Path:
+                    vocab_size: int | None = None, max_positions: int = 512) -> Path:
     """A random-init Llama (hidden 64, 2 layers) with a trained sentencepiece tokenizer, saved HF-style.
 
     `dropout` > 0 sets attention dropout, so training draws random numbers (resume tests check RNG handling);
-    `vocab_size` above the tokenizer's 400 pieces makes the embeddings as large as a real model's."""
+    `vocab_size` above the tokenizer's 400 pieces makes the embeddings as large as a real model's; `max_positions` is
+    its max_position_embeddings."""
     import sentencepiece as spm
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
@@ -58,8 +59,8 @@ def make_tiny_model(folder: Path, seed: int = 0, hidden: int = 64, layers: int =
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-                         attention_dropout=dropout)
+                         max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=False, attention_dropout=dropout)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
@@ -134,5 +135,6 @@ def run_checked(cmd: list, timeout: int = 300, gpu: bool = False, **kwargs) -> s
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
                           env=subprocess_env(gpu), **kwargs)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        command = " ".join(map(str, cmd))
+        raise AssertionError(f"{command} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
