@@ -16,7 +16,7 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 from ds_vicuna.config import load_config
-from ds_vicuna.train.launch_env import init_distributed
+from ds_vicuna.train.launch_env import init_distributed, shutdown_distributed
 from ds_vicuna.train.loop import make_batch, optimizer_step, preflight, setup
 from ds_vicuna.train.cli import quiet_library_warnings
 
@@ -65,6 +65,7 @@ def main() -> None:
         results[variant] = run_variant(config_path, launch, *parse_variant(variant))
     if launch.rank == 0:
         torch.save(results, out)
+    shutdown_distributed()  # leave together: a rank exiting while gloo still talks to it aborts ("terminate called")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
 from ds_vicuna.config import load_config
+from ds_vicuna.train.launch_env import shutdown_distributed
 from ds_vicuna.train.loop import train
 from ds_vicuna.train.cli import quiet_library_warnings
 
@@ -32,6 +33,7 @@ def main() -> int:
         torch.save({"losses": result.losses, "params": params, "master": master, "trainable": trainable,
                     "step": result.progress.step,
                     "checkpoint": str(result.checkpoint), "exit_code": result.exit_code}, dump)
+    shutdown_distributed()  # as the CLI does: leave together, or a rank may abort at exit ("terminate called")
     return result.exit_code
 
 
