@@ -66,6 +66,32 @@ def test_every_import_is_on_the_gpu_machine(gpu_check):
     assert not missing, sorted(missing)
 
 
+def test_the_qlora_kernels_travel_slimmed_to_the_image_cuda(gpu_check, tmp_path):
+    """bitsandbytes is bundled for the GPU machine only (41 MiB as published: one library per CUDA/ROCm version);
+    the slim copy keeps the CPU and CUDA 12.6-13.x libraries and drops their RECORD lines, so pip installs it."""
+    import zipfile
+
+    assert "bitsandbytes" in gpu_check.GPU_ONLY and "bitsandbytes" not in gpu_check.image_packages()
+    wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    libs = ["cpu", "cuda118", "cuda126", "cuda128", "cuda130", "cuda132", "rocm64", "xpu2025"]
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("bitsandbytes/__init__.py", "")
+        for lib in libs:
+            z.writestr(f"bitsandbytes/libbitsandbytes_{lib}.so", b"x" * 10)
+        record = [f"bitsandbytes/libbitsandbytes_{lib}.so,sha256=abc,10" for lib in libs]
+        z.writestr("bitsandbytes-0.50.2.dist-info/RECORD", "\n".join(["bitsandbytes/__init__.py,,0", *record]))
+    dropped = gpu_check.slim_wheel(wheel, gpu_check.SLIM_DROP["bitsandbytes"])
+    assert sorted(dropped) == [f"bitsandbytes/libbitsandbytes_{lib}.so" for lib in ("cuda118", "rocm64", "xpu2025")]
+    with zipfile.ZipFile(wheel) as z:
+        kept = {n for n in z.namelist() if n.endswith(".so")}
+        assert kept == {f"bitsandbytes/libbitsandbytes_{lib}.so" for lib in ("cpu", "cuda126", "cuda128", "cuda130",
+                                                                              "cuda132")}
+        record = z.read("bitsandbytes-0.50.2.dist-info/RECORD").decode()
+    assert "cuda118" not in record and "cuda130" in record
+    with pytest.raises(RuntimeError, match="no member matches"):
+        gpu_check.slim_wheel(wheel, gpu_check.SLIM_DROP["bitsandbytes"])
+
+
 @pytest.mark.parametrize("name, fits", [
     ("flask-3.1.3-py3-none-any.whl", True),
     ("pydantic_core-2.50.5-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.whl", True),

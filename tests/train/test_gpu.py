@@ -137,8 +137,9 @@ def test_repeated_batch_resume_and_export_cpu(cpu_run, tmp_path):
 
 
 @gpu
+@needs_cuda("bitsandbytes' 4-bit kernels (QLoRA)")
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
-                    reason="QLoRA needs bitsandbytes (pip install bitsandbytes); it is not installed")
+                    reason="QLoRA needs bitsandbytes (pip install bitsandbytes; `make gpu-wheels` bundles it)")
 def test_qlora_trains_adapters_on_a_4bit_base_under_zero3_gpu(tmp_path):
     """model.quantization (nf4, double quant, bf16 storage) under ZeRO-3 on one GPU: the base is 4-bit, only the
     adapters train, the loss falls, and the export is a peft adapter."""
