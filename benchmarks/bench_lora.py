@@ -26,10 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import REPO, launcher, run_launch, summarize, write_skewed_data  # noqa: E402
+# run as a script, this folder is on sys.path: bench_train is its sibling
+from bench_train import REPO, launcher, run_launch, summarize, write_skewed_data
 
-from ds_vicuna.train.metrics import MEMORY_REPORT  # noqa: E402
+from ds_vicuna.train.metrics import MEMORY_REPORT
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion simply.",
              "Name three colours.", "How do I boil an egg?", "What is 17 times 3?", "Tell me a short joke.",
@@ -58,6 +58,7 @@ def train_arm(name: str, extra: list[str], data: Path, out: Path, args) -> dict:
     result = summarize(name, [r["step_time_s"] for r in timed], [r["tokens"] for r in timed], fed, per_rank)
     checkpoint = folder / (folder / "latest").read_text().strip()
     result["checkpoint_mb"] = folder_bytes(checkpoint) / 1e6
+    result["slowest_step_s"] = max(r["step_time_s"] for r in timed)
     return result
 
 
@@ -65,14 +66,16 @@ def bench_training(args, out: Path) -> list[dict]:
     data = write_skewed_data(out / "train.json", 200, args.max_length)
     lora = ["--model.lora", json.dumps({"r": args.rank, "alpha": 2 * args.rank})]
     rows = [train_arm("full", [], data, out, args), train_arm(f"lora-r{args.rank}", lora, data, out, args)]
-    print("\n| arm | peak RSS per rank (GiB) | real tokens/s | s/step | checkpoint (MB) |\n|---|---|---|---|---|")
+    print("\n| arm | peak RSS per rank (GiB) | real tokens/s | median s/step | slowest step s | checkpoint (MB) |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['arm']} | {', '.join(f'{g:.2f}' for g in r['peak_rss_gib'])} | {r['tokens_per_s']:.0f} | "
-              f"{r['step_s']:.2f} | {r['checkpoint_mb']:.1f} |")
+              f"{r['step_s']:.2f} | {r['slowest_step_s']:.1f} | {r['checkpoint_mb']:.1f} |")
     full, lora_row = rows
     print(f"LoRA / full: RSS {max(lora_row['peak_rss_gib']) / max(full['peak_rss_gib']):.2f}x, tokens/s "
-          f"{lora_row['tokens_per_s'] / full['tokens_per_s']:.2f}x, checkpoint "
-          f"{lora_row['checkpoint_mb'] / full['checkpoint_mb']:.4f}x")
+          f"{lora_row['tokens_per_s'] / full['tokens_per_s']:.2f}x (by median step time "
+          f"{full['step_s'] / lora_row['step_s']:.2f}x), "
+          f"checkpoint {lora_row['checkpoint_mb'] / full['checkpoint_mb']:.4f}x")
     return rows
 
 
