@@ -49,7 +49,9 @@ setup(
         "peft>=0.13",  # LoRA adapters: training (model.lora), export, serving many adapters over one base
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "hypothesis", "openai", "selenium", "ruff"],
+        # bitsandbytes: QLoRA's 4-bit base (CUDA, and CPU since 0.46); the suite trains QLoRA on the CPU too
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "openai", "selenium", "ruff", "bitsandbytes>=0.46"],
+        "qlora": ["bitsandbytes>=0.46"],
         "flash": ["flash-attn>=2.5"],
         # lm-evaluation-harness against our server (tests/eval/test_lm_eval.py); heavy, so not in dev
         "harness": ["lm-eval[api]>=0.4.5"],

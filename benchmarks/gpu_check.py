@@ -53,10 +53,8 @@ IMAGE_PACKAGES = REPO / "tests" / "gpu" / "image_packages.txt"
 MANIFEST = "bundle.json"
 TOKENIZER_DIR = "tokenizer"
 EXCLUDED = {"selenium": "browser tests need Chromium, which the GPU machine lacks; they skip without it"}
-# What only the GPU machine can use (not in .venv: the CPU suite never imports it), pinned here, with the files of
-# its wheel the bundle leaves out: bitsandbytes (QLoRA's 4-bit kernels) ships libraries for every CUDA and ROCm
-# version (41 MiB); the bundle keeps the CPU one and CUDA 12.6-13.x (the image's torch is a CUDA 13 build).
-GPU_ONLY = {"bitsandbytes": "0.50.2"}
+# Files of a bundled wheel left out: bitsandbytes (QLoRA's 4-bit kernels) ships one library per CUDA and ROCm version
+# (41 MiB); the bundle keeps the CPU one and CUDA 12.6-13.x (the image's torch is a CUDA 13 build).
 SLIM_DROP = {"bitsandbytes": re.compile(r"^bitsandbytes/libbitsandbytes_(?!cpu\.|cuda12[68]\.|cuda13\d\.)[^/]+\.so$")}
 GPU_PYTHON = "3.12"
 PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in range(39, 16, -1)] + ["manylinux2014_x86_64", "manylinux1_x86_64"]
@@ -247,8 +245,7 @@ def copy_tokenizer(out: Path) -> Path:
 
 def build_bundle(out: Path) -> dict:
     """`make gpu-wheels`: a fresh `out` with every wheel the GPU image lacks, the tokenizer and a manifest."""
-    image = image_packages()
-    needed = {**bundle_requirements(image), **{n: v for n, v in GPU_ONLY.items() if n not in image}}
+    needed = bundle_requirements(image_packages())
     if out.exists():
         shutil.rmtree(out)  # two versions of one package would stop the whole install
     out.mkdir(parents=True)

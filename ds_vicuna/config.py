@@ -125,7 +125,7 @@ class ModelConfig:
     lora: LoraConfig | None = None
     """Train LoRA adapters on the frozen model (`{}` for the defaults); null = full fine-tuning."""
     quantization: QuantizationConfig | None = None
-    """QLoRA: store the frozen base in 4 bits (bitsandbytes, CUDA); needs `lora`."""
+    """QLoRA: store the frozen base in 4 bits (bitsandbytes: CUDA, or the CPU since 0.46); needs `lora`."""
 
     def __post_init__(self):
         _check_choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)

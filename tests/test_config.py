@@ -267,14 +267,15 @@ def test_lora_section_is_typed_and_checked(tmp_path):
     assert (quant.bits, quant.type, quant.double_quant, quant.compute_dtype) == (4, "nf4", True, "bf16")
 
 
-def test_qlora_without_cuda_stops_before_loading():
-    """bitsandbytes' 4-bit training needs CUDA: on a CPU box the trainer says so instead of failing inside it."""
-    import torch
+def test_qlora_without_bitsandbytes_stops_before_loading_saying_what_to_install(monkeypatch):
+    """No bitsandbytes: the trainer says which package to install instead of failing inside transformers."""
+    import importlib.util
 
     from ds_vicuna.config import QuantizationConfig
     from ds_vicuna.train.lora import quantization_config
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: the 4-bit path runs in tests/train/test_gpu.py")
-    with pytest.raises(ValueError, match="needs"):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "bitsandbytes" else real(name, *args))
+    with pytest.raises(ValueError, match=r"needs bitsandbytes: pip install 'ds-vicuna\[qlora\]'"):
         quantization_config(QuantizationConfig())

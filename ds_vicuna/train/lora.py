@@ -117,7 +117,7 @@ def quantization_config(quant: QuantizationConfig):
     dtype so ZeRO-3 can partition them).
 
     Raises:
-        ValueError: bitsandbytes is not installed or has no 4-bit kernels on this machine, saying what to do.
+        ValueError: bitsandbytes is not installed, or too old for 4-bit on the CPU, saying what to do.
     """
     import importlib.util
 
@@ -127,11 +127,15 @@ def quantization_config(quant: QuantizationConfig):
     from ds_vicuna.model.loading import torch_dtype
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("model.quantization needs bitsandbytes: pip install bitsandbytes (4-bit kernels need a "
-                         "CUDA GPU)")
-    if not torch.cuda.is_available():
-        raise ValueError("model.quantization: bitsandbytes' 4-bit QLoRA training needs a CUDA GPU (none is visible); "
-                         "remove model.quantization to train plain LoRA on this machine")
+        raise ValueError("model.quantization needs bitsandbytes: pip install 'ds-vicuna[qlora]' (or bitsandbytes "
+                         ">= 0.46: 4-bit kernels for CUDA and the CPU)")
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    if not torch.cuda.is_available() and Version(version("bitsandbytes")) < Version("0.46"):
+        raise ValueError(f"model.quantization on the CPU needs bitsandbytes >= 0.46 (installed: "
+                         f"{version('bitsandbytes')}, 4-bit kernels for CUDA only): pip install -U bitsandbytes")
     compute = torch_dtype(quant.compute_dtype)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.type,
                               bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=compute,

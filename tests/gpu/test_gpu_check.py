@@ -67,11 +67,11 @@ def test_every_import_is_on_the_gpu_machine(gpu_check):
 
 
 def test_the_qlora_kernels_travel_slimmed_to_the_image_cuda(gpu_check, tmp_path):
-    """bitsandbytes is bundled for the GPU machine only (41 MiB as published: one library per CUDA/ROCm version);
-    the slim copy keeps the CPU and CUDA 12.6-13.x libraries and drops their RECORD lines, so pip installs it."""
+    """bitsandbytes is bundled (41 MiB as published: one library per CUDA/ROCm version); the slim copy keeps the
+    CPU and CUDA 12.6-13.x libraries and drops their RECORD lines, so pip installs it."""
     import zipfile
 
-    assert "bitsandbytes" in gpu_check.GPU_ONLY and "bitsandbytes" not in gpu_check.image_packages()
+    assert "bitsandbytes" in gpu_check.bundle_requirements(gpu_check.image_packages())
     wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
     libs = ["cpu", "cuda118", "cuda126", "cuda128", "cuda130", "cuda132", "rocm64", "xpu2025"]
     with zipfile.ZipFile(wheel, "w") as z:

@@ -1,6 +1,6 @@
 """Run the trainer like `deepspeed --module ds_vicuna.train CONFIG [--key value]`, then dump on rank 0 what tests
 compare: this run's losses, the engine's parameters gathered from the ZeRO-3 partitions (as float32; bf16 on a
-bf16 run), the optimizer's fp32 master copy of the trainable ones and their names.
+bf16 run), the optimizer's fp32 master copy of the trainable ones and their names, the model's module classes.
 
     deepspeed --num_gpus 2 tests/support/scripts/train_and_dump.py DUMP.pt CONFIG [--key value ...]
 """
@@ -30,7 +30,9 @@ def main() -> int:
             master[name] = safe_get_full_fp32_param(param).detach().clone().cpu()  # collective too
     if torch.distributed.get_rank() == 0:
         trainable = sorted(n for n, p in module.named_parameters() if p.requires_grad)
+        module_types = sorted({type(m).__name__ for m in module.modules()})  # e.g. Linear4bit under QLoRA
         torch.save({"losses": result.losses, "params": params, "master": master, "trainable": trainable,
+                    "module_types": module_types,
                     "step": result.progress.step,
                     "checkpoint": str(result.checkpoint), "exit_code": result.exit_code}, dump)
     shutdown_distributed()  # as the CLI does: leave together, or a rank may abort at exit ("terminate called")
