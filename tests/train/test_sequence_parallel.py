@@ -127,3 +127,36 @@ def test_two_rank_sequence_parallel_training_run_stops_and_resumes(sp_config):
             torch.testing.assert_close(resumed["params"][key], param, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
     metrics = [line for line in (tmp / "o2" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
     assert metrics
+
+
+@pytest.mark.slow
+def test_lora_under_sequence_parallelism_resumes_from_one_rank_on_two(sp_config):
+    """LoRA adapters (dropout 0: the same masks whoever holds the tokens) trained on one process stop at step 2 and
+    resume on a 2-rank sequence-parallel group (one world size to another): losses and the trained adapters equal
+    the uninterrupted one-process run, and the frozen base is unchanged."""
+    import shutil
+
+    cfg, tmp = sp_config
+    script = REPO / "tests/support/scripts/train_and_dump.py"
+    common = ["--global_batch_size", "2", "--micro_batch_size", "1", "--max_steps", "3", "--max_length", "256",
+              "--model.lora", "{}", "--model.lora.r", "4", "--model.lora.dropout", "0", "--learning_rate", "5e-3"]
+    run_checked([sys.executable, str(script), str(tmp / "lora_one.pt"), str(cfg), *common,
+                 "--output_dir", str(tmp / "lora1")])
+    run_checked([sys.executable, str(script), str(tmp / "lora_first.pt"), str(cfg), *common,
+                 "--output_dir", str(tmp / "lora2"), "--stop_after_steps", "2"])
+    shutil.copytree(tmp / "lora2", tmp / "lora_sp")
+    run_checked(deepspeed_command(2, script, tmp / "lora_resumed.pt", cfg, *common, "--sequence_parallel_size", "2",
+                                  "--output_dir", str(tmp / "lora_sp"), "--resume", "auto"))
+    one, first, resumed = (torch.load(tmp / f"lora_{name}.pt") for name in ("one", "first", "resumed"))
+    assert one["trainable"] and all(".lora_" in name for name in one["trainable"])
+    assert sorted(first["losses"]) == [1, 2] and sorted(resumed["losses"]) == [3]
+    losses = {**first["losses"], **resumed["losses"]}
+    for step, loss in one["losses"].items():
+        assert losses[step] == pytest.approx(loss, rel=1e-4), step
+    assert resumed["master"].keys() == one["master"].keys() == set(one["trainable"])
+    for name, weight in one["master"].items():
+        torch.testing.assert_close(resumed["master"][name], weight, rtol=1e-4, atol=1e-6, msg=name)
+    frozen = [name for name in one["params"] if name not in one["master"]]
+    assert frozen
+    for name in frozen:  # the base: what the one-process run has, bit for bit
+        assert torch.equal(resumed["params"][name], one["params"][name]), name
