@@ -8,7 +8,7 @@
 #   make gpu-test   - (on that GPU machine, no network) install .gpu_wheels/ once, the gpu tests; < 5 min
 #   make gpu-bench  - (on that GPU machine) install once, the GPU benchmarks; < 5 min
 #   make gpu-check  - gpu-test, then gpu-bench; the report goes to $(GPU_REPORT)
-#   make gpu-rehearsal - (here, CPU, with the index) the whole GPU pipeline as the GPU machine runs it (~4 min; CI runs it)
+#   make gpu-rehearsal - (here, CPU, with the index) the whole GPU pipeline as the GPU machine runs it (~5 min; CI runs it)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
