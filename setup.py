@@ -12,6 +12,8 @@ from setuptools import find_packages, setup
 STAGE_FOLDERS = {"ds_vicuna.serve": "serve", "ds_vicuna.eval": "eval",
                  "ds_vicuna.ds_configs": "ds_configs", "ds_vicuna.configs": "configs"}
 
+QLORA = ["bitsandbytes>=0.46"]  # model.quantization: the frozen base in 4 bits (CUDA, and the CPU since 0.46)
+
 setup(
     name="ds-vicuna",
     version="0.1.0",
@@ -49,9 +51,9 @@ setup(
         "peft>=0.13",  # LoRA adapters: training (model.lora), export, serving many adapters over one base
     ],
     extras_require={
-        # bitsandbytes: QLoRA's 4-bit base (CUDA, and CPU since 0.46); the suite trains QLoRA on the CPU too
-        "dev": ["pytest", "pytest-timeout", "hypothesis", "openai", "selenium", "ruff", "bitsandbytes>=0.46"],
-        "qlora": ["bitsandbytes>=0.46"],
+        # the suite trains QLoRA on the CPU too
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "openai", "selenium", "ruff", *QLORA],
+        "qlora": QLORA,
         "flash": ["flash-attn>=2.5"],
         # lm-evaluation-harness against our server (tests/eval/test_lm_eval.py); heavy, so not in dev
         "harness": ["lm-eval[api]>=0.4.5"],

@@ -279,3 +279,20 @@ def test_qlora_without_bitsandbytes_stops_before_loading_saying_what_to_install(
                         lambda name, *args: None if name == "bitsandbytes" else real(name, *args))
     with pytest.raises(ValueError, match=r"needs bitsandbytes: pip install 'ds-vicuna\[qlora\]'"):
         quantization_config(QuantizationConfig())
+
+
+def test_qlora_on_the_cpu_with_a_bitsandbytes_too_old_for_it_says_which_version(monkeypatch):
+    """bitsandbytes before 0.46 has 4-bit kernels for CUDA only: on a CPU box the trainer names the version needed."""
+    import importlib.metadata
+
+    import torch
+
+    from ds_vicuna.config import QuantizationConfig
+    from ds_vicuna.train.lora import quantization_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.45.5")
+    with pytest.raises(ValueError, match=r"needs bitsandbytes >= 0.46 \(installed: 0.45.5"):
+        quantization_config(QuantizationConfig())
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.50.2")
+    assert quantization_config(QuantizationConfig()).load_in_4bit
