@@ -111,6 +111,28 @@ def write_train_config(path: Path, model, data: Path, deepspeed: str = "zero3_of
     return Path(path)
 
 
+def write_resume_run(tmp: Path) -> Path:
+    """The exact-resume suites' run (tests/train/test_loop_resume.py, test_lora.py): a tiny model with dropout, 36
+    conversations packed, 2 epochs of 4-row steps, a checkpoint every 2 steps (5 kept), decayed weights. Returns its
+    config."""
+    model = make_tiny_model(tmp / "model", dropout=0.1)
+    data = write_conversations(tmp / "train.jsonl", n=36, seed=3)
+    return write_train_config(tmp / "cfg.yaml", model, data, data_opts={"batching": "pack"}, learning_rate=3.0e-3,
+                              warmup_ratio=0.2, epochs=2, global_batch_size=4, micro_batch_size=1, save_every=2,
+                              keep_last=5, weight_decay=0.1)
+
+
+def copy_checkpoint(run_dir: Path, step: str, out: Path) -> Path:
+    """A fresh output folder `out` holding only `run_dir`'s checkpoint `step` (e.g. "step-000002") as its latest:
+    what a resumed run finds after a stop at that step."""
+    import shutil
+
+    out.mkdir()
+    shutil.copytree(run_dir / step, out / step)
+    (out / "latest").write_text(step)
+    return out
+
+
 def subprocess_env(gpu: bool = False) -> dict:
     """Environment for launched trainers: shared CPU-Adam build, quiet, repo importable; no GPU unless `gpu`."""
     env = dict(os.environ)

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from tests.support.tiny_llama import (ELASTIC_LOSS_RTOL, ELASTIC_WEIGHT_ATOL, REPO, deepspeed_command, make_tiny_model,
-                        run_checked, subprocess_env, write_conversations, write_train_config)
+from tests.support.tiny_llama import (ELASTIC_LOSS_RTOL, ELASTIC_WEIGHT_ATOL, REPO, copy_checkpoint,
+                                      deepspeed_command, run_checked, subprocess_env, write_resume_run)
 
 pytestmark = pytest.mark.slow
 DUMP = REPO / "tests/support/scripts/train_and_dump.py"
@@ -21,11 +21,7 @@ DUMP = REPO / "tests/support/scripts/train_and_dump.py"
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
-    model = make_tiny_model(tmp / "model", dropout=0.1)
-    data = write_conversations(tmp / "train.jsonl", n=36, seed=3)
-    cfg = write_train_config(tmp / "cfg.yaml", model, data, data_opts={"batching": "pack"}, learning_rate=3.0e-3,
-                             warmup_ratio=0.2, epochs=2, global_batch_size=4, micro_batch_size=1, save_every=2,
-                             keep_last=5, weight_decay=0.1)
+    cfg = write_resume_run(tmp)
     run_checked(deepspeed_command(2, DUMP, tmp / "a.pt", cfg, "--output_dir", tmp / "A", "--memory_report", "true",
                                   "--profile_step", "2"), timeout=400)
     return tmp, cfg, torch.load(tmp / "a.pt")
@@ -74,10 +70,7 @@ def test_checkpoint_folder_layout(run_a):
 
 def test_resume_reproduces_every_later_loss(run_a):
     tmp, cfg, a = run_a
-    out_b = tmp / "B"
-    out_b.mkdir()
-    shutil.copytree(tmp / "A/step-000002", out_b / "step-000002")
-    (out_b / "latest").write_text("step-000002")
+    out_b = copy_checkpoint(tmp / "A", "step-000002", tmp / "B")
     (out_b / "step-000004").mkdir()  # a crash mid-save: shards without the completion marker
     (out_b / "step-000004/zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"partial")
     run_checked(deepspeed_command(2, DUMP, tmp / "b.pt", cfg, "--output_dir", out_b, "--resume", "auto",
@@ -94,10 +87,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(run_a):
     """Capacity shrank: A's 2-rank ZeRO-3 checkpoint of step 2 continues on 1 rank (converted once to DeepSpeed's
     universal format beside the original) and reproduces A's later losses and final weights."""
     tmp, cfg, a = run_a
-    out = tmp / "shrink"
-    out.mkdir()
-    shutil.copytree(tmp / "A/step-000002", out / "step-000002")
-    (out / "latest").write_text("step-000002")
+    out = copy_checkpoint(tmp / "A", "step-000002", tmp / "shrink")
     log = run_ranks(1, tmp / "shrink.pt", cfg, "--output_dir", out, "--resume", "auto")
     assert "step-000002 was written by 2 rank(s), this run has 1: converting it once" in log
     assert f"resumed from {out}/step-000002 at step 2" in log
@@ -141,10 +131,7 @@ def test_zero2_checkpoint_resumes_on_one_rank_and_exports(run_a, tmp_path):
     zero2 = ["--deepspeed", str(REPO / "ds_configs/zero2.json")]
     run_ranks(2, tmp / "z2.pt", cfg, "--output_dir", tmp / "Z2", *zero2)
     reference = torch.load(tmp / "z2.pt")
-    out = tmp / "z2-shrink"
-    out.mkdir()
-    shutil.copytree(tmp / "Z2/step-000002", out / "step-000002")
-    (out / "latest").write_text("step-000002")
+    out = copy_checkpoint(tmp / "Z2", "step-000002", tmp / "z2-shrink")
     log = run_ranks(1, tmp / "z2-shrink.pt", cfg, "--output_dir", out, "--resume", "auto", *zero2)
     assert "ZeRO stage 2" in log and "was written by 2 rank(s), this run has 1: converting it once" in log
     assert_same_run(torch.load(tmp / "z2-shrink.pt"), reference, range(3, reference["step"] + 1),

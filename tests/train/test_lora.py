@@ -7,14 +7,14 @@ from A's step 2 at the same world size and on 1 rank must reproduce A's later lo
 plain peft (`PeftModel.from_pretrained`) with A's logits, and `--merge` must equal base + adapter. A ZeRO-2 run
 with the chatml template (which adds tokens to the vocabulary) must train the new embedding rows."""
 import json
-import shutil
 import subprocess
 
 import pytest
 import torch
 
-from tests.support.tiny_llama import (ELASTIC_LOSS_RTOL, ELASTIC_WEIGHT_ATOL, REPO, deepspeed_command, make_tiny_model,
-                                      run_checked, subprocess_env, write_conversations, write_train_config)
+from tests.support.tiny_llama import (ELASTIC_LOSS_RTOL, ELASTIC_WEIGHT_ATOL, REPO, copy_checkpoint,
+                                      deepspeed_command, make_tiny_model, run_checked, subprocess_env,
+                                      write_conversations, write_resume_run, write_train_config)
 
 pytestmark = pytest.mark.slow
 DUMP = REPO / "tests/support/scripts/train_and_dump.py"
@@ -24,11 +24,7 @@ LORA = {"r": 4, "alpha": 8.0}
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora")
-    model = make_tiny_model(tmp / "model", dropout=0.1)
-    data = write_conversations(tmp / "train.jsonl", n=36, seed=3)
-    cfg = write_train_config(tmp / "cfg.yaml", model, data, data_opts={"batching": "pack"}, learning_rate=3.0e-3,
-                             warmup_ratio=0.2, epochs=2, global_batch_size=4, micro_batch_size=1, save_every=2,
-                             keep_last=5, weight_decay=0.1)
+    cfg = write_resume_run(tmp)
     cfg.write_text(cfg.read_text().replace("model:\n", f"model:\n  lora: {json.dumps(LORA)}\n", 1))
     proc = run_checked(deepspeed_command(2, DUMP, tmp / "a.pt", cfg, "--output_dir", tmp / "A"), timeout=900)
     return tmp, cfg, torch.load(tmp / "a.pt"), proc.stdout + proc.stderr
@@ -84,10 +80,7 @@ def test_checkpoint_holds_the_adapters_and_their_optimizer_state_only(run_a):
 
 def test_resume_reproduces_every_later_loss(run_a):
     tmp, cfg, a, _ = run_a
-    out = tmp / "B"
-    out.mkdir()
-    shutil.copytree(tmp / "A/step-000002", out / "step-000002")
-    (out / "latest").write_text("step-000002")
+    out = copy_checkpoint(tmp / "A", "step-000002", tmp / "B")
     run_ranks(2, tmp / "b.pt", cfg, "--output_dir", out, "--resume", "auto")
     b = torch.load(tmp / "b.pt")
     assert sorted(b["losses"]) == list(range(3, a["step"] + 1))
@@ -99,10 +92,7 @@ def test_resume_reproduces_every_later_loss(run_a):
 
 def test_two_rank_checkpoint_resumes_on_one_rank(run_a):
     tmp, cfg, a, _ = run_a
-    out = tmp / "shrink"
-    out.mkdir()
-    shutil.copytree(tmp / "A/step-000002", out / "step-000002")
-    (out / "latest").write_text("step-000002")
+    out = copy_checkpoint(tmp / "A", "step-000002", tmp / "shrink")
     log = run_ranks(1, tmp / "shrink.pt", cfg, "--output_dir", out, "--resume", "auto")
     assert "was written by 2 rank(s), this run has 1: converting it once" in log
     got = torch.load(tmp / "shrink.pt")
